@@ -1,0 +1,36 @@
+# Every target sets itself up: a local .venv with torch 2.13.0 (CPU build) and this package.
+# GPU users: `pip install -e .[dev]` into an environment that already has your CUDA torch instead.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test lab bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m longcat_ref.demo $(ARGS)
+
+test: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q
+
+lab: $(VENV)/.installed-dev
+	$(BIN)/jupyter lab notebooks/
+
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m longcat_ref.bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,18 @@
+"""longcat_ref: a readable reference implementation of LongCat-Flash and GLM-4.7-Flash (Glm4MoeLite).
+
+Public API:
+    load_config(path)                               -> ModelConfig
+    from_pretrained(path, dtype, device)            -> CausalLM (eval mode)
+    model(input_ids, attention_mask=None)           -> logits (batch, seq, vocab)
+    model.generate(input_ids, max_new_tokens, ...)  -> ids (batch, seq + new)
+    parameter_counts(config)                        -> {"total", "activated_min", "activated_max", ...}
+"""
+
+from .checkpoint import CheckpointError, from_pretrained, save_checkpoint
+from .config import ConfigError, ModelConfig, glm_4_7_flash, load_config, longcat_flash_chat, tiny_glm, tiny_longcat
+from .counts import parameter_counts
+from .model import CausalLM, init_weights
+
+__all__ = ["load_config", "from_pretrained", "save_checkpoint", "parameter_counts", "CausalLM", "ModelConfig",
+           "ConfigError", "CheckpointError", "init_weights", "longcat_flash_chat", "glm_4_7_flash", "tiny_longcat",
+           "tiny_glm"]

@@ -1,0 +1,64 @@
+"""The MoE block: router + routed experts + zero-computation experts (LongCat) or shared experts (GLM).
+
+    moe(x) = sum_{j<k} w_j * E_{idx_j}(x)        E_e = SwiGLU expert       if e <  n_routed
+                                                 E_e(x) = x  (identity)    if e >= n_routed ("zero-computation")
+           + shared(x)                           GLM only; not weighted
+
+Zero-computation experts are LongCat-Flash's dynamic computation: a token whose top-12 includes z zero experts
+runs only 12 - z real FFNs. Their identity output is scaled by the router weight (times routed_scaling_factor)
+like any other expert, as transformers, vLLM and Meituan's code do.
+
+Note on transformers 5.x: its LongcatFlashExperts sizes `gate_up_proj` for routed + zero experts (768 rows) while
+the checkpoint holds 512; the forward never reads the extra rows. We allocate only the 512 real experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .experts import Experts, SwiGLU
+from .router import Router
+
+
+def add_identity_experts(x, w, idx, first_zero: int, out):
+    """out[n] += sum over slots j with idx[n,j] >= first_zero of w[n,j] * x[n] (zero experts, ascending id)."""
+    zero = idx - first_zero  # (n, k): >= 0 for zero experts
+    for e in torch.unique(zero[zero >= 0]).tolist():  # one host sync; ascending ids, as transformers
+        tok, slot = torch.where(zero == e)
+        out.index_add_(0, tok, (x[tok] * w[tok, slot, None]).to(out.dtype))
+    return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_routed = cfg.n_routed_experts
+        self.router = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.expert_ffn_hidden_size)
+        self.add_zero_experts = cfg.zero_expert_num > 0  # a parallel shard sets False on all ranks but one
+        self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.expert_ffn_hidden_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.last_idx = None  # (n, k) expert ids of the last call, for statistics (demo, notebooks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.start(x))
+
+    def finish(self, pending):
+        """The MoE output from what `start` returned (a parallel MoE waits for its reduction here)."""
+        return pending
+
+    def start(self, x: torch.Tensor):
+        """x (b, t, H) -> this module's MoE output (b, t, H)."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (n, H), n = b*t
+        w, idx = self.router(flat)  # (n, k) fp32, (n, k)
+        self.last_idx = idx
+        out = torch.zeros_like(flat)  # (n, H)
+        self.experts(flat, w, idx, out)  # real experts
+        if self.add_zero_experts:
+            add_identity_experts(flat, w, idx, self.n_routed, out)  # zero-computation experts
+        out = out.view(shape)  # (b, t, H)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

@@ -1,0 +1,66 @@
+"""Top-k expert routers. One module serves both models; `cfg.router_type` picks the scoring function.
+
+LongCat-Flash ("softmax"): a softmax over routed + zero-computation experts (512 + 256 = 768 wide)
+
+    p   = softmax(x W^T)                      fp32, over all 768 experts
+    idx = topk(p + b, k)                      the correction bias b only changes *which* experts win
+    w   = p[idx] * routed_scaling_factor      weights are the unbiased probabilities (no renormalisation)
+
+GLM-4.7-Flash / DeepSeek-V3 ("sigmoid", aux-loss-free "noaux_tc"):
+
+    s     = sigmoid(x W^T)                    fp32, independent per expert
+    group = sum of the top-2 of (s + b) in each of n_group groups; keep the best topk_group groups
+    idx   = topk((s + b) masked to the kept groups, k)
+    w     = s[idx] (/ sum if norm_topk_prob) * routed_scaling_factor
+
+Everything here is fp32 (the router is where tiny differences flip an expert choice): the hidden state and the
+weight are upcast before the matmul, exactly as transformers does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Router(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_experts = cfg.num_router_experts  # routed + zero experts
+        self.top_k = cfg.moe_topk
+        self.kind = cfg.router_type
+        self.scaling = cfg.routed_scaling_factor
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(self.n_experts, cfg.hidden_size))
+        # Selection-only bias (aux-loss-free load balancing). Kept in fp32; LongCat's loader rounds it through the
+        # model dtype, as transformers does, to stay bit-identical.
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x (n, H) -> fp32 scores (n, E): softmax probabilities or sigmoid gates."""
+        logits = F.linear(x.float(), self.weight.float())  # (n, E) fp32
+        return logits.softmax(dim=-1) if self.kind == "softmax" else logits.sigmoid()
+
+    def select(self, s: torch.Tensor) -> torch.Tensor:
+        """scores (n, E) fp32 -> chosen expert ids (n, k). The bias enters here and only here."""
+        choice = s + self.e_score_correction_bias.float()  # (n, E)
+        if self.n_group > 1:
+            n = choice.shape[0]
+            grouped = choice.view(n, self.n_group, -1)  # (n, g, E/g)
+            group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (n, g): sum of each group's top-2
+            keep = group_score.topk(self.topk_group, dim=-1, sorted=False).indices  # (n, topk_group)
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)  # (n, g)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, -1)  # masked groups lose
+        return choice.topk(self.top_k, dim=-1, sorted=False).indices  # (n, k)
+
+    def forward(self, x: torch.Tensor):
+        """x (n, H) -> weights (n, k) fp32, expert ids (n, k) int64."""
+        s = self.scores(x)  # (n, E) fp32
+        with torch.no_grad():
+            idx = self.select(s)  # (n, k)
+        w = s.gather(1, idx)  # (n, k): unbiased scores of the winners
+        if self.norm_topk_prob:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.scaling, idx
