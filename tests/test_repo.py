@@ -15,9 +15,10 @@ def test_environment_yml_matches_pyproject():
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     want = {_name(r) for r in py["dependencies"] + py["optional-dependencies"]["dev"]}
     env = (ROOT / "environment.yml").read_text()
-    pip_lines = [ln.strip()[2:] for ln in env.splitlines() if ln.strip().startswith("- ")]
-    got = {_name(r) for r in pip_lines if not r.startswith(("python", "pip", "-e")) and r != "pip:"}
-    got.discard("pip:")
+    lines = env.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip() == "- pip:")
+    pip_lines = [ln.strip()[2:] for ln in lines[start + 1:] if ln.strip().startswith("- ")]
+    got = {_name(r) for r in pip_lines if not r.startswith("-e")}
     assert got == want, f"environment.yml {sorted(got ^ want)} differ from pyproject.toml"
     # pinned versions agree too
     pins_py = {_name(r): r for r in py["optional-dependencies"]["dev"] if "==" in r}
