@@ -67,3 +67,31 @@ def test_bf16_bit_exact(tmp_path):
     ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(ours(ids), oracle(ids).logits)
+
+
+@pytest.mark.parametrize("seed", [101, 202, 303])
+def test_random_untuned_configs(tmp_path, seed):
+    import random
+
+    r = random.Random(seed)
+    G = r.choice([1, 2, 4])
+    E = G * r.randint(2, 4)
+    L_ = r.randint(2, 4)
+    k_dense = r.randint(0, L_ - 1)
+    kw = dict(hidden_size=r.choice([32, 48, 64]), num_attention_heads=r.randint(1, 5), qk_nope_head_dim=r.choice([4, 8]),
+              qk_rope_head_dim=r.choice([2, 4, 8]), v_head_dim=r.choice([4, 12]), kv_lora_rank=r.choice([8, 16]),
+              q_lora_rank=r.choice([None, 16]), intermediate_size=r.choice([40, 64]), moe_intermediate_size=r.choice([8, 20]),
+              n_routed_experts=E, n_group=G, topk_group=r.randint(1, G), num_hidden_layers=L_,
+              mlp_layer_types=["dense"] * k_dense + ["sparse"] * (L_ - k_dense), n_shared_experts=r.randint(1, 2),
+              norm_topk_prob=r.choice([True, False]), rope_interleave=r.choice([True, False]),
+              routed_scaling_factor=r.choice([1.0, 1.8, 2.5]))
+    kw["num_experts_per_tok"] = r.randint(1, kw["topk_group"] * (E // G))
+    kw["num_key_value_heads"] = kw["num_attention_heads"]
+    oracle, path = hf_glm(tmp_path, seed=seed, bias_std=r.choice([0.0, 0.2]), **kw)
+    ours = L.from_pretrained(path, dtype=torch.float32)
+    ids = torch.randint(3, 99, (2, 10), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), oracle(ids).logits, atol=1e-5, rtol=0, msg=str(kw))
+        ref = oracle.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+                              attention_mask=torch.ones_like(ids))
+    assert torch.equal(ours.generate(ids, max_new_tokens=8), ref)

@@ -87,3 +87,28 @@ def test_bf16_bit_exact(tmp_path):
     ids = torch.randint(4, 99, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(ours(ids), oracle(ids).logits)
+
+
+@pytest.mark.parametrize("seed", [101, 202, 303])
+def test_random_untuned_configs(tmp_path, seed):
+    """Sizes drawn at random (not tuned for): logits within 1e-5, greedy tokens identical."""
+    import random
+
+    r = random.Random(seed)
+    rope = r.choice([2, 4, 8])
+    E = r.randint(2, 9)
+    Z = r.randint(1, 5)
+    kw = dict(hidden_size=r.choice([32, 40, 64]), num_attention_heads=r.randint(1, 6), qk_nope_head_dim=r.choice([4, 8, 12]),
+              qk_rope_head_dim=rope, head_dim=rope, v_head_dim=r.choice([4, 8, 16]), kv_lora_rank=r.choice([8, 16, 24]),
+              q_lora_rank=r.choice([8, 16, 32]), ffn_hidden_size=r.choice([32, 48]), expert_ffn_hidden_size=r.choice([8, 16]),
+              n_routed_experts=E, zero_expert_num=Z, moe_topk=r.randint(2, E + Z), num_layers=r.randint(1, 3),
+              routed_scaling_factor=r.choice([1.0, 2.5, 6.0]))
+    kw["num_key_value_heads"] = kw["num_attention_heads"]
+    oracle, path = hf_longcat(tmp_path, seed=seed, bias_std=r.choice([0.0, 0.2]), **kw)
+    ours = L.from_pretrained(path, dtype=torch.float32)
+    ids = torch.randint(4, 99, (2, 10), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), oracle(ids).logits, atol=1e-5, rtol=0, msg=str(kw))
+        ref = oracle.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=3,
+                              attention_mask=torch.ones_like(ids))
+    assert torch.equal(ours.generate(ids, max_new_tokens=8), ref)
