@@ -34,15 +34,8 @@ def hf_longcat(tmp_path, seed=0, bias_std=0.0, **kw):
                 routed_scaling_factor=2.0, max_position_embeddings=256, rms_norm_eps=1e-6, pad_token_id=3,
                 bos_token_id=1, eos_token_id=2)
     base.update(kw)
-    cfg = transformers.LongcatFlashConfig(**base)
-    torch.manual_seed(seed)
-    model = transformers.LongcatFlashForCausalLM(cfg)
-    randomize(model, seed, bias_std=bias_std)
-    path = tmp_path / f"hf_longcat_{seed}"
-    model.save_pretrained(path)
-    oracle = transformers.LongcatFlashForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                                  attn_implementation="eager").eval()
-    return oracle, path
+    return _build(transformers.LongcatFlashForCausalLM, transformers.LongcatFlashConfig(**base),
+                  tmp_path / f"hf_longcat_{seed}", seed, bias_std)
 
 
 def hf_glm(tmp_path, seed=0, bias_std=0.0, **kw):
@@ -53,12 +46,27 @@ def hf_glm(tmp_path, seed=0, bias_std=0.0, **kw):
                 rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 rope_parameters={"rope_theta": 1e6, "rope_type": "default"})
     base.update(kw)
-    cfg = transformers.Glm4MoeLiteConfig(**base)
+    return _build(transformers.Glm4MoeLiteForCausalLM, transformers.Glm4MoeLiteConfig(**base),
+                  tmp_path / f"hf_glm_{seed}", seed, bias_std, experts_implementation="eager")
+
+
+def _build(cls, cfg, path, seed, bias_std, **load_kw):
+    """Instantiate, randomize, save_pretrained, and reload the oracle exactly as the facts file prescribes."""
     torch.manual_seed(seed)
-    model = transformers.Glm4MoeLiteForCausalLM(cfg)
-    randomize(model, seed, bias_std=bias_std)
-    path = tmp_path / f"hf_glm_{seed}"
-    model.save_pretrained(path)
-    oracle = transformers.Glm4MoeLiteForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager").eval()
+    randomize(cls(cfg), seed, bias_std=bias_std).save_pretrained(path)
+    oracle = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager", **load_kw).eval()
     return oracle, path
+
+
+def check_parity(oracle, ours, ids, pad_token_id, max_new_tokens=8, msg=""):
+    """fp32 logits within 1e-5 in both MLA forms, and identical greedy tokens."""
+    with torch.no_grad():
+        ref = oracle(ids).logits
+        for absorb in (False, True):
+            torch.testing.assert_close(ours.set_absorb(absorb)(ids), ref, atol=1e-5, rtol=0,
+                                       msg=f"{msg} absorb={absorb}")
+        ours.set_absorb(False)
+        want = oracle.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                               pad_token_id=pad_token_id, attention_mask=torch.ones_like(ids))
+    got = ours.generate(ids, max_new_tokens=max_new_tokens)
+    assert torch.equal(got, want), f"{msg}: {got.tolist()} != {want.tolist()}"
