@@ -310,6 +310,9 @@ def main(argv=None) -> int:
             f"{model.load_report.summary()}")
         if args.model is None and not TRAINED_DIR.is_dir():
             out("  note: these weights are random (untrained), so the reply is gibberish -- by design.")
+        elif args.model is None:
+            out("  note: a tiny model trained on a little text: expect echoes of its training text, not answers "
+                "(an untrained tiny model prints plain gibberish).")
         if cfg.model_type != LONGCAT:
             out("  note: GLM-4.7-Flash prompts are used raw (no chat template; see longcat_ref/chat.py)")
         if not args.interactive:
