@@ -23,6 +23,19 @@ from .config import LONGCAT
 LONGCAT_EOS = "</longcat_s>"
 
 
+# The same template in Jinja, for transformers' apply_chat_template (written to the tiny checkpoints'
+# tokenizer_config.json; tests check it renders exactly what longcat_chat_prompt returns). Ours, not Meituan's file.
+LONGCAT_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(round=0) -%}"
+    "{%- if messages[0]['role'] == 'system' -%}SYSTEM:{{ messages[0]['content'] }} {% endif -%}"
+    "{%- for m in messages if m['role'] != 'system' -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{%- if ns.round > 0 %} {% endif -%}[Round {{ ns.round }}] USER:{{ m['content'] }} ASSISTANT:"
+    "{%- else -%}{{ m['content'] }}</longcat_s>{%- set ns.round = ns.round + 1 -%}{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
 def longcat_chat_prompt(messages: list[dict]) -> str:
     """messages: [{"role": "system"|"user"|"assistant", "content": str}, ...], an optional system message first,
     then user/assistant turns alternating, ending with a user turn. -> the prompt string (generation starts after

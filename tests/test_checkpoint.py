@@ -294,3 +294,10 @@ def test_shard_rule_mismatch_is_reported(tmp_path):
     with pytest.raises(CheckpointError, match="sharding rule mismatch"):
         load_weights(model, m.config, tmp_path, torch.float32,
                      shard_rule=lambda n, s: (0, 0, 2) if n.endswith("experts.down_proj") else None)
+
+
+def test_progress_bar(tmp_path, capsys):
+    m = tiny("glm")
+    L.save_checkpoint(m, tmp_path)
+    same_model(m, L.from_pretrained(tmp_path, dtype=torch.float32, progress=True))
+    assert "loading" in capsys.readouterr().err  # tqdm's bar on stderr (automatic for loads > 1 GiB on a terminal)

@@ -118,3 +118,20 @@ def test_stream_decode_random_ids_and_specials(tok):
     d = tok.stream()
     ids = tok.encode("Hello") + [2]
     assert "".join(d.put(i) for i in ids) + d.flush() == "Hello"  # eos is skipped
+
+
+def test_transformers_reads_our_tokenizer_files_and_template(tmp_path, tok):
+    """What we write is what transformers' AutoTokenizer understands: same ids, same specials, same chat string."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("jinja2")
+    from longcat_ref.chat import LONGCAT_CHAT_TEMPLATE
+
+    save_tokenizer(tok, tmp_path, model_max_length=512, chat_template=LONGCAT_CHAT_TEMPLATE)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, 2, 3, 0)
+    conv = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "A fable, please."}]
+    for msgs in (conv, conv[1:], conv[1:2], conv[:2]):
+        text = hf.apply_chat_template(msgs, tokenize=False)
+        assert text == longcat_chat_prompt(msgs)
+        assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
