@@ -102,6 +102,8 @@ def load_model(args, parallel=None):
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = from_pretrained(path, dtype=dtype, device=device, parallel=parallel)
+    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 10_000_000:
+        torch.set_num_threads(1)  # tiny matmuls: threads only add synchronisation (and spin when cores are busy)
     tok = load_tokenizer(path)
     if tok.vocab_size > model.config.vocab_size:
         raise DemoError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
@@ -336,7 +338,8 @@ def main(argv=None) -> int:
             report(model, r)
             history = msgs[len(system):] + [{"role": "assistant", "content": r["text"]}]
     except (DemoError, CheckpointError, ConfigError, TokenizerError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{rank}error: {e}", file=sys.stderr)  # every rank: an error may be one rank's alone
         return 1
     except KeyboardInterrupt:
         return 130

@@ -17,6 +17,13 @@ from longcat_ref.tokenizer import load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    n = torch.get_num_threads()  # the demo sets 1 thread for tiny CPU models; don't leak that into other tests
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return demo.build_tiny_checkpoint(tmp_path_factory.mktemp("demo") / "tiny")
