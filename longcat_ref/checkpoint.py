@@ -315,7 +315,8 @@ def build_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu", parallel=No
     return model
 
 
-def _read_config(path: str) -> ModelConfig:
+def read_config(path: str) -> ModelConfig:
+    """config.json of a checkpoint directory; CheckpointError naming the file if it is missing or invalid."""
     file = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -336,7 +337,7 @@ def from_pretrained(path, dtype=torch.bfloat16, device="cpu", parallel=None, pro
     The model's `load_report` says what was loaded and skipped.
     """
     path = os.fspath(path)
-    cfg = _read_config(path)
+    cfg = read_config(path)
     if parallel is not None:
         parallel.check(cfg)  # fail before allocating anything
     index_checkpoint(path)  # fail on missing/corrupt files before allocating anything
@@ -353,7 +354,7 @@ def mtp_tensors(path, dtype=None) -> dict[str, torch.Tensor]:
     """The multi-token-prediction block the loader skips, by checkpoint name (for later use, e.g. speculative
     decoding): `model.mtp.*` (LongCat) or `model.layers.{num_layers}.*` (GLM). Empty if the checkpoint has none."""
     path = os.fspath(path)
-    cfg = _read_config(path)
+    cfg = read_config(path)
     files = index_checkpoint(path)
     reader = _Reader(files)
     out = {}

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .chat import LONGCAT_CHAT_TEMPLATE, chat_prompt
-from .checkpoint import CheckpointError, from_pretrained, save_checkpoint
+from .checkpoint import CheckpointError, from_pretrained, read_config, save_checkpoint
 from .config import LONGCAT, ConfigError, tiny_longcat
 from .counts import activated_for, parameter_counts
 from .model import CausalLM, init_weights
@@ -101,10 +101,11 @@ def load_model(args, parallel=None):
     t0 = time.perf_counter()
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    read_config(path)  # cheap checks first: config.json, then the tokenizer, then the weights
+    tok = load_tokenizer(path)
     model = from_pretrained(path, dtype=dtype, device=device, parallel=parallel)
     if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 10_000_000:
         torch.set_num_threads(1)  # tiny matmuls: threads only add synchronisation (and spin when cores are busy)
-    tok = load_tokenizer(path)
     if tok.vocab_size > model.config.vocab_size:
         raise DemoError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                         f"{model.config.vocab_size}")
