@@ -11,10 +11,11 @@ Parts are joined by one space; no space after `USER:` / `ASSISTANT:`; no bos tok
 it emits `</longcat_s>` (eos).
 
 GLM-4.7-Flash: its template could not be confirmed from public sources for the Flash model itself (the nearest
-public text is a mirror of zai-org/GLM-4.7's chat_template.jinja, https://fast.hugflare.com/zai-org/GLM-4.7/blob/main/
-chat_template.jinja: "[gMASK]<sop>" then "<|user|>..." / "<|assistant|>" turns with <think> handling that depends on
-thinking-mode switches -- a different model's file, seen through a third-party mirror). `chat_prompt` therefore passes GLM prompts through raw: write the
-special tokens yourself, e.g. "[gMASK]<sop>hello" as transformers' GLM integration test does.
+public text is a mirror of zai-org/GLM-4.7's chat_template.jinja,
+https://fast.hugflare.com/zai-org/GLM-4.7/blob/main/chat_template.jinja: "[gMASK]<sop>" then "<|user|>..." /
+"<|assistant|>" turns with <think> handling that depends on thinking-mode switches -- a different model's file, seen
+through a third-party mirror). `chat_prompt` therefore passes GLM prompts through raw: write the special tokens
+yourself, e.g. "[gMASK]<sop>hello" as transformers' GLM integration test does.
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def _check_safetensors(path: str) -> list[str]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     if 8 + n + end != size:
-        raise CheckpointError(f"{path}: truncated or corrupt: its tensors need {8 + n + end} bytes, the file has {size}")
+        raise CheckpointError(f"{path}: truncated or corrupt: its tensors need {8 + n + end} bytes, "
+                              f"the file has {size}")
     return [k for k in header if k != "__metadata__"]
 
 

@@ -180,7 +180,8 @@ def save_tokenizer(tokenizer: Tokenizer, path, model_max_length: int | None = No
     def name(i):
         return None if i is None else tok.id_to_token(i)
 
-    specials = {"bos_token": name(tokenizer.bos_id), "eos_token": name(tokenizer.eos_ids[0] if tokenizer.eos_ids else None),
+    eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
+    specials = {"bos_token": name(tokenizer.bos_id), "eos_token": name(eos),
                 "pad_token": name(tokenizer.pad_id), "unk_token": name(0) if tok.id_to_token(0) == UNK else None}
     specials = {k: v for k, v in specials.items() if v is not None}
     added = {str(i): {"content": tok.id_to_token(i), "lstrip": False, "normalized": False, "rstrip": False,

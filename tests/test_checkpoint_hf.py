@@ -88,7 +88,8 @@ def test_transformers_loads_the_original_layout_when_patched(checkpoints):
         h = hf_orig(IDS).logits
         assert torch.equal(h, oracle(IDS).logits)  # same weights, same code: bit-identical
         torch.testing.assert_close(ours_orig(IDS), h, atol=1e-5, rtol=1e-5)
-    assert torch.equal(ours_orig.generate(IDS, 8, eos_token_id=2), hf_orig.generate(IDS, max_new_tokens=8, do_sample=False))
+    hf_ids = hf_orig.generate(IDS, max_new_tokens=8, do_sample=False)  # stops at eos 2, pads with 3
+    assert torch.equal(ours_orig.generate(IDS, 8, eos_token_id=2), hf_ids)
 
 
 def test_bf16_original_layout_bit_exact(tmp_path, checkpoints):

@@ -98,7 +98,8 @@ def test_template_eos_is_the_special_token(tok):
 
 
 # ------------------------------------------------------------------------------------------------- streaming
-@pytest.mark.parametrize("text", ["The fox and the grapes.", "naïve café — 狐狸和葡萄 🦊🍇 end", TEXT[:300]])
+@pytest.mark.parametrize("text", ["The fox and the grapes.", "naïve café — 狐狸和葡萄 🦊🍇 end",
+                                  TEXT[:300]])
 def test_stream_decode_equals_full_decode(tok, text):
     ids = tok.encode(text)
     d = tok.stream()
