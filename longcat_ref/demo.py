@@ -62,7 +62,7 @@ def build_tiny_checkpoint(path, seed: int = 0) -> str:
     """A tiny random LongCat-Flash in the original on-disk layout + a tokenizer trained on the demo corpus."""
     tok = train_tokenizer([CORPUS.read_text(encoding="utf-8")], vocab_size=512)
     cfg = tiny_longcat(vocab_size=tok.vocab_size)
-    model = init_weights(CausalLM(cfg), seed=seed, std=0.1)  # large enough that the logits are not ~uniform
+    model = init_weights(CausalLM(cfg), seed=seed, std=0.25)  # large enough that the logits are not ~uniform
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     save_checkpoint(model, path, layout="per_expert", original_config=True, mtp=True, max_shard_bytes=total // 3 + 1)
     save_tokenizer(tok, path, model_max_length=cfg.max_position_embeddings, chat_template=LONGCAT_CHAT_TEMPLATE)
