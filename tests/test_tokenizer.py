@@ -136,3 +136,21 @@ def test_transformers_reads_our_tokenizer_files_and_template(tmp_path, tok):
         text = hf.apply_chat_template(msgs, tokenize=False)
         assert text == longcat_chat_prompt(msgs)
         assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+
+
+def test_training_is_deterministic_across_processes(tok):
+    """Rust hash maps are seeded per process: the trained tokenizer must not depend on that."""
+    import os
+    import subprocess
+    import sys
+
+    # tokenizer.py has no package imports: load it alone (no torch import, fast)
+    code = ("import importlib.util as u, sys; s = u.spec_from_file_location('t', sys.argv[1]); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.train_tokenizer([open(sys.argv[2], encoding='utf-8').read()], 400)"
+            ".tok.to_str(), end='')")
+    import longcat_ref.tokenizer as T
+
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code, T.__file__, str(CORPUS)], capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        assert out == tok.tok.to_str()
