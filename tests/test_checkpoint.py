@@ -1,0 +1,303 @@
+"""Checkpoint loading and writing: both expert layouts, sharding, strict accounting, every error, dtype casting,
+the MTP block, and the parallel hooks (shard / shard_rule)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import longcat_ref as L
+from longcat_ref.checkpoint import (MTP, PHANTOM, CheckpointError, checkpoint_tensors, load_weights, mtp_tensors,
+                                    original_longcat_config)
+from longcat_ref.config import ConfigError, config_from_dict
+
+
+def tiny(kind, seed=1):
+    cfg = L.tiny_longcat() if kind == "longcat" else L.tiny_glm()
+    return L.init_weights(L.CausalLM(cfg), seed=seed, std=0.08, bias_std=0.05).eval()
+
+
+IDS = torch.randint(4, 512, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    with torch.no_grad():
+        assert torch.equal(a(IDS), b(IDS))
+
+
+@pytest.mark.parametrize("kind", ["longcat", "glm"])
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+@pytest.mark.parametrize("shard", [None, 30_000])
+def test_layouts_roundtrip(tmp_path, kind, layout, shard):
+    m = tiny(kind)
+    L.save_checkpoint(m, tmp_path, layout=layout, max_shard_bytes=shard)
+    files = os.listdir(tmp_path)
+    assert ("model.safetensors.index.json" in files) == bool(shard)
+    if shard:
+        assert sum(f.endswith(".safetensors") for f in files) > 2
+    keys = checkpoint_tensors(m, layout)
+    if layout == "per_expert":
+        assert "model.layers.1.mlp.experts.7.up_proj.weight" in keys and not any("gate_up_proj" in k for k in keys)
+    else:
+        assert "model.layers.1.mlp.experts.gate_up_proj" in keys
+    router = "mlp.router.classifier.weight" if kind == "longcat" else "mlp.gate.weight"
+    assert f"model.layers.1.{router}" in keys
+    back = L.from_pretrained(tmp_path, dtype=torch.float32)
+    same_model(m, back)
+    assert back.load_report.skipped == {}
+    assert not back.training
+
+
+def test_original_longcat_layout_config_and_mtp(tmp_path):
+    m = tiny("longcat")
+    L.save_checkpoint(m, tmp_path, original_config=True, mtp=True, max_shard_bytes=40_000)
+    cfgd = json.loads((tmp_path / "config.json").read_text())
+    assert "model_type" not in cfgd and cfgd["num_layers"] == 2 and cfgd["zero_expert_type"] == "identity"
+    assert cfgd["rope_theta"] == 1e7 and "rope_parameters" not in cfgd
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    mtp_names = sorted(k for k in weight_map if k.startswith("model.mtp."))
+    H = m.config.hidden_size
+    for name in ["model.mtp.embed_tokens.weight", "model.mtp.layers.0.eh_proj.weight",
+                 "model.mtp.layers.0.enorm.m.weight", "model.mtp.layers.0.hnorm.m.weight",
+                 "model.mtp.layers.0.self_attn.kv_b_proj.weight",
+                 "model.mtp.layers.0.transformer_layer.mlp.down_proj.weight", "model.mtp.norm.weight"]:
+        assert name in mtp_names
+    back = L.from_pretrained(tmp_path, dtype=torch.float32)
+    same_model(m, back)
+    assert back.config == m.config.replace(num_nextn_predict_layers=1)
+    assert back.load_report.skipped == {MTP: len(mtp_names)}
+    mtp = mtp_tensors(tmp_path)
+    assert sorted(mtp) == mtp_names
+    assert mtp["model.mtp.layers.0.eh_proj.weight"].shape == (H, 2 * H)
+
+
+def test_original_config_is_read_as_longcat():
+    d = original_longcat_config(L.tiny_longcat())
+    assert "model_type" not in d
+    assert config_from_dict(d) == L.tiny_longcat(num_nextn_predict_layers=1)
+
+
+def test_dtype_is_cast_while_loading(tmp_path):
+    m = tiny("longcat")
+    L.save_checkpoint(m, tmp_path)
+    bf = L.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    for (n, p), (_, q) in zip(m.named_parameters(), bf.named_parameters()):
+        assert q.dtype == torch.bfloat16 and torch.equal(q, p.to(torch.bfloat16)), n
+    # LongCat's correction bias: fp32 buffer holding the bf16-rounded value, as transformers holds it
+    b, b0 = bf.model.layers[0].mlp.router.e_score_correction_bias, m.model.layers[0].mlp.router.e_score_correction_bias
+    assert b.dtype == torch.float32 and torch.equal(b, b0.to(torch.bfloat16).float()) and not torch.equal(b, b0)
+    # and the other way round: a bf16 file loads into fp32
+    L.save_checkpoint(bf, tmp_path / "bf16")
+    back = L.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert back.lm_head.weight.dtype == torch.float32 and torch.equal(back.lm_head.weight, bf.lm_head.weight.float())
+
+
+def test_glm_bias_stays_fp32_and_mtp_layer_is_skipped(tmp_path):
+    m = tiny("glm")
+    nl = m.config.num_layers
+    extra = {f"model.layers.{nl}.eh_proj.weight": torch.zeros(64, 128),
+             f"model.layers.{nl}.mlp.gate.e_score_correction_bias": torch.zeros(8)}
+    L.save_checkpoint(m, tmp_path, extra=extra)
+    bf = L.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    b = bf.model.layers[1].mlp.router.e_score_correction_bias
+    assert b.dtype == torch.float32 and torch.equal(b, m.model.layers[1].mlp.router.e_score_correction_bias)
+    assert bf.load_report.skipped == {MTP: 2}
+    assert sorted(mtp_tensors(tmp_path)) == sorted(extra)
+
+
+def test_phantom_zero_expert_rows_are_skipped(tmp_path):
+    """transformers 5.x sizes gate_up_proj for routed + zero experts: fused (E+Z) rows, or extra per-expert keys."""
+    m = tiny("longcat")
+    E, Z = m.config.n_routed_experts, m.config.zero_expert_num
+    fused = checkpoint_tensors(m, "fused")
+    g = fused["model.layers.0.mlp.experts.gate_up_proj"]
+    fused["model.layers.0.mlp.experts.gate_up_proj"] = torch.cat([g, torch.randn(Z, *g.shape[1:])])
+    L.save_checkpoint(m, tmp_path / "fused", layout="fused", extra=fused)
+    back = L.from_pretrained(tmp_path / "fused", dtype=torch.float32)
+    same_model(m, back)
+    assert back.load_report.skipped == {PHANTOM: 1}
+    extra = {f"model.layers.0.mlp.experts.{e}.{w}.weight": torch.zeros(32, 64) for e in range(E, E + Z)
+             for w in ("gate_proj", "up_proj")}
+    L.save_checkpoint(m, tmp_path / "per", extra=extra)
+    back = L.from_pretrained(tmp_path / "per", dtype=torch.float32)
+    same_model(m, back)
+    assert back.load_report.skipped == {PHANTOM: 2 * Z}
+
+
+# ------------------------------------------------------------------------------------------------- errors
+@pytest.fixture
+def saved(tmp_path):
+    m = tiny("longcat")
+    L.save_checkpoint(m, tmp_path / "ckpt", max_shard_bytes=60_000)
+    return m, tmp_path / "ckpt"
+
+
+def _rewrite(path, change):
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(path)
+    change(t)
+    save_file(t, path)
+
+
+def _shard_of(path, key):
+    return path / json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][key]
+
+
+def test_error_missing_directory_and_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        L.from_pretrained(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        L.from_pretrained(tmp_path)
+
+
+def test_error_unknown_model_type(saved):
+    _, p = saved
+    d = json.loads((p / "config.json").read_text())
+    (p / "config.json").write_text(json.dumps({**d, "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="unknown model_type 'llama'"):
+        L.from_pretrained(p)
+    (p / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        L.from_pretrained(p)
+
+
+def test_error_missing_tensor(saved):
+    _, p = saved
+    key = "model.layers.1.mlp.experts.5.down_proj.weight"
+    _rewrite(_shard_of(p, key), lambda t: t.pop(key))
+    idx = json.loads((p / "model.safetensors.index.json").read_text())
+    idx["weight_map"].pop(key)
+    (p / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.experts\.5\.down_proj\.weight"):
+        L.from_pretrained(p)
+
+
+def test_error_wrong_shape(saved):
+    _, p = saved
+    key = "model.layers.0.self_attn.1.kv_b_proj.weight"
+    _rewrite(_shard_of(p, key), lambda t: t.__setitem__(key, torch.zeros(256, 17)))
+    with pytest.raises(CheckpointError, match=r"kv_b_proj.weight .* has shape \[256, 17\], expected \[256, 16\]"):
+        L.from_pretrained(p)
+
+
+def test_error_truncated_and_corrupt_files(saved):
+    _, p = saved
+    shard = _shard_of(p, "lm_head.weight")
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=f"{shard.name}: truncated or corrupt"):
+        L.from_pretrained(p)
+    shard.write_bytes(data[:4])
+    with pytest.raises(CheckpointError, match=f"{shard.name}: truncated"):
+        L.from_pretrained(p)
+    n = int.from_bytes(data[:8], "little")
+    shard.write_bytes(data[:8] + b"\xff" * n + data[8 + n:])  # same size, garbage header
+    with pytest.raises(CheckpointError, match=f"{shard.name}: corrupt safetensors header"):
+        L.from_pretrained(p)
+
+
+def test_error_index_points_at_missing_shard(saved):
+    _, p = saved
+    shard = _shard_of(p, "lm_head.weight")
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"points at a missing shard: {shard.name}"):
+        L.from_pretrained(p)
+
+
+def test_error_broken_index(saved):
+    _, p = saved
+    (p / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match="not a valid safetensors index"):
+        L.from_pretrained(p)
+
+
+def test_error_unexpected_tensor(saved):
+    _, p = saved
+    shard = _shard_of(p, "lm_head.weight")
+    _rewrite(shard, lambda t: t.__setitem__("model.layers.0.mlp.frobnicator.weight", torch.zeros(2)))
+    idx = json.loads((p / "model.safetensors.index.json").read_text())
+    idx["weight_map"]["model.layers.0.mlp.frobnicator.weight"] = shard.name
+    (p / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor model\.layers\.0\.mlp\.frobnicator\.weight"):
+        L.from_pretrained(p)
+
+
+def test_error_no_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(L.config.config_to_dict(L.tiny_glm())))
+    with pytest.raises(CheckpointError, match="no \\*.safetensors files"):
+        L.from_pretrained(tmp_path)
+
+
+def test_config_errors_are_still_config_errors():
+    with pytest.raises(ConfigError):
+        config_from_dict({"model_type": "llama"})
+
+
+# ------------------------------------------------------------------------------------------------- parallel hooks
+class HalfExperts:
+    """A toy parallel plan: this 'rank' owns experts [E/2, E) and rows [V/2, V) of lm_head."""
+
+    def __init__(self, cfg):
+        self.E, self.V = cfg.n_routed_experts, cfg.vocab_size
+        self.checked = False
+
+    def check(self, cfg):
+        self.checked = True
+
+    def shard(self, model):
+        for moe in model.moe_blocks():
+            ex = moe.experts
+            ex.gate_up_proj = torch.nn.Parameter(ex.gate_up_proj[self.E // 2:])
+            ex.down_proj = torch.nn.Parameter(ex.down_proj[self.E // 2:])
+            ex.first_expert = self.E // 2
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight[self.V // 2:])
+
+    def shard_rule(self, name, shape):
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            return (0, self.E // 2, self.E)
+        if name == "lm_head.weight":
+            return (0, self.V // 2, self.V)
+        return None
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+def test_parallel_hooks_load_only_owned_slices(tmp_path, layout):
+    m = tiny("longcat")
+    L.save_checkpoint(m, tmp_path, layout=layout)
+    plan = HalfExperts(m.config)
+    part = L.from_pretrained(tmp_path, dtype=torch.float32, parallel=plan)
+    assert plan.checked
+    E, V = plan.E, plan.V
+    full = m.state_dict()
+    for name, t in part.state_dict().items():
+        if "experts." in name:
+            assert torch.equal(t, full[name][E // 2:]), name
+        elif name == "lm_head.weight":
+            assert torch.equal(t, full[name][V // 2:])
+        else:
+            assert torch.equal(t, full[name]), name
+    # half the expert bytes and half the lm_head were never read
+    whole = L.from_pretrained(tmp_path, dtype=torch.float32)
+    assert part.load_report.bytes_read < whole.load_report.bytes_read
+
+
+def test_shard_rule_mismatch_is_reported(tmp_path):
+    m = tiny("longcat")
+    L.save_checkpoint(m, tmp_path)
+    model = L.checkpoint.build_empty(m.config)
+    with pytest.raises(CheckpointError, match="sharding rule mismatch"):
+        load_weights(model, m.config, tmp_path, torch.float32,
+                     shard_rule=lambda n, s: (0, 0, 2) if n.endswith("experts.down_proj") else None)
+
+
+def test_progress_bar(tmp_path, capsys):
+    m = tiny("glm")
+    L.save_checkpoint(m, tmp_path)
+    same_model(m, L.from_pretrained(tmp_path, dtype=torch.float32, progress=True))
+    assert "loading" in capsys.readouterr().err  # tqdm's bar on stderr (automatic for loads > 1 GiB on a terminal)
