@@ -247,9 +247,9 @@ def build_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu", parallel=No
         model = CausalLM(cfg)
     if parallel is not None:
         parallel.shard(model)
-    model = model.to_empty(device=device)
     for n, p in model.named_parameters():
-        p.data = p.data.to(dtype)
+        p.data = p.data.to(dtype)  # still on meta: allocate in the target dtype only (never an fp32 copy)
+    model = model.to_empty(device=device)
     # buffers: the router's correction bias stays fp32
     for n, b in model.named_buffers():
         b.zero_()

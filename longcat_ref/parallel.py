@@ -35,6 +35,7 @@ before allocation means no process ever holds more than its own slices.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 
 import torch
@@ -196,8 +197,10 @@ class ParallelContext:
                 sizes["shared expert width"] = cfg.n_shared_experts * cfg.expert_ffn_hidden_size
         bad = [f"{k}={v}" for k, v in sizes.items() if v % W]
         if bad:
+            g = math.gcd(*sizes.values())
+            ok = [d for d in range(1, min(g, 1024) + 1) if g % d == 0]
             raise ParallelError(f"world size {W} does not divide {', '.join(bad)} of this {cfg.model_type} config; "
-                                f"use a world size that divides {sorted(set(sizes.values()))} (e.g. 1, 2, 4, 8, 16)")
+                                f"use a world size that divides all of {sorted(set(sizes.values()))}: one of {ok}")
 
     def shard(self, model) -> None:
         """Swap modules of `model` (best on the meta device, before allocation) for this rank's parallel ones."""

@@ -160,3 +160,48 @@ def test_shard_plan_on_meta():
     assert ctx.shard_rule("model.embed_tokens.weight", (512, 64)) == (0, 160, 192)
     assert ctx.shard_rule("model.layers.0.mlps.1.down_proj.weight", (64, 128)) == (1, 40, 48)
     assert ctx.shard_rule("model.layers.0.self_attn.0.q_a_proj.weight", (32, 64)) is None
+
+
+def test_trace_overlap_analysis(tmp_path):
+    """bench_parallel's trace reader on a hand-made trace: the MoE all_reduce [10, 40) on its own stream overlaps
+    mlp0 [12, 22) and attn1 [25, 30); the o_proj all_reduce [31, 33) is not the MoE's."""
+    from longcat_ref.bench_parallel import analyse_trace, timeline_png
+
+    ev = [dict(cat="user_annotation", name=n, ts=a, dur=b - a, tid=1, ph="X")
+          for n, a, b in (("L0.moe", 0, 3), ("L0.mlp0", 3, 4), ("L0.attn1", 4, 6), ("L0.mlp1", 6, 7),
+                          ("L1.attn0", 8, 9))]
+    kern = [(1, 1.0, 2, 10, "expert_gemm"), (2, 2.0, 9, 10, "ncclDevKernel_AllReduce_Sum_bf16"),
+            (3, 2.5, 10, 40, "ncclDevKernel_AllReduce_Sum_bf16"), (4, 3.5, 12, 22, "gemm"), (5, 4.5, 25, 30, "gemm"),
+            (6, 5.0, 31, 33, "ncclDevKernel_AllReduce_Sum_bf16"), (7, 6.5, 41, 45, "gemm"), (8, 8.5, 46, 47, "gemm")]
+    streams = {2: 13, 3: 21, 6: 13}
+    for c, launch_ts, a, b, name in kern:
+        ev.append(dict(cat="cuda_runtime", name="cudaLaunchKernel", ts=launch_ts, dur=0.1, tid=1,
+                       args={"correlation": c}))
+        ev.append(dict(cat="kernel", name=name, ts=a, dur=b - a, args={"correlation": c, "stream": streams.get(c, 7)}))
+    ev[7]["args"]["correlation"] = 99  # kernel 2's launch record is missing: it stays unlabelled
+    import json
+
+    path = str(tmp_path / "t.json")
+    with open(path, "w") as f:
+        json.dump({"traceEvents": ev}, f)
+    ov = analyse_trace(path)
+    rows = ov.pop("_rows")
+    assert ov["moe_allreduce_kernels"] == 1 and ov["moe_allreduce_gpu_us"] == 30
+    assert ov["overlapped_with_compute_us"] == 15 and ov["overlapped_fraction"] == 0.5
+    assert ov["overlap_us_by_compute_label"] == {"attn1": 5, "mlp0": 10}
+    assert timeline_png(rows, str(tmp_path / "t.png"), "test")
+
+
+def test_plan_16_fits_8_does_not(capsys):
+    from longcat_ref.plan import GiB, main, rank_memory
+
+    cfg = L.longcat_flash_chat()
+    r8, r16 = rank_memory(cfg, 8), rank_memory(cfg, 16)
+    assert r8["weights_total"] > 80 * GiB > r16["total"]  # bf16 LongCat-Flash: 16 x 80 GiB yes, 8 x 80 GiB no
+    assert r8["kv_cache"] == r16["kv_cache"] == 8192 * 64512  # the latent cache is replicated, not split
+    assert main(["--world-size", "8", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "NO" in out and "yes" in out
+    assert main(["--model", "glm", "--world-size", "3"]) == 2  # 20 heads: no
+    assert main(["--model", "/nonexistent"]) == 2
+    assert "plan: error" in capsys.readouterr().err
