@@ -10,7 +10,7 @@ rank, sharded ones a per-rank seed; no checkpoint is read). Measures, all ranks 
   * prefill tokens/s (batch 1 x --prefill tokens), decode tokens/s at batch 1 and 32 after a --context prompt
   * the same with half the layers: per-layer time = slope, and the extrapolation to 28 layers
   * memory per GPU (weights, peak)
-  * a torch.profiler trace of prefill and decode with 4 layers, annotated L{i}.attn0/moe/mlp0/attn1/mlp1, and how
+  * a torch.profiler trace of prefill, decode and the layers alone on 32 x 1024 tokens (big all_reduces), 4 layers, annotated L{i}.attn0/moe/mlp0/attn1/mlp1, and how
     much of the MoE all_reduce's GPU time ran concurrently with compute kernels (by annotation), plus a timeline PNG
 
 Writes results.json, trace_*.json.gz and timeline_*.png to --out (rank 0). The experts run the readable per-expert
@@ -32,8 +32,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import longcat_flash_chat, tiny_longcat
-from .model import CausalLM, LongcatLayer
+from .model import CausalLM, LongcatLayer, additive_mask
 from .parallel import ParallelContext
+from .rope import rope_cos_sin
 
 GiB = 2**30
 
@@ -107,6 +108,14 @@ def fill(model, ids, cache, chunk=128):
     for i in range(0, ids.shape[1], chunk):
         logits = model(ids[:, i:i + chunk], cache=cache)[:, -1]  # (b, V)
     return logits
+
+
+def timed(fn, ctx):
+    sync(ctx)
+    t = time.perf_counter()
+    fn()
+    sync(ctx)
+    return time.perf_counter() - t
 
 
 class first_layers:
@@ -224,12 +233,11 @@ def timeline_png(rows, path, title):
     moe = [r for r in rows if r["allreduce"] and r["label"] == "moe"]
     if not moe:
         return False
-    j = len(moe) // 2  # a layer in the middle of the trace: from its MoE compute to the next layer's attn0
+    j = len(moe) // 2  # a layer in the middle of the trace: the end of its MoE compute up to the next layer's attn0
     ar = moe[j]
-    prev = moe[j - 1]["end"] if j else float("-inf")
-    t0 = min(r["ts"] for r in rows if r["label"] == "moe" and prev < r["ts"] <= ar["ts"])
     nxt = [r["ts"] for r in rows if r["label"] == "attn0" and r["ts"] > ar["end"]]
-    t1 = min(nxt) if nxt else ar["end"] + (ar["end"] - t0)
+    t1 = min(nxt) if nxt else ar["end"] + 4 * (ar["end"] - ar["ts"])
+    t0 = ar["ts"] - 0.15 * (t1 - ar["ts"])
     window = [r for r in rows if r["end"] > t0 and r["ts"] < t1]
     streams = sorted({r["stream"] for r in window}, key=str)
     colors = {"attn0": "tab:blue", "moe": "tab:red", "mlp0": "tab:green", "attn1": "tab:cyan", "mlp1": "tab:olive",
@@ -239,11 +247,12 @@ def timeline_png(rows, path, title):
         for r in window:
             if r["stream"] == s:
                 c = ("tab:red" if r["label"] == "moe" else "tab:purple") if r["nccl"] else colors.get(r["label"], "gray")
-                ax.broken_barh([((r["ts"] - t0) / 1e3, (r["end"] - r["ts"]) / 1e3)], (i - 0.4, 0.8), color=c)
+                ax.broken_barh([((r["ts"] - ar["ts"]) / 1e3, (r["end"] - r["ts"]) / 1e3)], (i - 0.4, 0.8), color=c)
     ax.set_yticks(range(len(streams)))
-    ax.set_yticklabels([f"stream {s}" + (" (nccl)" if any(r["nccl"] and r["stream"] == s for r in window) else "")
-                        for s in streams])
-    ax.set_xlabel("ms")
+    moe_streams = {r["stream"] for r in window if r["allreduce"] and r["label"] == "moe"}
+    ax.set_yticklabels([f"stream {s}: " + ("MoE reduction" if s in moe_streams else "compute + TP all_reduces")
+                        for s in streams], fontsize=8)
+    ax.set_xlabel("ms (0 = the MoE all_reduce starts)")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in
                ("tab:blue", "tab:red", "tab:green", "tab:cyan", "tab:olive", "tab:purple")]
     ax.legend(handles, ["attn0", "MoE experts + its all_reduce", "mlp0", "attn1", "mlp1", "other all_reduces"],
@@ -263,6 +272,8 @@ def main(argv=None):
     ap.add_argument("--prefill", type=int, default=4096)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--overlap-batch", type=int, default=32, help="profile the layers alone on this many ...")
+    ap.add_argument("--overlap-len", type=int, default=1024, help="... sequences of this length (big all_reduces)")
     ap.add_argument("--tiny", action="store_true", help="tiny config in fp32 (CPU smoke test)")
     a = ap.parse_args(argv)
 
@@ -272,6 +283,7 @@ def main(argv=None):
     base = tiny_longcat() if a.tiny else longcat_flash_chat()
     if a.tiny:
         a.prefill, a.context, a.steps = min(a.prefill, 64), min(a.context, 32), min(a.steps, 4)
+        a.overlap_batch, a.overlap_len = min(a.overlap_batch, 2), min(a.overlap_len, 16)
     layers = a.layers
     if not layers:
         from .plan import weight_bytes
@@ -343,7 +355,26 @@ def main(argv=None):
             with torch.no_grad():
                 model(prompt(cfg, 32, 1, ctx.device, seed=1), cache=cache)
 
-        for name, fn in (("prefill", do_prefill), ("decode_b32", do_decode)):
+        B, T, H = a.overlap_batch, a.overlap_len, cfg.hidden_size
+        x0 = torch.randn(B, T, H, generator=torch.Generator(ctx.device).manual_seed(3), device=ctx.device,
+                         dtype=dtype)  # (B, T, H): same values on every rank (same seed, same kernel)
+        pos = torch.arange(T, device=ctx.device).expand(B, T)  # (B, T)
+        cos, sin = rope_cos_sin(pos, cfg.qk_rope_head_dim, cfg.rope_theta, dtype)
+        mask = additive_mask(torch.ones(B, T, device=ctx.device), T, 0, dtype)  # (B, 1, T, T)
+
+        @torch.no_grad()
+        def do_layers():  # the layers alone on B x T tokens: no embedding / 8 GiB of logits
+            x = x0
+            for layer in model.model.layers:
+                x = layer(x, cos, sin, mask)  # (B, T, H)
+            return x
+
+        tl = min(timed(do_layers, ctx) for _ in range(2))
+        res[f"layers_{B}x{T}"] = {"layers": len(model.model.layers), "s": round(tl, 4),
+                                  "per_layer_s": round(tl / len(model.model.layers), 4),
+                                  "tok_s_per_layer": round(B * T * len(model.model.layers) / tl, 1)}
+        ctx.print(f"[bench] layers at {B}x{T}: {res[f'layers_{B}x{T}']}", flush=True)
+        for name, fn in (("prefill", do_prefill), ("decode_b32", do_decode), (f"layers_{B}x{T}", do_layers)):
             p = profile(fn, ctx)
             if ctx.is_main:
                 path = os.path.join(a.out, f"trace_{name}_rank0.json")
