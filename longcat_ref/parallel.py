@@ -265,3 +265,25 @@ class ParallelContext:
     def __repr__(self):
         return f"ParallelContext(rank={self.rank}, world_size={self.world_size}, device={self.device})"
 
+
+    def common_seed(self, seed: int | None = None) -> int:
+        """A sampling seed that is the same on every rank: `seed`, or one drawn on rank 0 and broadcast."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ())) if self.is_main else 0
+        return int(self.broadcast_object(seed))
+
+
+# ---------------------------------------------------------------------------------------------- demo hook
+def load_parallel(path, dtype=torch.bfloat16, **kw):
+    """For demo.py: join torchrun's process group (world size 1 without torchrun), load this rank's shard of the
+    checkpoint at `path` onto cuda:LOCAL_RANK (or cpu) -> (model, ctx).
+
+    Then, on EVERY rank, in lockstep: read user input on rank 0 only and share it (`ctx.broadcast_object`); call
+    `model.generate(...)` with the same arguments and `seed=ctx.common_seed(args.seed)` (the logits are all-gathered,
+    identical on all ranks, so greedy and seeded sampling pick identical tokens); print with `ctx.print`; finish with
+    `ctx.close()`.
+    """
+    from .checkpoint import from_pretrained
+
+    ctx = ParallelContext.from_env()
+    return from_pretrained(path, dtype=dtype, device=ctx.device, parallel=ctx, **kw), ctx

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import longcat_ref as L
-from longcat_ref.parallel import ParallelContext
+from longcat_ref.parallel import ParallelContext, load_parallel
 
 
 def main():
@@ -28,20 +28,26 @@ def main():
     res = {"rank": ctx.rank, "world": ctx.world_size, "node": int(os.environ["GROUP_RANK"])}
     for kind in ("longcat", "glm"):
         r = ref[kind]
-        model = L.from_pretrained(os.path.join(d, kind), dtype=torch.float32, parallel=ctx)
+        if kind == "longcat":
+            model = L.from_pretrained(os.path.join(d, kind), dtype=torch.float32, parallel=ctx)
+        else:  # the demo's hook: joins the existing group, loads onto ctx.device
+            model, ctx = load_parallel(os.path.join(d, kind), dtype=torch.float32)
         ids, mask = r["ids"], r["mask"]
         with torch.no_grad():
             naive = model.set_absorb(False)(ids, attention_mask=mask)
             absorbed = model.set_absorb(True)(ids, attention_mask=mask)
         greedy = model.generate(ids, 8, attention_mask=mask)
         sampled = model.generate(ids, 8, attention_mask=mask, temperature=1.0, top_p=0.9, seed=0)
-        every = [torch.empty_like(sampled) for _ in range(ctx.world_size)]
+        free = model.generate(ids, 8, attention_mask=mask, temperature=1.0, seed=ctx.common_seed())
+        every, every_free = ([torch.empty_like(sampled) for _ in range(ctx.world_size)] for _ in range(2))
         dist.all_gather(every, sampled)
+        dist.all_gather(every_free, free)
         res[kind] = {
             "max_diff_naive": (naive - r["logits"]).abs().max().item(),
             "max_diff_absorbed": (absorbed - r["logits"]).abs().max().item(),
             "greedy_equal": torch.equal(greedy, r["greedy"]),
-            "sampled_same_on_all_ranks": all(torch.equal(e, sampled) for e in every),
+            "sampled_same_on_all_ranks": all(torch.equal(e, sampled) for e in every)
+                                         and all(torch.equal(e, free) for e in every_free),
             "sampled_equal_single_process": torch.equal(sampled, r["sampled"]),
             "bytes_read": model.load_report.bytes_read,
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
