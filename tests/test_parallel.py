@@ -22,9 +22,10 @@ WORKER = os.path.join(ROOT, "tests", "parallel_worker.py")
 
 
 def glm_cfg():
-    # tiny_glm with sizes that divide 16: 16 heads, 16 experts, shared-expert width 32, dense width 128
+    # tiny_glm with sizes that divide 16: 16 heads, 16 experts, shared-expert width 32, dense width 128; also the
+    # no-q-LoRA variant (a plain q_proj, column-parallel) and attention biases (o_proj's added once, after the sum)
     return L.tiny_glm(num_attention_heads=16, n_routed_experts=16, moe_topk=4, expert_ffn_hidden_size=32,
-                      ffn_hidden_size=128)
+                      ffn_hidden_size=128, q_lora_rank=None, attention_bias=True)
 
 
 @pytest.fixture(scope="module")
