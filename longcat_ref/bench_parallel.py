@@ -10,8 +10,9 @@ rank, sharded ones a per-rank seed; no checkpoint is read). Measures, all ranks 
   * prefill tokens/s (batch 1 x --prefill tokens), decode tokens/s at batch 1 and 32 after a --context prompt
   * the same with half the layers: per-layer time = slope, and the extrapolation to 28 layers
   * memory per GPU (weights, peak)
-  * a torch.profiler trace of prefill, decode and the layers alone on 32 x 1024 tokens (big all_reduces), 4 layers, annotated L{i}.attn0/moe/mlp0/attn1/mlp1, and how
-    much of the MoE all_reduce's GPU time ran concurrently with compute kernels (by annotation), plus a timeline PNG
+  * a torch.profiler trace of prefill, decode and the layers alone on 32 x 1024 tokens (big all_reduces), 4 layers,
+    annotated L{i}.attn0/moe/mlp0/attn1/mlp1, and how much of the MoE all_reduce's GPU time ran concurrently with
+    compute kernels (by annotation), plus a timeline PNG
 
 Writes results.json, trace_*.json.gz and timeline_*.png to --out (rank 0). The experts run the readable per-expert
 loop of experts.py (one host sync per MoE call), so these are reference-implementation numbers, not a tuned engine.
@@ -104,7 +105,7 @@ def decode_time(model, ctx, batch, context, steps, warm=2):
 
 @torch.no_grad()
 def fill(model, ids, cache, chunk=128):
-    """Prefill in chunks of `chunk` tokens (full-sequence logits of a 32 x 1024 prompt would be 8 GiB) -> last logits."""
+    """Prefill in chunks of `chunk` tokens -> last logits (b, V). (A 32 x 1024 prompt's logits at once: 8 GiB.)"""
     for i in range(0, ids.shape[1], chunk):
         logits = model(ids[:, i:i + chunk], cache=cache)[:, -1]  # (b, V)
     return logits
@@ -246,7 +247,8 @@ def timeline_png(rows, path, title):
     for i, s in enumerate(streams):
         for r in window:
             if r["stream"] == s:
-                c = ("tab:red" if r["label"] == "moe" else "tab:purple") if r["nccl"] else colors.get(r["label"], "gray")
+                nccl_c = "tab:red" if r["label"] == "moe" else "tab:purple"
+                c = nccl_c if r["nccl"] else colors.get(r["label"], "gray")
                 ax.broken_barh([((r["ts"] - ar["ts"]) / 1e3, (r["end"] - r["ts"]) / 1e3)], (i - 0.4, 0.8), color=c)
     ax.set_yticks(range(len(streams)))
     moe_streams = {r["stream"] for r in window if r["allreduce"] and r["label"] == "moe"}
