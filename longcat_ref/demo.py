@@ -33,6 +33,7 @@ from .checkpoint import CheckpointError, from_pretrained, read_config, save_chec
 from .config import LONGCAT, ConfigError, tiny_longcat
 from .counts import activated_for, parameter_counts
 from .model import CausalLM, init_weights
+from .parallel import ParallelContext, ParallelError
 from .tokenizer import TokenizerError, load_tokenizer, save_generation_config, save_tokenizer, train_tokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -99,7 +100,7 @@ def load_model(args, parallel=None):
     else:
         path, source = default_model_dir()
     t0 = time.perf_counter()
-    device = torch.device(args.device)
+    device = torch.device(args.device) if parallel is None or parallel.world_size == 1 else parallel.device
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     read_config(path)  # cheap checks first: config.json, then the tokenizer, then the weights
     tok = load_tokenizer(path)
@@ -286,10 +287,14 @@ def chat_once(model, tok, args, messages, stream: bool) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    ctx = None
     try:
         if args.json and args.interactive:
             raise DemoError("--json and --interactive cannot be combined")
-        model, tok, info = load_model(args)
+        ctx = ParallelContext.from_env()  # under torchrun: join the group, this rank's GPU; else world size 1
+        if ctx.world_size > 1:
+            args.seed = ctx.common_seed(args.seed)  # every rank samples the same tokens from the same logits
+        model, tok, info = load_model(args, parallel=ctx if ctx.world_size > 1 else None)
         source, load_s = info["source"], info["load_s"]
         cfg = model.config
         system = [{"role": "system", "content": args.system}] if args.system else []
@@ -325,7 +330,7 @@ def main(argv=None) -> int:
         while True:
             if is_main():
                 print("USER> ", end="", flush=True)
-            line = sys.stdin.readline()
+            line = ctx.broadcast_object(sys.stdin.readline() if is_main() else None)  # rank 0 reads for all
             if not line.strip():
                 return 0
             msgs = system + history + [{"role": "user", "content": line.strip()}]
@@ -338,12 +343,15 @@ def main(argv=None) -> int:
                 continue
             report(model, r)
             history = msgs[len(system):] + [{"role": "assistant", "content": r["text"]}]
-    except (DemoError, CheckpointError, ConfigError, TokenizerError, ValueError, OSError) as e:
+    except (DemoError, CheckpointError, ConfigError, TokenizerError, ParallelError, ValueError, OSError) as e:
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{rank}error: {e}", file=sys.stderr)  # every rank: an error may be one rank's alone
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        if ctx is not None:
+            ctx.close()
 
 
 if __name__ == "__main__":

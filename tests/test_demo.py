@@ -174,3 +174,16 @@ def test_help_explains_the_flags(capsys):
     for flag in ("--model", "--prompt", "--system", "--max-new-tokens", "--temperature", "--top-p", "--seed",
                  "--dtype", "--device", "--interactive", "--json", "gibberish"):
         assert flag in h, flag
+
+
+def test_demo_runs_unchanged_under_torchrun(ckpt):
+    """torchrun --nproc-per-node 2 -m longcat_ref.demo: rank 0 prints one JSON object, tokens equal the 1-process run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LONGCAT_DIST_TIMEOUT": "120"}
+    args = ["-m", "longcat_ref.demo", "--model", str(ckpt), "--json", "--max-new-tokens", "6", "--temperature",
+            "0.8", "--seed", "3"]
+    one = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    r1, r2 = json.loads(one.stdout), json.loads(two.stdout)  # exactly one JSON object: only rank 0 printed
+    assert r1["generated_ids"] == r2["generated_ids"] and r1["text"] == r2["text"]
