@@ -30,6 +30,12 @@ def add_identity_experts(x, w, idx, first_zero: int, out):
     return out
 
 
+def add_identity_experts_vectorised(x, w, idx, first_zero: int, out):
+    """The same sum with no host sync (fast path): out += x * (sum of the zero experts' weights), in fp32."""
+    wz = torch.where(idx >= first_zero, w, 0.0).sum(-1, keepdim=True)  # (n, 1) fp32
+    return out.add_((x * wz).to(out.dtype))
+
+
 class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -39,6 +45,7 @@ class MoE(nn.Module):
         self.add_zero_experts = cfg.zero_expert_num > 0  # a parallel shard sets False on all ranks but one
         self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.expert_ffn_hidden_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
+        self.fast = False  # fast path: vectorised zero experts (no host sync); see also experts.impl
         self.last_idx = None  # (n, k) expert ids of the last call, for statistics (demo, notebooks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +64,8 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat)  # (n, H)
         self.experts(flat, w, idx, out)  # real experts
         if self.add_zero_experts:
-            add_identity_experts(flat, w, idx, self.n_routed, out)  # zero-computation experts
+            add = add_identity_experts_vectorised if self.fast else add_identity_experts
+            add(flat, w, idx, self.n_routed, out)  # zero-computation experts
         out = out.view(shape)  # (b, t, H)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
