@@ -129,9 +129,13 @@ def _sm80(index) -> bool:
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Rows [ends[g-1], ends[g]) of a (m, K) times b[g] (K, N) -> (m, N). Rows past ends[-1] are left undefined.
 
-    torch._grouped_mm where this torch build runs it (CUDA bf16 on sm80+, or the CPU), a padded bmm otherwise.
+    torch._grouped_mm where this torch build runs it (CUDA bf16 on sm80+, or the CPU; 16-byte aligned rows and
+    pointers), a padded bmm otherwise.
     """
-    if HAS_GROUPED_MM and (a.device.type == "cpu" or (a.dtype == torch.bfloat16 and _sm80(a.device.index))):
+    aligned = all(d * a.element_size() % 16 == 0 for d in (a.shape[1], b.shape[1], b.shape[2])) and \
+        a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+    device_ok = a.device.type == "cpu" or (a.dtype == torch.bfloat16 and _sm80(a.device.index))
+    if HAS_GROUPED_MM and aligned and device_ok:
         return torch._grouped_mm(a, b, offs=ends)
     return padded_grouped_mm(a, b, ends)
 
