@@ -83,6 +83,14 @@ def machine_ceilings(device) -> dict:
 
 # ------------------------------------------------------------------------------------------------ helpers
 
+_DUMP = [lambda: None]
+
+
+def checkpoint():
+    """Write the JSON so far (a run cut short still leaves its numbers)."""
+    _DUMP[0]()
+
+
 
 def hf_available():
     try:
@@ -216,8 +224,10 @@ def bench_cpu(args) -> dict:
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                                attn_implementation="eager").eval()
         ours = from_pretrained(path, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: extra threads only add synchronisation (same setting for both)
     res = dict(config="tiny_longcat (hidden 64, 2 layers, 16 routed + 8 zero experts, top-4), fp32, batch 1",
-               threads=torch.get_num_threads())
+               threads=1)
     prompt, new, plen = torch.randint(4, cfg.vocab_size, (1, 32)), 64, 512
     long_prompt = torch.randint(4, cfg.vocab_size, (1, plen))
     dev = "cpu"
@@ -227,6 +237,11 @@ def bench_cpu(args) -> dict:
         res["ours_plain_decode_tok_s"] = new / timed(lambda: ours.generate(prompt, max_new_tokens=new), dev, reps=3)
         res["ours_fast_decode_tok_s"] = new / timed(lambda: ours.generate(prompt, max_new_tokens=new, fast=True),
                                                     dev, reps=3)
+        t0 = time.perf_counter()
+        ours.generate(prompt, max_new_tokens=new, fast=True, compile=True)  # first call compiles the step
+        res["ours_compile_s"] = time.perf_counter() - t0
+        res["ours_fast_compiled_decode_tok_s"] = new / timed(
+            lambda: ours.generate(prompt, max_new_tokens=new, fast=True, compile=True), dev, reps=3, warmup=0)
         res["hf_decode_tok_s"] = new / timed(lambda: hf.generate(prompt, **kw), dev, reps=3)
         res["prefill_tokens"] = plen
         res["ours_plain_prefill_s"] = timed(lambda: ours(long_prompt), dev, reps=5)
@@ -236,7 +251,11 @@ def bench_cpu(args) -> dict:
         g_hf = hf.generate(prompt, **kw)
         res["plain_equals_hf_tokens"] = bool(torch.equal(ours.generate(prompt, max_new_tokens=new), g_hf))
         res["fast_equals_hf_tokens"] = bool(torch.equal(ours.generate(prompt, max_new_tokens=new, fast=True), g_hf))
-    res["decode_speedup_vs_hf"] = res["ours_fast_decode_tok_s"] / res["hf_decode_tok_s"]
+        res["fast_compiled_equals_hf_tokens"] = bool(torch.equal(
+            ours.generate(prompt, max_new_tokens=new, fast=True, compile=True), g_hf))
+    torch.set_num_threads(threads)
+    res["decode_speedup_vs_hf"] = max(res["ours_fast_decode_tok_s"],
+                                      res["ours_fast_compiled_decode_tok_s"]) / res["hf_decode_tok_s"]
     res["prefill_speedup_vs_hf"] = res["hf_prefill_s"] / res["ours_fast_prefill_s"]
     return res
 
@@ -291,9 +310,21 @@ def hf_layer_prefill(layer, rot, t, device, dtype):
                  reps=2, warmup=1)
 
 
-def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20):
+def kernel_stats(dec) -> dict:
+    """CUDA kernels launched by one (eager) decode step and their summed device time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec._eager_step()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) for e in ev) / 1e6
+    return dict(kernels_per_step=len(ev), kernel_busy_s=busy)
+
+
+def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20, overlap=None):
     """Seconds per decode step (a replayed CUDA graph on GPU) at context ctx, and the roofline inputs."""
-    dec = FastDecoder(model, batch, ctx + 4 * steps + 16, experts=experts, compile=compile)
+    dec = FastDecoder(model, batch, ctx + 4 * steps + 16, experts=experts, compile=compile, overlap=overlap)
     fill_context(dec, ctx)
     ids = torch.randint(4, model.config.vocab_size, (batch,), device=device)
     dec.step(ids)  # captures the graph on GPU
@@ -306,25 +337,50 @@ def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=
     return t, dec
 
 
-def bench_layer(args, ceil) -> dict:
+VARIANTS = {  # name -> FastDecoder options (all: static cache, absorbed MLA, one CUDA graph per step on GPU)
+    "graph": dict(experts="grouped"),  # grouped experts; LongCat: MoE on a side stream beside the dense path
+    "graph_serial": dict(experts="grouped", overlap=False),  # ... without the side stream
+    "graph_gather": dict(experts="gather"),  # gathered experts (small batches)
+    "compiled": dict(experts="grouped", compile=True),  # torch.compile'd step inside the graph
+}
+
+
+def decode_variants(model, batch, ctx, device, names, row, ceil):
+    """Time each variant into row[f"ours_{name}_s"]; row["ours_s"] = the best; roofline from the first."""
+    for name in names:
+        try:
+            t0 = time.perf_counter()
+            t, dec = ours_decode(model, batch, ctx, device, **VARIANTS[name])
+            row[f"ours_{name}_s"] = t
+            if name == "compiled":
+                row["compile_wall_s"] = time.perf_counter() - t0
+            if "roofline_s" not in row:
+                row.update(decode_roofline(model, batch, ctx, ceil))
+                if dec.graphs and batch == 1:
+                    row.update(kernel_stats(dec))
+            del dec
+        except Exception as e:  # an optional variant (torch.compile) may fail on some builds: report it
+            row[f"ours_{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+    best = min((k for k in row if k.startswith("ours_") and k.endswith("_s")), key=lambda k: row[k])
+    row["ours_s"], row["ours_best"] = row[best], best[5:-2]
+    return row
+
+
+def bench_layer(args, ceil, res) -> dict:
     device, dtype = args.device, torch.bfloat16
     small = device == "cpu"
     max_pos = 131072 + 4096
     layer, rot, ours = longcat_layer(device, dtype, max_pos, small)
-    res = dict(config="LongCat-Flash, one layer (2 MLA + 2 dense FFN + MoE 512+256 experts top-12), "
+    res.update(config="LongCat-Flash, one layer (2 MLA + 2 dense FFN + MoE 512+256 experts top-12), "
                       "+ vocab-1024 embedding/head", rows=[])
     contexts = [64, 128] if small else [1024, 32768]
     for batch in (1, 32):
         for ctx in contexts:
             row = dict(batch=batch, ctx=ctx)
-            variants = ["grouped", "gather"] if batch == 1 else ["grouped"]
-            for v in variants:
-                t, dec = ours_decode(ours, batch, ctx, device, experts=v)
-                row[f"ours_{v}_s"] = t
-                if v == "grouped":
-                    row.update(decode_roofline(ours, batch, ctx, ceil))
-                del dec
-            row["ours_s"] = min(row[f"ours_{v}_s"] for v in variants)
+            names = ["graph", "graph_serial", "graph_gather"] if batch == 1 else ["graph", "graph_serial"]
+            if args.compile and ctx == contexts[0]:
+                names.append("compiled")
+            decode_variants(ours, batch, ctx, device, names, row, ceil)
             hf_extra = batch * ctx * 64 * (192 + 256 + 128) * 2  # transformers expands K and V per step
             if hf_extra < 24e9:
                 row["hf_s"] = hf_layer_decode(layer, rot, batch, ctx, device, dtype)
@@ -334,14 +390,8 @@ def bench_layer(args, ceil) -> dict:
             res["rows"].append(row)
             print(f"  layer decode b={batch} ctx={ctx}: " + ", ".join(
                 f"{k}={v * 1e3:.3f}ms" for k, v in row.items() if k.endswith("_s") and v), flush=True)
+            checkpoint()
             torch.cuda.empty_cache() if device != "cpu" else None
-    if args.compile:
-        try:
-            t, _ = ours_decode(ours, 1, contexts[0], device, experts="grouped", compile=True)
-            res["rows"][0]["ours_compiled_s"] = t
-            print(f"  layer decode b=1 compiled: {t * 1e3:.3f} ms", flush=True)
-        except Exception as e:  # torch.compile is optional: report, don't fail the run
-            res["compile_error"] = f"{type(e).__name__}: {e}"[:500]
     res["prefill"] = []
     for t in ([128, 256] if small else [2048, 8192]):
         ids = torch.randint(4, ours.config.vocab_size, (1, t), device=device)
@@ -353,21 +403,22 @@ def bench_layer(args, ceil) -> dict:
         row["hf_s"] = hf_layer_prefill(layer, rot, t, device, dtype)
         row["hf_tok_s"] = t / row["hf_s"]
         res["prefill"].append(row)
+        checkpoint()
         print(f"  layer prefill {t}: ours {t / ts:,.0f} tok/s ({row['ours_flops_frac']:.0%} of peak), "
               f"transformers {row['hf_tok_s']:,.0f} tok/s", flush=True)
     # 128k context: KV bytes and step latency
     ctx = 131072 - 128 if not small else 256
-    t, dec = ours_decode(ours, 1, ctx, device)
-    per_tok = dec.cache.nbytes() // dec.max_len
-    res["long"] = dict(ctx=ctx, ours_s=t, kv_bytes=per_tok * ctx, kv_bytes_per_token=per_tok,
-                       kv_bytes_per_token_per_sublayer=per_tok // ours.config.num_attn_sublayers,
-                       **decode_roofline(ours, 1, ctx, ceil))
-    del dec
+    per_tok = ours.config.kv_cache_bytes_per_token()  # == StaticCache.bytes_per_token() (tests/test_fast.py)
+    res["long"] = long = dict(ctx=ctx, batch=1, kv_bytes=per_tok * ctx, kv_bytes_per_token=per_tok,
+                              kv_bytes_per_token_per_sublayer=per_tok // ours.config.num_attn_sublayers)
+    decode_variants(ours, 1, ctx, device, ["graph"] + (["compiled"] if args.compile else []), long, ceil)
+    t = long["ours_s"]
     if not small:
         try:
             res["long"]["hf_s"] = hf_layer_decode(layer, rot, 1, ctx, device, dtype, steps=2)
         except torch.OutOfMemoryError as e:
             res["long"]["hf_note"] = f"OOM: {e}"[:200]
+    checkpoint()
     print(f"  layer 128k: ours {t * 1e3:.3f} ms, KV {per_tok} B/token", flush=True)
     # equality on this layer: our fast decode step vs our plain forward, and plain vs transformers
     res["check"] = layer_check(layer, rot, ours, device, dtype)
@@ -382,18 +433,28 @@ def layer_check(layer, rot, ours, device, dtype) -> dict:
     pos = torch.arange(64, device=device)[None]
     cos, sin = rot(x, pos)
     ref = layer(x, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
+    impl = layer.self_attn[0].config._attn_implementation
     from .model import additive_mask
     from .rope import rope_cos_sin
 
     c2, s2 = rope_cos_sin(pos, ours.config.qk_rope_head_dim, ours.config.rope_theta, dtype)
     mask = additive_mask(torch.ones(1, 64, device=device, dtype=torch.long), 64, 0, dtype)
+    mask_eager = torch.full((64, 64), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)[None, None]
+    layer.self_attn[0].config._attn_implementation = "eager"
+    ref_eager = layer(x, attention_mask=mask_eager, position_ids=pos, position_embeddings=(cos, sin))
+    layer.self_attn[0].config._attn_implementation = impl
     got = ours.model.layers[0](x, c2, s2, mask)
     from .fast import fast_paths
 
     with fast_paths(ours, absorb=False, causal=True):
         fast = ours.model.layers[0](x, c2, s2, mask)
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
-    return dict(plain_vs_hf_rel=rel(got, ref), fast_vs_plain_rel=rel(fast, got))
+    ours.set_absorb(True)
+    absorbed = ours.model.layers[0](x, c2, s2, mask)
+    ours.set_absorb(False)
+    return dict(plain_vs_hf_eager_rel=rel(got, ref_eager), plain_equals_hf_eager=bool(torch.equal(got, ref_eager)),
+                plain_vs_hf_sdpa_rel=rel(got, ref), fast_vs_plain_rel=rel(fast, got),
+                bf16_noise_absorbed_vs_naive_rel=rel(absorbed, got))
 
 
 # ------------------------------------------------------------------------------------------------ gpu: glm
@@ -423,28 +484,28 @@ def glm_models(device, dtype, small=False):
     return hf, ours, getattr(hf.config, "_experts_implementation", None)
 
 
-def bench_glm(args, ceil) -> dict:
+def bench_glm(args, ceil, res) -> dict:
     device, dtype = args.device, torch.bfloat16
     small = device == "cpu"
     hf, ours, impl = glm_models(device, dtype, small)
-    res = dict(config="GLM-4.7-Flash full size (47 layers, 64 experts top-4 + 1 shared), synthetic bf16",
+    res.update(config="GLM-4.7-Flash full size (47 layers, 64 experts top-4 + 1 shared), synthetic bf16",
                hf_experts_implementation=str(impl), not_shared=ours.synthetic_tensors, rows=[])
     V = ours.config.vocab_size
     with torch.no_grad():
         for batch in (1, 32):
             row = dict(batch=batch, ctx=128)
             prompt = torch.randint(4, V, (batch, 128), device=device)
-            t, dec = ours_decode(ours, batch, 128, device, steps=20)
-            row["ours_s"] = t
-            row["ours_tok_s"] = batch / t
-            row.update(decode_roofline(ours, batch, 128, ceil))
-            del dec
+            decode_variants(ours, batch, 128, device, ["graph", "graph_gather"] if batch == 1 else ["graph"], row,
+                            ceil)
+            row["ours_tok_s"] = batch / row["ours_s"]
+            t = row["ours_s"]
             out = hf(prompt, use_cache=True)
             pkv = out.past_key_values
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             row["hf_s"] = timed(lambda: hf(nxt, past_key_values=pkv, use_cache=True), device, reps=3, warmup=1)
             row["hf_tok_s"] = batch / row["hf_s"]
             res["rows"].append(row)
+            checkpoint()
             print(f"  glm decode b={batch}: ours {row['ours_tok_s']:,.0f} tok/s ({t * 1e3:.2f} ms/step, roofline "
                   f"{row['roofline_s'] * 1e3:.2f} ms), transformers {row['hf_tok_s']:,.1f} tok/s", flush=True)
         t = 256 if small else 2048
@@ -456,17 +517,42 @@ def bench_glm(args, ceil) -> dict:
         res["prefill"] = dict(tokens=t, ours_s=ts, ours_tok_s=t / ts, hf_s=th, hf_tok_s=t / th,
                               ours_flops_frac=prefill_flops(ours, t) / ts / ceil["bf16_flops"])
         print(f"  glm prefill {t}: ours {t / ts:,.0f} tok/s, transformers {t / th:,.0f} tok/s", flush=True)
-        # equality: greedy tokens and logits, ours plain vs transformers vs ours fast
-        p = torch.randint(4, V, (1, 16), device=device)
-        ref = hf(p).logits.float()
-        plain = ours(p).float()
-        rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
-        g_plain = ours.generate(p, max_new_tokens=8)
-        g_fast = ours.generate(p, max_new_tokens=8, fast=True)
-        res["check"] = dict(plain_vs_hf_rel=rel(plain, ref), fast_vs_plain_same_tokens=bool(torch.equal(g_plain,
-                                                                                                         g_fast)))
+        checkpoint()
+        res["check"] = glm_check(hf, ours, device)
+        checkpoint()
+        res["compile_note"] = ("not timed: torch.compile of the 47-layer step recompiles per layer (module "
+                               "identity guards), minutes of compile per shape")
     del hf, ours
     return res
+
+
+@torch.no_grad()
+def glm_check(hf, ours, device) -> dict:
+    """Ours (plain) vs transformers with eager attention and experts (same op order: expected bit-equal), and the
+    fast decode's logits vs the plain forward's, next to the bf16 noise floor (absorbed vs naive, both exact)."""
+    V = ours.config.vocab_size
+    p = torch.randint(4, V, (1, 16), device=device)
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+    out = dict(hf_sdpa_grouped_vs_plain_rel=rel(hf(p).logits, ours(p)))
+    try:
+        hf.set_attn_implementation("eager")
+        if hasattr(hf, "set_experts_implementation"):
+            hf.set_experts_implementation("eager")
+        ref = hf(p).logits
+        plain = ours(p)
+        out.update(hf_eager_vs_plain_rel=rel(ref, plain), plain_equals_hf_eager=bool(torch.equal(ref, plain)))
+    except Exception as e:
+        out["hf_eager_error"] = f"{type(e).__name__}: {e}"[:300]
+    full = ours(p)  # (1, 16, V) plain, naive MLA
+    out["bf16_noise_absorbed_vs_naive_rel"] = rel(ours.set_absorb(True)(p)[:, -1], full[:, -1])
+    ours.set_absorb(False)
+    dec = FastDecoder(ours, 1, 16)
+    dec.prefill(p[:, :12])
+    for i in range(12, 15):
+        last = dec.step(p[:, i])
+    out["fast_decode_vs_plain_rel"] = rel(last, full[:, 14])  # logits after token 14, both ways
+    out["fast_decode_same_argmax"] = bool(torch.equal(last.argmax(-1), full[:, 14].argmax(-1)))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -479,7 +565,8 @@ def summary(results: dict) -> str:
     if c:
         lines.append(f"CPU ({c['config']}):")
         lines.append(f"  decode tok/s: ours plain {c['ours_plain_decode_tok_s']:.0f}, ours fast "
-                     f"{c['ours_fast_decode_tok_s']:.0f}, transformers {c.get('hf_decode_tok_s', float('nan')):.0f}"
+                     f"{c['ours_fast_decode_tok_s']:.0f}, fast+compile {c['ours_fast_compiled_decode_tok_s']:.0f} "
+                     f"(compile {c['ours_compile_s']:.0f} s once), transformers {c['hf_decode_tok_s']:.0f}"
                      f"  -> {c.get('decode_speedup_vs_hf', float('nan')):.2f}x (target >= 3x)")
         lines.append(f"  prefill {c['prefill_tokens']} tokens: ours plain {c['ours_plain_prefill_s'] * 1e3:.1f} ms, "
                      f"ours fast {c['ours_fast_prefill_s'] * 1e3:.1f} ms, transformers "
@@ -537,7 +624,7 @@ def plot(results: dict, path: str):
     rows = lay.get("rows", [])
     if rows:
         ax = axes[0]
-        names = [f"b{r['batch']}\n{r['ctx'] // 1024}k" for r in rows]
+        names = [f"b{r['batch']}\nctx {r['ctx'] // 1024}k" if r['ctx'] >= 1024 else f"b{r['batch']}\nctx {r['ctx']}" for r in rows]
         x = range(len(rows))
         ax.bar([i - 0.27 for i in x], [r["roofline_s"] * 1e3 for r in rows], 0.27, label="roofline")
         ax.bar(list(x), [r["ours_s"] * 1e3 for r in rows], 0.27, label="longcat_ref (fast)")
@@ -591,11 +678,15 @@ def main(argv=None) -> int:
     if gpu_ok:
         results["machine"] = ceil = machine_ceilings(args.device)
         print(f"machine: {ceil}", flush=True)
+    if args.json:
+        _DUMP[0] = lambda: json.dump(results, open(args.json, "w"), indent=1, default=str)
     for name in sections:
-        fn = dict(cpu=bench_cpu, layer=lambda a: bench_layer(a, ceil), glm=lambda a: bench_glm(a, ceil))[name]
+        fn = dict(cpu=bench_cpu, layer=lambda a, r: bench_layer(a, ceil, r),
+                  glm=lambda a, r: bench_glm(a, ceil, r))[name]
         print(f"[{name}]", flush=True)
         try:
-            results[name] = fn(args)
+            results[name] = {}
+            results[name] = fn(args, results[name]) if name != "cpu" else fn(args)
         except Exception:
             results[name] = dict(error=traceback.format_exc())
             print(results[name]["error"], file=sys.stderr, flush=True)

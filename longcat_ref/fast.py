@@ -32,6 +32,7 @@ from .experts import Experts
 from .mla import MLA
 from .model import position_ids_from_mask
 from .moe import MoE
+from .norm import RMSNorm
 from .rope import rope_cos_sin
 
 
@@ -52,17 +53,21 @@ class StaticCache(LatentCache):
 
 
 @contextlib.contextmanager
-def fast_paths(model, absorb: bool, experts: str = "auto", causal: bool = False):
+def fast_paths(model, absorb: bool, experts: str = "auto", causal: bool = False, stream=None):
     """Switch `model` to its fast paths for the duration: MLA absorbed (decode) or naive-through-SDPA (prefill),
-    grouped/gathered experts, vectorised zero experts. Restores every flag afterwards."""
+    grouped/gathered experts, vectorised zero experts, fused RMSNorm; a CUDA `stream` runs each MoE there, beside
+    the dense sublayers (LongCat's shortcut). Restores every flag afterwards."""
     saved = []
     for m in model.modules():
         if isinstance(m, MLA):
             saved.append((m, dict(absorb=m.absorb, sdpa=m.sdpa, causal=m.causal)))
             m.absorb, m.sdpa, m.causal = absorb, not absorb, causal
         elif isinstance(m, MoE):
-            saved.append((m, dict(fast=m.fast)))
-            m.fast = True
+            saved.append((m, dict(fast=m.fast, stream=m.stream)))
+            m.fast, m.stream = True, stream
+        elif isinstance(m, RMSNorm):
+            saved.append((m, dict(fused=m.fused)))
+            m.fused = True
         elif isinstance(m, Experts):
             saved.append((m, dict(impl=m.impl)))
             m.impl = experts
@@ -98,7 +103,7 @@ class FastDecoder:
     """Prefill once, then decode one token per `step` with fixed shapes (a replayed CUDA graph on GPU)."""
 
     def __init__(self, model, batch: int, max_len: int, graphs: bool | None = None, compile: bool = False,
-                 experts: str = "auto"):
+                 experts: str = "auto", overlap: bool | None = None):
         if max_len > model.config.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds max_position_embeddings="
                              f"{model.config.max_position_embeddings}")
@@ -111,6 +116,8 @@ class FastDecoder:
         self.graphs = (dev.type == "cuda") if graphs is None else graphs
         if self.graphs and dev.type != "cuda":
             raise ValueError("graphs=True needs a CUDA model; use graphs=False on the CPU")
+        overlap = (self.graphs and not compile and model.config.is_longcat) if overlap is None else overlap
+        self.side = torch.cuda.Stream(device=dev) if overlap else None  # the MoE's side stream (GPU)
         self.step_fn = torch.compile(decode_step, dynamic=False) if compile else decode_step
         self.graph = None
         self.logits = None
@@ -136,7 +143,7 @@ class FastDecoder:
 
     # ----------------------------------------------------------------------------------------------- decode
     def _eager_step(self):
-        with fast_paths(self.model, absorb=True, experts=self.experts):
+        with fast_paths(self.model, absorb=True, experts=self.experts, stream=self.side):
             self.cache.static = True
             try:
                 return self.step_fn(self.model, self.cache, self.ids, self.pos, self.valid)

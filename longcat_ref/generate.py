@@ -27,12 +27,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              eos_token_id=None, seed: int | None = None, attention_mask: torch.Tensor | None = None,
-             on_token=None, fast: bool = False) -> torch.Tensor:
+             on_token=None, fast: bool = False, compile: bool = False) -> torch.Tensor:
     """input_ids (b, s) -> (b, s + n) with n <= max_new_tokens (fewer only if every row stopped).
 
     eos_token_id: None never stops early; an int or a list of ints stops a row. attention_mask (b, s) marks left
     padding. on_token(ids (b,)) is called after each step (streaming). fast=True decodes with fast.FastDecoder
     (static cache, absorbed MLA, grouped experts, one CUDA graph per step on GPU); same tokens up to rounding.
+    compile=True (with fast) also torch.compiles the decode step: a one-time compile, then fused kernels.
     """
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -58,7 +59,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     if fast:
         from .fast import FastDecoder
 
-        dec = FastDecoder(model, b, total)
+        dec = FastDecoder(model, b, total, compile=compile)
         logits = dec.prefill(input_ids, mask)  # prefill: (b, vocab)
         step_fn = dec.step  # nxt (b,) -> (b, vocab): one fixed-shape step
     else:

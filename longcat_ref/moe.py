@@ -46,6 +46,7 @@ class MoE(nn.Module):
         self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.expert_ffn_hidden_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
         self.fast = False  # fast path: vectorised zero experts (no host sync); see also experts.impl
+        self.stream = None  # fast path on GPU: a side stream; start() runs there, finish() joins (overlap)
         self.last_idx = None  # (n, k) expert ids of the last call, for statistics (demo, notebooks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,9 +54,19 @@ class MoE(nn.Module):
 
     def finish(self, pending):
         """The MoE output from what `start` returned (a parallel MoE waits for its reduction here)."""
+        if self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)  # join the side stream
         return pending
 
     def start(self, x: torch.Tensor):
+        """x (b, t, H) -> this module's MoE output (b, t, H)."""
+        if self.stream is not None:  # fast path: the MoE runs beside the dense sublayers (LongCat's shortcut)
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                return self.compute(x)
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor):
         """x (b, t, H) -> this module's MoE output (b, t, H)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (n, H), n = b*t
