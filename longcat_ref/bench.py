@@ -318,8 +318,14 @@ def kernel_stats(dec) -> dict:
         dec._eager_step()
         torch.cuda.synchronize()
     ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) for e in ev) / 1e6
-    return dict(kernels_per_step=len(ev), kernel_busy_s=busy)
+    dt = lambda e: getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) / 1e6  # noqa: E731
+    by_name: dict = {}
+    for e in ev:
+        n, t = by_name.get(e.name, (0, 0.0))
+        by_name[e.name] = (n + 1, t + dt(e))
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
+    return dict(kernels_per_step=len(ev), kernel_busy_s=sum(dt(e) for e in ev),
+                kernel_top=[(n[:90], c, t) for n, (c, t) in top])
 
 
 def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20, overlap=None):
@@ -520,8 +526,14 @@ def bench_glm(args, ceil, res) -> dict:
         checkpoint()
         res["check"] = glm_check(hf, ours, device)
         checkpoint()
-        res["compile_note"] = ("not timed: torch.compile of the 47-layer step recompiles per layer (module "
-                               "identity guards), minutes of compile per shape")
+        if args.compile:  # the whole 47-layer step through torch.compile (long compile: batch 1 only)
+            row = res["rows"][0]
+            decode_variants(ours, 1, 128, device, ["compiled"], row, ceil)
+            row["ours_tok_s"] = 1 / row["ours_s"]
+            print(f"  glm decode b=1 compiled: {row.get('ours_compiled_s', float('nan')) * 1e3:.2f} ms/step "
+                  f"(compile + capture {row.get('compile_wall_s', float('nan')):.0f} s) "
+                  f"{row.get('ours_compiled_error', '')}", flush=True)
+            checkpoint()
     del hf, ours
     return res
 
