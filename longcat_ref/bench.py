@@ -348,6 +348,7 @@ VARIANTS = {  # name -> FastDecoder options (all: static cache, absorbed MLA, on
     "graph_serial": dict(experts="grouped", overlap=False),  # ... without the side stream
     "graph_gather": dict(experts="gather"),  # gathered experts (small batches)
     "compiled": dict(experts="grouped", compile=True),  # torch.compile'd step inside the graph
+    "compiled_overlap": dict(experts="grouped", compile=True, overlap=True),  # ... with the MoE side stream
 }
 
 
@@ -385,7 +386,7 @@ def bench_layer(args, ceil, res) -> dict:
             row = dict(batch=batch, ctx=ctx)
             names = ["graph", "graph_serial", "graph_gather"] if batch == 1 else ["graph", "graph_serial"]
             if args.compile and ctx == contexts[0]:
-                names.append("compiled")
+                names += ["compiled", "compiled_overlap"] if batch == 1 else ["compiled"]
             decode_variants(ours, batch, ctx, device, names, row, ceil)
             hf_extra = batch * ctx * 64 * (192 + 256 + 128) * 2  # transformers expands K and V per step
             if hf_extra < 24e9:
