@@ -73,6 +73,20 @@ def test_zero_experts_vectorised():
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rmsnorm_equals_spelled_out(dtype):
+    from longcat_ref.norm import RMSNorm
+
+    norm = RMSNorm(24, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x = (3 * torch.randn(5, 7, 24)).to(dtype)
+    ref = norm(x)
+    norm.fused = True
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(norm(x), ref, **tol)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_sdpa_prefill_equals_naive(kind):
     m = tiny(kind)
