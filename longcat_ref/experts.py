@@ -9,13 +9,24 @@ It holds only the *routed* experts (512 in LongCat-Flash): zero-computation expe
 handled by the MoE block (moe.py) as identities. (transformers 5.x allocates gate_up_proj for 768 experts; that is
 a bug, see docs in moe.py.)
 
-`forward_loop` is the readable reference: for each expert that received tokens, gather them, run the expert,
-scale by the router weight and scatter-add. It costs one host sync per call (`.tolist()` of the per-expert counts)
-plus one small kernel group per active expert -- fine for tests and CPU, slow on a GPU at decode time (see
-`forward_grouped` in the fast paths).
+Three forms of the same sum, chosen by `Experts.impl` (tests/test_fast.py proves them equal):
+
+* `forward_loop` ("loop", the default and the readable reference): for each expert that received tokens, gather
+  them, run the expert, scale by the router weight and scatter-add. One host sync per call (`.tolist()` of the
+  per-expert counts) plus one small kernel group per active expert -- fine for tests and CPU, slow on a GPU.
+* `forward_grouped` ("grouped"): sort the (token, slot) pairs by expert, then ONE grouped matmul for gate_up and one
+  for down (`torch._grouped_mm`: a jagged batch of GEMMs whose group sizes live on the device). No host sync, fixed
+  shapes: it can sit inside a CUDA graph. Where the torch build has no grouped matmul: a padded batched matmul.
+* `forward_gather` ("gather"): for a handful of tokens (decode), gather each slot's expert weights and run one
+  batched matmul per projection. No sort, no sync; reads k experts' weights per token.
+
+"auto" picks gather for tiny decode batches on the CPU, grouped otherwise. Non-local ids (zero experts, other
+ranks' experts) are weighted 0 in all three, so expert parallelism (`first_expert`) works unchanged.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +47,7 @@ class SwiGLU(nn.Module):
 class Experts(nn.Module):
     def __init__(self, n_experts: int, hidden: int, inter: int, first_expert: int = 0):
         super().__init__()
+        self.impl = "loop"  # "loop" (readable reference) | "grouped" | "gather" | "auto" (fast paths)
         self.first_expert = first_expert  # global id of local expert 0 (expert parallelism shifts it)
         self.inter = inter
         self.gate_up_proj = nn.Parameter(torch.zeros(n_experts, 2 * inter, hidden))
@@ -55,7 +67,13 @@ class Experts(nn.Module):
 
         x (n, H); w (n, k) fp32; idx (n, k) global expert ids (others -- zero experts, other ranks' -- are skipped).
         """
-        return self.forward_loop(x, w, idx, out)
+        impl = self.impl if self.impl != "auto" else self.choose(x, idx)
+        return {"loop": self.forward_loop, "grouped": self.forward_grouped, "gather": self.forward_gather}[impl](
+            x, w, idx, out)
+
+    def choose(self, x, idx) -> str:
+        """The fast form for this call: gather for a few (token, slot) pairs on the CPU, grouped otherwise."""
+        return "gather" if x.device.type == "cpu" and idx.numel() <= 64 else "grouped"
 
     def forward_loop(self, x, w, idx, out):
         local = idx - self.first_expert  # (n, k) local ids; outside [0, n_local) = not ours
@@ -65,3 +83,76 @@ class Experts(nn.Module):
             y = self.expert(e, x[tok]) * w[tok, slot, None]  # (m, H): scaled in fp32
             out.index_add_(0, tok, y.to(out.dtype))  # ascending expert order, as transformers
         return out
+
+    # ------------------------------------------------------------------------------------------- fast paths
+    def _local(self, idx):
+        """(n, k) global ids -> local ids (n, k) clamped into [0, n_local) and a mask (n, k) of the ones we hold."""
+        local = idx - self.first_expert  # (n, k)
+        mine = (local >= 0) & (local < self.n_local)  # (n, k)
+        return local.clamp(0, self.n_local - 1), mine
+
+    def forward_grouped(self, x, w, idx, out):
+        n, k = idx.shape
+        local, mine = self._local(idx)  # (n, k), (n, k)
+        key = torch.where(mine, local, self.n_local).flatten()  # (n*k,): not ours -> a sentinel past the last expert
+        order = key.argsort(stable=True)  # (n*k,): (token, slot) pairs sorted by expert, sentinels last
+        counts = torch.zeros(self.n_local + 1, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))  # (E+1,) tokens per expert, on device
+        ends = counts[:-1].cumsum(0, dtype=torch.int32)  # (E,): end row of each expert's group
+        xs = x[order // k]  # (n*k, H): rows grouped by expert
+        h = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), ends)  # (n*k, 2I); rows past ends[-1] are junk
+        gate, up = h.chunk(2, dim=-1)  # (n*k, I) each
+        y = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), ends)  # (n*k, H)
+        ys = torch.empty_like(y)
+        ys[order] = y  # (n*k, H) back in (token, slot) order
+        ys = torch.where(mine.flatten()[:, None], ys, 0.0).view(n, k, -1)  # (n, k, H): junk rows -> 0 (not NaN*0)
+        wk = torch.where(mine, w, 0.0)  # (n, k) fp32
+        return out.add_(torch.einsum("nkh,nk->nh", ys.float(), wk).to(out.dtype))  # weighted sum over slots, fp32
+
+    def forward_gather(self, x, w, idx, out):
+        local, mine = self._local(idx)  # (n, k), (n, k)
+        gu = self.gate_up_proj[local]  # (n, k, 2I, H): each slot's expert weights
+        gate, up = torch.einsum("nh,nkih->nki", x, gu).chunk(2, dim=-1)  # (n, k, I) each
+        y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[local])  # (n, k, H)
+        wk = torch.where(mine, w, 0.0)  # (n, k) fp32
+        return out.add_(torch.einsum("nkh,nk->nh", y.float(), wk).to(out.dtype))
+
+
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+
+
+@functools.lru_cache(maxsize=None)
+def _sm80(index) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows [ends[g-1], ends[g]) of a (m, K) times b[g] (K, N) -> (m, N). Rows past ends[-1] are left undefined.
+
+    torch._grouped_mm where this torch build runs it (CUDA bf16 on sm80+, or the CPU; 16-byte aligned rows and
+    pointers), a padded bmm otherwise.
+    """
+    aligned = all(d * a.element_size() % 16 == 0 for d in (a.shape[1], b.shape[1], b.shape[2]))
+    if not torch.compiler.is_compiling():  # (compiled code allocates aligned buffers itself)
+        aligned = aligned and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+    device_ok = a.device.type == "cpu" or (a.dtype == torch.bfloat16 and _sm80(a.device.index))
+    if HAS_GROUPED_MM and aligned and device_ok:
+        return torch._grouped_mm(a, b, offs=ends)
+    return padded_grouped_mm(a, b, ends)
+
+
+def padded_grouped_mm(a, b, ends):
+    """The fallback: scatter rows into a (G, cap, K) padded batch, one bmm, gather back. One host sync (cap)."""
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])  # (G,)
+    sizes = (ends - starts).long()  # (G,)
+    cap = int(sizes.max())  # host sync: the padded group size
+    row = torch.arange(a.shape[0], device=a.device)  # (m,)
+    group = torch.searchsorted(ends.long(), row, right=True).clamp(max=b.shape[0] - 1)  # (m,) group of each row
+    slot = row - starts.long()[group]  # (m,) position inside the group
+    valid = row < ends[-1]  # (m,)
+    padded = a.new_zeros(b.shape[0], max(cap, 1), a.shape[1])  # (G, cap, K)
+    padded[group[valid], slot[valid]] = a[valid]
+    res = torch.bmm(padded, b)  # (G, cap, N)
+    out = a.new_zeros(a.shape[0], b.shape[2])  # (m, N)
+    out[valid] = res[group[valid], slot[valid]]
+    return out

@@ -27,11 +27,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              eos_token_id=None, seed: int | None = None, attention_mask: torch.Tensor | None = None,
-             on_token=None) -> torch.Tensor:
+             on_token=None, fast: bool = False, compile: bool = False) -> torch.Tensor:
     """input_ids (b, s) -> (b, s + n) with n <= max_new_tokens (fewer only if every row stopped).
 
     eos_token_id: None never stops early; an int or a list of ints stops a row. attention_mask (b, s) marks left
-    padding. on_token(ids (b,)) is called after each step (streaming).
+    padding. on_token(ids (b,)) is called after each step (streaming). fast=True decodes with fast.FastDecoder
+    (static cache, absorbed MLA, grouped experts, one CUDA graph per step on GPU); same tokens up to rounding.
+    compile=True (with fast) also torch.compiles the decode step: a one-time compile, then fused kernels.
     """
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -53,9 +55,21 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     if seed is not None:
         gen = torch.Generator(device=device).manual_seed(seed)
 
-    cache = model.new_cache(b, total)
     mask = attention_mask.long()
-    logits = model(input_ids, attention_mask=mask, cache=cache)[:, -1]  # prefill: (b, vocab)
+    if fast:
+        from .fast import FastDecoder
+
+        dec = FastDecoder(model, b, total, compile=compile)
+        logits = dec.prefill(input_ids, mask)  # prefill: (b, vocab)
+        step_fn = dec.step  # nxt (b,) -> (b, vocab): one fixed-shape step
+    else:
+        cache = model.new_cache(b, total)
+        logits = model(input_ids, attention_mask=mask, cache=cache)[:, -1]  # prefill: (b, vocab)
+
+        def step_fn(nxt):
+            nonlocal mask
+            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
+            return model(nxt[:, None], attention_mask=mask, cache=cache)[:, -1]  # one decode step
     out = [input_ids]
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
@@ -70,6 +84,5 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
                 break
         if step + 1 == max_new_tokens:
             break
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)
-        logits = model(nxt[:, None], attention_mask=mask, cache=cache)[:, -1]  # one decode step
+        logits = step_fn(nxt)
     return torch.cat(out, dim=1)

@@ -20,6 +20,11 @@ Naive form (`absorb=False`): expand k_nope and v for every cached token, then or
 
 so attention runs directly over the cached (s, 576) latent and nothing is ever expanded. Both read the same
 `LatentCache`; `tests/test_mla.py` proves them equal.
+
+A third form, for prefill speed (`sdpa=True`, used when `absorb` is False): the naive form through
+`F.scaled_dot_product_attention`, with v zero-padded to the q/k head dim so that the flash kernel applies
+(192 = 192 on LongCat). `causal=True` is a hint from the caller that the mask is exactly causal from position 0
+(no padding, no cache before), so SDPA can skip reading the mask. `tests/test_fast.py` proves it equal to naive.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class MLA(nn.Module):
         self.softmax_scale = cfg.softmax_scale
         self.interleaved = cfg.rope_interleave
         self.absorb = False  # the one flag: naive (expand K/V) vs absorbed (attend over the latent)
+        self.sdpa = False  # fast path: the naive form through F.scaled_dot_product_attention
+        self.causal = False  # hint for sdpa: the mask is plain causal from position 0
         H, qk = cfg.hidden_size, cfg.qk_head_dim
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(H, self.n_heads * qk, bias=False)
@@ -80,7 +87,7 @@ class MLA(nn.Module):
         q_nope, q_rope, latent, k_rope = self.project(x, cos, sin)
         if cache is not None:
             latent, k_rope = cache.update(self.cache_idx, start, latent, k_rope)  # (b, s, r), (b, s, rope)
-        attend = self._absorbed if self.absorb else self._naive
+        attend = self._absorbed if self.absorb else (self._sdpa if self.sdpa else self._naive)
         o = attend(q_nope, q_rope, latent, k_rope, mask)  # (b, h, t, v)
         return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))  # (b, t, H)
 
@@ -110,3 +117,16 @@ class MLA(nn.Module):
         p = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (b, h, t, s)
         o_lat = torch.einsum("bhts,bsr->bhtr", p, latent)  # (b, h, t, r): attend over the latent
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v): W_uv folded into the output
+
+    def _sdpa(self, q_nope, q_rope, latent, k_rope, mask):
+        kv = rearrange(self.kv_b_proj(latent), "b s (h d) -> b h s d", h=self.n_heads)  # (b, h, s, nope+v)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (b, h, s, nope), (b, h, s, v)
+        k = torch.cat([k_nope, k_rope[:, None].expand(-1, self.n_heads, -1, -1)], dim=-1)  # (b, h, s, qk)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (b, h, t, qk)
+        pad = q.shape[-1] - self.v_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))  # (b, h, s, qk): same head dim as q/k, so flash attention applies
+        causal = self.causal and q.shape[2] == k.shape[2]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                           scale=self.softmax_scale)  # (b, h, t, qk)
+        return o[..., : self.v_dim]  # (b, h, t, v)

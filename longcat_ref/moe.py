@@ -30,6 +30,12 @@ def add_identity_experts(x, w, idx, first_zero: int, out):
     return out
 
 
+def add_identity_experts_vectorised(x, w, idx, first_zero: int, out):
+    """The same sum with no host sync (fast path): out += x * (sum of the zero experts' weights), in fp32."""
+    wz = torch.where(idx >= first_zero, w, 0.0).sum(-1, keepdim=True)  # (n, 1) fp32
+    return out.add_((x * wz).to(out.dtype))
+
+
 class MoE(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -39,6 +45,8 @@ class MoE(nn.Module):
         self.add_zero_experts = cfg.zero_expert_num > 0  # a parallel shard sets False on all ranks but one
         self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.expert_ffn_hidden_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
+        self.fast = False  # fast path: vectorised zero experts (no host sync); see also experts.impl
+        self.stream = None  # fast path on GPU: a side stream; start() runs there, finish() joins (overlap)
         self.last_idx = None  # (n, k) expert ids of the last call, for statistics (demo, notebooks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,9 +54,19 @@ class MoE(nn.Module):
 
     def finish(self, pending):
         """The MoE output from what `start` returned (a parallel MoE waits for its reduction here)."""
+        if self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)  # join the side stream
         return pending
 
     def start(self, x: torch.Tensor):
+        """x (b, t, H) -> this module's MoE output (b, t, H)."""
+        if self.stream is not None:  # fast path: the MoE runs beside the dense sublayers (LongCat's shortcut)
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                return self.compute(x)
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor):
         """x (b, t, H) -> this module's MoE output (b, t, H)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (n, H), n = b*t
@@ -57,7 +75,8 @@ class MoE(nn.Module):
         out = torch.zeros_like(flat)  # (n, H)
         self.experts(flat, w, idx, out)  # real experts
         if self.add_zero_experts:
-            add_identity_experts(flat, w, idx, self.n_routed, out)  # zero-computation experts
+            add = add_identity_experts_vectorised if self.fast else add_identity_experts
+            add(flat, w, idx, self.n_routed, out)  # zero-computation experts
         out = out.view(shape)  # (b, t, H)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

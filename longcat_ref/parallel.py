@@ -109,7 +109,7 @@ class ParallelMoE(MoE):
 
     def start(self, x):
         """x (b, t, H) -> (partial (b, t, H), pending all_reduce): the sum is in flight when this returns."""
-        out = super().start(x)  # (b, t, H): this rank's share of the MoE output
+        out = self.compute(x)  # (b, t, H): this rank's share (no side stream: the async all_reduce overlaps)
         return out, dist.all_reduce(out, group=self.group, async_op=True)
 
     def finish(self, pending):

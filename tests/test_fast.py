@@ -1,0 +1,204 @@
+"""Every fast path equals the readable one: grouped/gathered experts, vectorised zero experts, SDPA prefill,
+the static cache with its fixed-shape decode step, generate(fast=True), CUDA graphs (GPU only)."""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import longcat_ref as L
+from longcat_ref.experts import Experts, grouped_mm, padded_grouped_mm
+from longcat_ref.fast import FastDecoder, StaticCache, decode_step, fast_paths
+from longcat_ref.moe import add_identity_experts, add_identity_experts_vectorised
+
+KINDS = ["longcat", "glm"]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def tiny(kind, dtype=torch.float32, **kw):
+    cfg = L.tiny_longcat(**kw) if kind == "longcat" else L.tiny_glm(**kw)
+    return L.init_weights(L.CausalLM(cfg), seed=1, std=0.08, bias_std=0.05).to(dtype).eval()
+
+
+def padded_batch(seed=0, vocab=512):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[2, :1] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("n", [1, 3, 37])
+@pytest.mark.parametrize("first", [0, 5])
+def test_expert_forms_equal(n, first):
+    """loop == grouped == gather, with ids outside this bank (zero experts, other ranks' experts) skipped."""
+    g = torch.Generator().manual_seed(n + first)
+    ex = Experts(8, 16, 12, first_expert=first)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(generator=g)
+        ex.down_proj.normal_(generator=g)
+    x = torch.randn(n, 16, generator=g)
+    idx = torch.randint(0, 20, (n, 3), generator=g)  # global ids: some below first, some past the bank
+    idx[0, 0] = first + 2  # at least one ours
+    w = torch.rand(n, 3, generator=g)
+    ref = ex.forward_loop(x, w, idx, torch.zeros(n, 16))
+    assert ref.abs().sum() > 0
+    for impl in ("grouped", "gather", "auto"):
+        ex.impl = impl
+        with torch.no_grad():
+            torch.testing.assert_close(ex(x, w, idx, torch.zeros(n, 16)), ref, rtol=1e-5, atol=1e-5, msg=impl)
+
+
+def test_padded_grouped_mm_equals_grouped_mm():
+    """The fallback for torch builds without a grouped matmul: same result, empty groups included."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(11, 8, generator=g), torch.randn(4, 8, 8, generator=g)  # 16-byte rows: the real kernel
+    ends = torch.tensor([3, 3, 9, 10], dtype=torch.int32)  # group 1 empty; row 10 past the end (junk allowed)
+    ref = torch.cat([a[s:e] @ b[i] for i, (s, e) in enumerate(zip([0, 3, 3, 9], ends.tolist()))])
+    torch.testing.assert_close(padded_grouped_mm(a, b, ends)[:10], ref)
+    torch.testing.assert_close(grouped_mm(a, b, ends)[:10], ref)
+
+
+def test_zero_experts_vectorised():
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(9, 6, generator=g), torch.rand(9, 4, generator=g)
+    idx = torch.randint(0, 12, (9, 4), generator=g)
+    a = add_identity_experts(x, w, idx, 7, torch.zeros(9, 6))
+    b = add_identity_experts_vectorised(x, w, idx, 7, torch.zeros(9, 6))
+    assert a.abs().sum() > 0
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rmsnorm_equals_spelled_out(dtype):
+    from longcat_ref.norm import RMSNorm
+
+    norm = RMSNorm(24, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x = (3 * torch.randn(5, 7, 24)).to(dtype)
+    ref = norm(x)
+    norm.fused = True
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(norm(x), ref, **tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sdpa_prefill_equals_naive(kind):
+    m = tiny(kind)
+    ids, mask = padded_batch(1)
+    with torch.no_grad():
+        ref = m(ids, attention_mask=mask)
+        with fast_paths(m, absorb=False):  # SDPA with the padding mask
+            got = m(ids, attention_mask=mask)
+        with fast_paths(m, absorb=False, causal=True):  # SDPA told the mask is plain causal
+            causal = m(ids)
+        assert not any(getattr(mod, "sdpa", False) for mod in m.modules())  # flags restored
+    torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(causal, m(ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_decoder_equals_plain_forward(kind):
+    """Prefill and every fixed-shape decode step give the logits of a plain forward over the whole sequence."""
+    m = tiny(kind)
+    ids, mask = padded_batch(2)
+    dec = FastDecoder(m, batch=3, max_len=16, graphs=False)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        logits = dec.prefill(ids, mask)
+        torch.testing.assert_close(logits, m(ids, attention_mask=mask)[:, -1], atol=1e-5, rtol=1e-5)
+        for _ in range(5):
+            nxt = torch.randint(4, 512, (3,), generator=g)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
+            torch.testing.assert_close(dec.step(nxt), m(ids, attention_mask=mask)[:, -1], atol=1e-5, rtol=1e-5)
+    assert dec.cache.length == 15 and int(dec.cache.slot) == 15
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generate_fast_equals_plain(kind):
+    m = tiny(kind)
+    ids, mask = padded_batch(4)
+    a = m.generate(ids, max_new_tokens=8, attention_mask=mask)
+    b = m.generate(ids, max_new_tokens=8, attention_mask=mask, fast=True)
+    assert torch.equal(a, b)
+    a = m.generate(ids[:1], max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3)
+    b = m.generate(ids[:1], max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3, fast=True)
+    assert torch.equal(a, b)
+
+
+def test_static_cache_memory_is_the_latent_only():
+    cfg = L.longcat_flash_chat()
+    with torch.device("meta"):
+        c = StaticCache.for_model(cfg, batch=1, max_len=128, dtype=torch.bfloat16, device="meta")
+    per_sublayer = c.bytes_per_token() // cfg.num_attn_sublayers
+    assert per_sublayer == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 == 1152
+
+
+def test_fast_decoder_errors():
+    m = tiny("longcat")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        FastDecoder(m, 1, 10**6)
+    dec = FastDecoder(m, 1, 4, graphs=False)
+    with pytest.raises(ValueError, match="does not fit"):
+        dec.prefill(torch.ones(2, 3, dtype=torch.long))
+    dec.prefill(torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="overflow"):
+        dec.step(torch.ones(1, dtype=torch.long))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            FastDecoder(m, 1, 4, graphs=True)
+
+
+def test_compiled_decode_step_equals_eager():
+    """The one torch.compile test (small): the compiled fixed-shape step == the eager one."""
+    m = tiny("glm", num_layers=2, mlp_layer_types=["dense", "sparse"])
+    ids, mask = padded_batch(5)
+    outs = []
+    for compile in (False, True):
+        dec = FastDecoder(m, batch=3, max_len=13, graphs=False, compile=compile)
+        with torch.no_grad():
+            dec.prefill(ids, mask)
+            outs.append(torch.stack([dec.step(torch.full((3,), 7 + i)) for i in range(2)]))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_bench_cli_rejects_unknown_section():
+    r = subprocess.run([sys.executable, "-m", "longcat_ref.bench", "--only", "nope", "--device", "cpu"],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 2 and "unknown section" in r.stderr
+
+
+@CUDA
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_graph_decode_equals_eager(kind):
+    m = tiny(kind, dtype=torch.bfloat16).cuda()
+    ids, mask = (t.cuda() for t in padded_batch(6))
+    outs = []
+    for graphs in (False, True):
+        dec = FastDecoder(m, batch=3, max_len=16, graphs=graphs)
+        with torch.no_grad():
+            dec.prefill(ids, mask)
+            outs.append(torch.stack([dec.step(torch.full((3,), 9 + i, device="cuda")) for i in range(4)]))
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=2e-2, rtol=2e-2)
+
+
+@CUDA
+def test_cuda_grouped_experts_equal_loop():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ex = Experts(16, 64, 32).cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(generator=g)
+        ex.down_proj.normal_(generator=g)
+    x = torch.randn(40, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    idx = torch.randint(0, 24, (40, 4), device="cuda", generator=g)
+    w = torch.rand(40, 4, device="cuda", generator=g)
+    ref = copy.deepcopy(ex).float().forward_loop(x.float(), w, idx, torch.zeros(40, 64, device="cuda"))
+    for impl in ("grouped", "gather"):
+        got = getattr(ex, "forward_" + impl)(x, w, idx, torch.zeros(40, 64, device="cuda", dtype=torch.bfloat16))
+        assert float((got.float() - ref).norm() / ref.norm()) < 2e-2, impl
