@@ -269,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0: reruns print the same text)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--device", type=_device, default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible, else cpu; "
+                   "under torchrun each rank uses cuda:LOCAL_RANK)")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat: read user turns from stdin "
                    "(an empty line or EOF ends it)")
     p.add_argument("--json", action="store_true", help="print one JSON object (prompt_ids, generated_ids, text, "
