@@ -30,6 +30,8 @@ know only through public summaries -- marked [summary] -- so treat those details
   batches, torch.use_deterministic_algorithms; on one CPU with a fixed thread count the same seed gives the same
   loss curve bit for bit (tests/test_train.py). Other CPUs or thread counts may round differently.
 
+* Ours, not LongCat's: the routers train at 10x the learning rate without weight decay (`make_optimizer` says why).
+
 Not reproduced: hyperparameter transfer, model-growth init, router-gradient balancing, bf16/fp8, parallelism.
 
 Training itself is plain: AdamW, linear warmup + cosine decay, gradient clipping, next-token cross-entropy on a chat
@@ -75,6 +77,7 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 128
     lr: float = 3e-3
+    router_lr_mult: float = 10.0  # see make_optimizer
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup: int = 20
     weight_decay: float = 0.1
@@ -205,18 +208,27 @@ def lm_loss(model, rows: torch.Tensor, z_coef: float = 0.0, balance_coef: float 
 
 
 def make_optimizer(model, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms (1-d weights). foreach=False: the plain per-parameter loop."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
+    """AdamW; no weight decay on norms (1-d weights) and routers; routers at lr * router_lr_mult.
+
+    Why the router multiplier: with one lr for all, the tiny router's softmax stayed almost uniform (per-token std
+    of its 36 probabilities ~0.001 around 1/36 after 80 steps), so the controller's +-0.003 biases decided the
+    selection and routing was nearly token-independent; at 10x (no decay) the std was ~0.02 and routing followed
+    the tokens (measured on this model; not a LongCat recipe). foreach=False: the plain per-parameter loop.
+    """
+    router = [p for n, p in model.named_parameters() if ".router." in n]
+    rid = {id(p) for p in router}
+    decay = [p for p in model.parameters() if p.ndim >= 2 and id(p) not in rid]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr, betas=tc.betas, eps=tc.eps,
-                             foreach=False)
+                              {"params": no_decay, "weight_decay": 0.0},
+                              {"params": router, "weight_decay": 0.0, "lr_mult": tc.router_lr_mult}],
+                             lr=tc.lr, betas=tc.betas, eps=tc.eps, foreach=False)
 
 
 def train_step(model, opt, rows: torch.Tensor, tc: TrainConfig, lr: float):
     """One optimizer step on rows (b, t+1) -> (loss, ce, z, max|h|, grad norm before clipping)."""
     for g in opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)
     loss, ce, z, max_act, bal = lm_loss(model, rows, tc.z_loss, tc.balance)
     opt.zero_grad(set_to_none=True)
     loss.backward()
