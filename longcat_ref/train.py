@@ -386,6 +386,9 @@ def main(argv=None) -> int:
         if a.steps < 1 or a.ablation_steps < 0:
             raise ValueError("--steps must be >= 1 and --ablation-steps >= 0")
         return run_all(a)
+    except ImportError as e:
+        print(f"error: --plot needs matplotlib ({e}); install the dev extras or drop --plot", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
