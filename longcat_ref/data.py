@@ -4,7 +4,7 @@ byte-level BPE tokenizer with LongCat's special tokens, and packed training batc
 Corpus. For a fixed list of pure-Python standard-library modules we read the docstring of every public function and
 class (`inspect`, nothing is downloaded) and turn each into one chat round in LongCat-Flash-Chat's template:
 
-    <longcat_s>[Round 0] USER:What does json.dumps do? ASSISTANT:Serialize ``obj`` to a JSON formatted ``str``.</longcat_s>
+    <longcat_s>[Round 0] USER:What does the function json.dumps do? ASSISTANT:Serialize ``obj`` to ...</longcat_s>
 
 Docstrings change between Python releases, so the corpus is built once and shipped, one round per line, in
 `longcat_ref/assets/stdlib_chat.txt` (built with Python 3.11; CPython's docstrings are under the PSF license).
@@ -39,9 +39,9 @@ CHAT_TEMPLATE = (  # LongCat-Flash-Chat's round format: [Round i] USER:{q} ASSIS
 
 # Pure-Python modules whose import has no side effects; sorted names make the corpus order deterministic.
 MODULES = [
-    "builtins", "abc", "argparse", "base64", "bisect", "calendar", "collections", "colorsys", "configparser", "contextlib",
-    "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email.utils", "enum", "filecmp", "fnmatch",
-    "fractions", "ftplib", "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac",
+    "builtins", "abc", "argparse", "base64", "bisect", "calendar", "collections", "colorsys", "configparser",
+    "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal", "difflib", "email.utils", "enum", "filecmp",
+    "fnmatch", "fractions", "ftplib", "functools", "getopt", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac",
     "html", "html.parser", "http.client", "http.cookies", "imaplib", "inspect", "io", "ipaddress", "json",
     "json.decoder", "json.encoder", "keyword", "linecache", "locale", "logging", "logging.handlers", "lzma",
     "mailbox", "mimetypes", "netrc", "ntpath", "numbers", "operator", "optparse", "os", "os.path", "pathlib",

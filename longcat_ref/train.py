@@ -1,7 +1,7 @@
 """Train a tiny LongCat-Flash on a CPU and watch its dynamic computation: zero-computation experts under an expert
 bias steered by a PID controller, plus the hidden z-loss and a load-balance loss.
 
-    python -m longcat_ref.train --plot docs/training_dynamics.png   # the shipped model + two ablations (~10 min, 2 cores)
+    python -m longcat_ref.train --plot docs/training_dynamics.png   # the shipped model + two ablations (README)
     python -m longcat_ref.train --steps 20 --ablation-steps 0 --out /tmp/x          # a quick look
 
 What the sources say, and what we do (model card in /work/shared/seeds; tech report arXiv 2509.01322, whose body we
@@ -289,7 +289,8 @@ def _train(tc, cfg, train_rows, val_rows, log, name) -> Run:
     pids = [ExpertBiasPID(b.router, cfg.n_routed_experts, tc.target_real_share, tc.kp, tc.ki, tc.kd)
             for b in blocks] if tc.controller else []
     gen = torch.Generator().manual_seed(tc.seed)
-    keys = ["loss", "ce", "z", "balance", "max_act", "grad_norm", "lr", "real_per_token", "load_max_over_mean", "load_cv"]
+    keys = ["loss", "ce", "z", "balance", "max_act", "grad_norm", "lr", "real_per_token", "load_max_over_mean",
+            "load_cv"]
     m = {k: [] for k in keys}
     m.update(real_per_token_layer=[[] for _ in blocks], val_step=[], val_loss=[], seconds=[])
     t0 = time.perf_counter()
@@ -302,8 +303,8 @@ def _train(tc, cfg, train_rows, val_rows, log, name) -> Run:
         st = [routing_stats(b.last_idx, cfg.n_routed_experts, cfg.num_router_experts) for b in blocks]
         for pid, b in zip(pids, blocks):
             pid.update(b.last_idx)
-        for k, v in (("loss", loss.item()), ("ce", ce.item()), ("z", z.item()), ("balance", bal.item()), ("max_act", max_act.item()),
-                     ("grad_norm", gn.item()), ("lr", lr)):
+        for k, v in (("loss", loss.item()), ("ce", ce.item()), ("z", z.item()), ("balance", bal.item()),
+                     ("max_act", max_act.item()), ("grad_norm", gn.item()), ("lr", lr)):
             m[k].append(v)
         for k in ("real_per_token", "load_max_over_mean", "load_cv"):
             m[k].append(sum(s[k] for s in st) / len(st))
