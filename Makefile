@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lab bench clean
+.PHONY: demo test lab bench train clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,9 @@ lab: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m longcat_ref.bench $(ARGS)
+
+train: $(VENV)/.installed-dev
+	$(BIN)/python -m longcat_ref.train --plot docs/training_dynamics.png $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
