@@ -140,7 +140,7 @@ class ExpertStats:
 def run_turn(model, tok, prompt: str, args, stream: bool) -> dict:
     """Encode, generate (streaming to stdout if `stream`), decode; -> ids, text, timings and statistics."""
     cfg = model.config
-    prompt_ids = tok.encode(prompt)
+    prompt_ids = tok.encode_prompt(prompt)
     n, maxpos = len(prompt_ids), cfg.max_position_embeddings
     if n == 0:
         raise DemoError("the prompt is empty")

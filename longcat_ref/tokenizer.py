@@ -38,11 +38,13 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the checkpoint's special tokens.
 
     encode(text) -> ids (never adds bos/eos: chat templates spell out their special tokens, as transformers'
-    apply_chat_template does); decode(ids) -> text; bos_id, eos_ids (a list: any of them stops), pad_id.
+    apply_chat_template does); encode_prompt(text) -> ids with bos first iff the checkpoint's tokenizer_config
+    says `add_bos_token`; decode(ids) -> text; bos_id, eos_ids (a list: any of them stops), pad_id.
     """
 
-    def __init__(self, tok: _HFTokenizer, bos_id=None, eos_ids=(), pad_id=None, path=None):
+    def __init__(self, tok: _HFTokenizer, bos_id=None, eos_ids=(), pad_id=None, path=None, add_bos=False):
         self.tok, self.bos_id, self.eos_ids, self.pad_id, self.path = tok, bos_id, list(eos_ids), pad_id, path
+        self.add_bos = bool(add_bos) and bos_id is not None
 
     @property
     def vocab_size(self) -> int:
@@ -50,6 +52,10 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A rendered prompt -> ids, with the bos token first when the checkpoint was trained that way."""
+        return ([self.bos_id] if self.add_bos else []) + self.encode(text)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -149,7 +155,7 @@ def load_tokenizer(path) -> Tokenizer:
     for i in eos:
         if not isinstance(i, int) or not 0 <= i < tok.get_vocab_size(with_added_tokens=True):
             raise TokenizerError(f"{path}: eos token id {i!r} is outside the vocabulary")
-    return Tokenizer(tok, bos, eos, pad, path)
+    return Tokenizer(tok, bos, eos, pad, path, add_bos=tcfg.get("add_bos_token", False))
 
 
 # ------------------------------------------------------------------------------------------------- tiny ones

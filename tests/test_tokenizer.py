@@ -154,3 +154,13 @@ def test_training_is_deterministic_across_processes(tok):
         out = subprocess.run([sys.executable, "-c", code, T.__file__, str(CORPUS)], capture_output=True, text=True,
                              check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
         assert out == tok.tok.to_str()
+
+
+def test_add_bos_token_is_honoured(tmp_path):
+    """The shipped trained model's tokenizer_config says add_bos_token: prompts then start with bos."""
+    from longcat_ref.demo import TRAINED_DIR
+    from longcat_ref.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(TRAINED_DIR)
+    assert tok.add_bos and tok.encode_prompt("[Round 0] USER:hi ASSISTANT:")[0] == tok.bos_id == 1
+    assert tok.encode_prompt("x")[1:] == tok.encode("x")
