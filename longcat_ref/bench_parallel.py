@@ -104,8 +104,10 @@ def decode_time(model, ctx, batch, context, steps, warm=2):
 
 
 @torch.no_grad()
-def fill(model, ids, cache, chunk=128):
-    """Prefill in chunks of `chunk` tokens -> last logits (b, V). (A 32 x 1024 prompt's logits at once: 8 GiB.)"""
+def fill(model, ids, cache, chunk=None):
+    """Prefill in chunks -> last logits (b, V). (A 32 x 1024 prompt's logits at once: 8 GiB; chunks keep the
+    logits of one call near 4096 rows.)"""
+    chunk = chunk or max(1, min(128, 4096 // ids.shape[0]))
     for i in range(0, ids.shape[1], chunk):
         logits = model(ids[:, i:i + chunk], cache=cache)[:, -1]  # (b, V)
     return logits
@@ -277,7 +279,11 @@ def main(argv=None):
     ap.add_argument("--overlap-batch", type=int, default=32, help="profile the layers alone on this many ...")
     ap.add_argument("--overlap-len", type=int, default=1024, help="... sequences of this length (big all_reduces)")
     ap.add_argument("--tiny", action="store_true", help="tiny config in fp32 (CPU smoke test)")
+    ap.add_argument("--batches", default="1,32", help="decode batch sizes, comma-separated, ascending")
+    ap.add_argument("--no-slope", action="store_true", help="skip the half-depth run (per-layer slope)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the profiler traces")
     a = ap.parse_args(argv)
+    batches = [int(b) for b in a.batches.split(",")]
 
     ctx = ParallelContext.from_env()
     cuda = ctx.device.type == "cuda"
@@ -309,18 +315,35 @@ def main(argv=None):
     ctx.print(f"[bench] {layers} layers built on {ctx.world_size} x {res['device']} in {res['build_s']} s, "
               f"{res['weights_gib_per_rank']} GiB weights per rank", flush=True)
 
-    half = max(1, layers // 2)
-    for k in (layers, half):
+    from .plan import weight_bytes
+
+    res["plan_weights_gib_per_rank"] = round(sum(weight_bytes(cfg, ctx.world_size).values()) / GiB, 2)
+    os.makedirs(a.out, exist_ok=True)
+
+    def save():  # after every measurement: a later failure (e.g. out of memory) keeps what was measured
+        if ctx.is_main:
+            with open(os.path.join(a.out, "results.json"), "w") as f:
+                json.dump(res, f, indent=2)
+
+    half = layers if a.no_slope else max(1, layers // 2)
+    for k in dict.fromkeys((layers, half)):
+        row = res[f"L{k}"] = {}
         with first_layers(model, k):
             p = prefill_time(model, ctx, 1, a.prefill)
-            d1 = decode_time(model, ctx, 1, a.context, a.steps)
-            d32 = decode_time(model, ctx, 32, a.context, a.steps)
-        res[f"L{k}"] = {"prefill_tok_s": round(a.prefill / p, 1), "prefill_s": round(p, 4),
-                        "decode_b1_step_ms": round(d1 * 1e3, 2), "decode_b1_tok_s": round(1 / d1, 2),
-                        "decode_b32_step_ms": round(d32 * 1e3, 2), "decode_b32_tok_s": round(32 / d32, 1)}
+            row.update(prefill_tok_s=round(a.prefill / p, 1), prefill_s=round(p, 4))
+            save()
+            for b in batches:
+                d = decode_time(model, ctx, b, a.context, a.steps)
+                row.update({f"decode_b{b}_step_ms": round(d * 1e3, 2), f"decode_b{b}_tok_s": round(b / d, 2)})
+                if cuda:
+                    row[f"peak_gib_after_b{b}"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
+                save()
         ctx.print(f"[bench] {k} layers: {res[f'L{k}']}", flush=True)
+    with first_layers(model, layers):  # greedy tokens from a short prompt (all ranks in lockstep)
+        res["greedy_tokens_from_16_token_prompt"] = model.generate(prompt(cfg, 1, 16, ctx.device), 8)[0, 16:].tolist()
+    save()
     full, part = res[f"L{layers}"], res[f"L{half}"]
-    if layers > half:
+    if layers > half and {1, 32} <= set(batches):
         extra = {}
         for key in ("decode_b1_step_ms", "decode_b32_step_ms"):
             slope = (full[key] - part[key]) / (layers - half)
@@ -338,8 +361,7 @@ def main(argv=None):
 
     # profiler traces with 4 layers (the pattern repeats per layer; keeps the files small)
     annotate(model)
-    os.makedirs(a.out, exist_ok=True)
-    with first_layers(model, min(4, layers)):
+    with first_layers(model, 0 if a.no_profile else min(4, layers)):
         cache_holder = {}
 
         def do_prefill():
@@ -371,6 +393,10 @@ def main(argv=None):
                 x = layer(x, cos, sin, mask)  # (B, T, H)
             return x
 
+        if a.no_profile:
+            save()
+            ctx.close()
+            return 0
         tl = min(timed(do_layers, ctx) for _ in range(2))
         res[f"layers_{B}x{T}"] = {"layers": len(model.model.layers), "s": round(tl, 4),
                                   "per_layer_s": round(tl / len(model.model.layers), 4),
