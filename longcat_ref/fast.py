@@ -14,7 +14,7 @@ hundreds of kernel launches and Python calls. Decode uses absorbed MLA (attend o
 expand the cache), grouped/gathered experts (no host sync; "gemv" experts inside torch.compile at batch 1, where
 the weight gather fuses into the reduction) and vectorised zero experts. Prefill uses the naive MLA form through
 SDPA (flash attention where the head dims allow) and grouped experts. compile=True on the GPU also turns on
-inductor's coordinate-descent tuning (a longer one-time compile: ~5 minutes for the 47-layer GLM step).
+inductor's coordinate-descent tuning (a longer one-time compile: minutes for the 47-layer GLM step).
 
     dec = FastDecoder(model, batch=2, max_len=1024)     # graphs=None: CUDA graphs on GPU, eager on CPU
     logits = dec.prefill(input_ids, attention_mask)     # (b, vocab) for the last prompt position

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import einops._backends
 import pytest
 import torch
 
@@ -172,9 +173,11 @@ def test_compiled_decode_step_equals_eager():
     m = tiny("glm", num_layers=2, mlp_layer_types=["dense", "sparse"])
     ids, mask = padded_batch(5)
     outs = []
-    for compile in (False, True):
+    torch._dynamo.reset()
+    einops._backends._type2backend.clear()  # as in a fresh process: einops has seen no tensor types yet
+    for compile in (True, False):  # compiled first: it must compile once and not again at the next step
         dec = FastDecoder(m, batch=3, max_len=13, graphs=False, compile=compile)
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):  # compiled once, not per step
             dec.prefill(ids, mask)
             outs.append(torch.stack([dec.step(torch.full((3,), 7 + i)) for i in range(2)]))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
