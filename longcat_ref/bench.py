@@ -15,6 +15,7 @@ Sections (each prints a table; --json writes every number):
   glm     GPU: GLM-4.7-Flash at full size (synthetic bf16 weights shared with transformers): decode batch 1 / 32,
           prefill 2k
   long    GPU: one LongCat-Flash layer at 128k context: KV-cache bytes and decode step latency
+  b1      GPU: batch-1 decode only (ours, no transformers): LongCat layer ctx 1k and full GLM, graph vs compiled
 
 Timings are medians of repeated runs (CUDA events on GPU). Benchmarks print; tests assert equality.
 """
@@ -314,8 +315,8 @@ def kernel_stats(dec) -> dict:
     """CUDA kernels launched by one (eager) decode step and their summed device time (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        dec._eager_step()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:  # no_grad: as in step(); a
+        dec._eager_step()  # compiled step run with grad enabled would recompile (and autotune) inside the profile
         torch.cuda.synchronize()
     ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     dt = lambda e: getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) / 1e6  # noqa: E731
@@ -347,8 +348,9 @@ VARIANTS = {  # name -> FastDecoder options (all: static cache, absorbed MLA, on
     "graph": dict(experts="grouped"),  # grouped experts; LongCat: MoE on a side stream beside the dense path
     "graph_serial": dict(experts="grouped", overlap=False),  # ... without the side stream
     "graph_gather": dict(experts="gather"),  # gathered experts (small batches)
-    "compiled": dict(experts="grouped", compile=True),  # torch.compile'd step inside the graph
-    "compiled_overlap": dict(experts="grouped", compile=True, overlap=True),  # ... with the MoE side stream
+    "compiled": dict(compile=True),  # torch.compile'd step inside the graph (experts "auto": gemv at batch 1)
+    "compiled_grouped": dict(experts="grouped", compile=True),  # ... with grouped experts
+    "compiled_overlap": dict(compile=True, overlap=True),  # ... with the MoE side stream
 }
 
 
@@ -365,6 +367,11 @@ def decode_variants(model, batch, ctx, device, names, row, ceil):
                 row.update(decode_roofline(model, batch, ctx, ceil))
                 if dec.graphs and batch == 1:
                     row.update(kernel_stats(dec))
+            elif dec.graphs and batch == 1:  # kernel count of each further variant too
+                ks = kernel_stats(dec)
+                row[f"{name}_kernels_per_step"], row[f"{name}_kernel_busy_s"] = ks["kernels_per_step"], ks[
+                    "kernel_busy_s"]
+                row[f"{name}_kernel_top"] = ks["kernel_top"]
             del dec
         except Exception as e:  # an optional variant (torch.compile) may fail on some builds: report it
             row[f"ours_{name}_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -568,6 +575,48 @@ def glm_check(hf, ours, device) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ gpu: batch 1
+
+
+def bench_b1(args, ceil, res) -> dict:
+    """Batch-1 decode, ours only (no transformers): the LongCat layer at context 1k and the full GLM at context
+    128, CUDA graph vs torch.compile + graph; kernels per step and the roofline of each run (it depends on how
+    many distinct experts that run's tokens touched)."""
+    from .config import tiny_glm
+
+    device, dtype = args.device, torch.bfloat16
+    small = device == "cpu"
+    res["rows"] = []
+    _, _, layer = longcat_layer(device, dtype, 4096, small)  # our layer; its weights came from transformers'
+    b1_rows(layer.requires_grad_(False), "longcat_layer", 64 if small else 1024, device, ceil, res["rows"])
+    del layer
+    torch.cuda.empty_cache() if device != "cpu" else None
+    with torch.device("meta"):
+        glm = CausalLM(tiny_glm() if small else glm_4_7_flash()).to(dtype)
+    glm = glm.to_empty(device=device).eval().requires_grad_(False)
+    synth_(glm)
+    b1_rows(glm, "glm", 128, device, ceil, res["rows"])
+    return res
+
+
+def b1_rows(model, name, ctx, device, ceil, rows):
+    for variant in ("graph", "compiled"):
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        t, dec = ours_decode(model, 1, ctx, device, **VARIANTS[variant])
+        row = dict(model=name, ctx=ctx, variant=variant, ours_s=t, tok_s=1 / t,
+                   setup_wall_s=time.perf_counter() - t0, **decode_roofline(model, 1, ctx, ceil))
+        row["over_roofline"] = t / row["roofline_s"]
+        if dec.graphs:
+            row.update(kernel_stats(dec))
+        rows.append(row)
+        del dec
+        checkpoint()
+        print(f"  b1 {name} ctx={ctx} {variant}: {t * 1e3:.3f} ms = {1 / t:,.0f} tok/s, roofline "
+              f"{row['roofline_s'] * 1e3:.3f} ms ({row['over_roofline']:.2f}x), "
+              f"{row.get('kernels_per_step', '?')} kernels (setup {row['setup_wall_s']:.0f} s)", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -620,6 +669,12 @@ def summary(results: dict) -> str:
             lines.append(f"  prefill {p['tokens']}: ours {p['ours_tok_s']:,.0f} tok/s, transformers "
                          f"{p['hf_tok_s']:,.0f} tok/s")
         lines.append(f"  check: {g.get('check')}")
+    b1 = results.get("b1") if ok("b1") else None
+    if b1:
+        lines.append("Batch-1 decode: model ctx variant | ms/step | tokens/s | roofline ms | ours/roofline | kernels")
+        for r in b1["rows"]:
+            lines.append(f"  {r['model']} {r['ctx']} {r['variant']} | {r['ours_s'] * 1e3:.3f} | {r['tok_s']:,.0f} | "
+                         f"{r['roofline_s'] * 1e3:.3f} | {r['over_roofline']:.2f}x | {r.get('kernels_per_step')}")
     for k, v in results.items():
         if isinstance(v, dict) and "error" in v:
             lines.append(f"{k}: ERROR {v['error'].splitlines()[-1]}")
@@ -671,7 +726,8 @@ def plot(results: dict, path: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m longcat_ref.bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default=None, help="comma-separated sections: cpu,layer,glm (default: all possible)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated sections: cpu,layer,glm,b1 (default: cpu,layer,glm where possible)")
     ap.add_argument("--json", default=None, help="write all numbers to this file")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step (layer)")
@@ -682,9 +738,9 @@ def main(argv=None) -> int:
         return 0
     gpu_ok = args.device != "cpu"
     sections = args.only.split(",") if args.only else (["cpu", "layer", "glm"] if gpu_ok else ["cpu"])
-    unknown = set(sections) - {"cpu", "layer", "glm"}
+    unknown = set(sections) - {"cpu", "layer", "glm", "b1"}
     if unknown:
-        print(f"error: unknown section(s) {sorted(unknown)}; choose from cpu, layer, glm", file=sys.stderr)
+        print(f"error: unknown section(s) {sorted(unknown)}; choose from cpu, layer, glm, b1", file=sys.stderr)
         return 2
     results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__)
     ceil = dict(bandwidth_Bps=50e9, bf16_flops=1e12)  # CPU placeholders (sections on CPU are smoke runs only)
@@ -695,7 +751,7 @@ def main(argv=None) -> int:
         _DUMP[0] = lambda: json.dump(results, open(args.json, "w"), indent=1, default=str)
     for name in sections:
         fn = dict(cpu=bench_cpu, layer=lambda a, r: bench_layer(a, ceil, r),
-                  glm=lambda a, r: bench_glm(a, ceil, r))[name]
+                  glm=lambda a, r: bench_glm(a, ceil, r), b1=lambda a, r: bench_b1(a, ceil, r))[name]
         print(f"[{name}]", flush=True)
         try:
             results[name] = {}

@@ -19,8 +19,13 @@ Three forms of the same sum, chosen by `Experts.impl` (tests/test_fast.py proves
   shapes: it can sit inside a CUDA graph. Where the torch build has no grouped matmul: a padded batched matmul.
 * `forward_gather` ("gather"): for a handful of tokens (decode), gather each slot's expert weights and run one
   batched matmul per projection. No sort, no sync; reads k experts' weights per token.
+* `forward_gemv` ("gemv"): the gather form written as multiply-and-sum instead of a matmul. Eagerly that is the
+  worst form (it materialises the gathered weights times x); under torch.compile it is the best for one decode
+  token: the weight gather becomes an indexed load inside one reduction kernel per projection, so each chosen
+  expert's weights are read once, in place -- no copy, no sort, no grouped-GEMM tiles that are 1/64 full.
 
-"auto" picks gather for tiny decode batches on the CPU, grouped otherwise. Non-local ids (zero experts, other
+"auto" picks gemv for tiny decode batches inside torch.compile, gather for tiny batches on the CPU, grouped
+otherwise. Non-local ids (zero experts, other
 ranks' experts) are weighted 0 in all three, so expert parallelism (`first_expert`) works unchanged.
 """
 
@@ -68,11 +73,15 @@ class Experts(nn.Module):
         x (n, H); w (n, k) fp32; idx (n, k) global expert ids (others -- zero experts, other ranks' -- are skipped).
         """
         impl = self.impl if self.impl != "auto" else self.choose(x, idx)
-        return {"loop": self.forward_loop, "grouped": self.forward_grouped, "gather": self.forward_gather}[impl](
-            x, w, idx, out)
+        forms = {"loop": self.forward_loop, "grouped": self.forward_grouped, "gather": self.forward_gather,
+                 "gemv": self.forward_gemv}
+        return forms[impl](x, w, idx, out)
 
     def choose(self, x, idx) -> str:
-        """The fast form for this call: gather for a few (token, slot) pairs on the CPU, grouped otherwise."""
+        """The fast form for this call: gemv for a few (token, slot) pairs inside torch.compile, gather for a few
+        on the CPU, grouped otherwise."""
+        if idx.numel() <= 16 and torch.compiler.is_compiling():
+            return "gemv"
         return "gather" if x.device.type == "cpu" and idx.numel() <= 64 else "grouped"
 
     def forward_loop(self, x, w, idx, out):
@@ -116,6 +125,15 @@ class Experts(nn.Module):
         y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[local])  # (n, k, H)
         wk = torch.where(mine, w, 0.0)  # (n, k) fp32
         return out.add_(torch.einsum("nkh,nk->nh", y.float(), wk).to(out.dtype))
+
+    def forward_gemv(self, x, w, idx, out):
+        local, mine = self._local(idx)  # (n, k), (n, k)
+        gu = self.gate_up_proj[local] * x[:, None, None, :]  # (n, k, 2I, H): compiled, an indexed load, not a copy
+        gate, up = gu.sum(-1, dtype=torch.float32).to(x.dtype).chunk(2, dim=-1)  # (n, k, I) each, summed in fp32
+        a = F.silu(gate) * up  # (n, k, I)
+        y = (self.down_proj[local] * a[:, :, None, :]).sum(-1, dtype=torch.float32)  # (n, k, H) fp32
+        wk = torch.where(mine, w, 0.0)  # (n, k) fp32
+        return out.add_(torch.einsum("nkh,nk->nh", y, wk).to(out.dtype))
 
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")

@@ -104,7 +104,9 @@ class MLA(nn.Module):
 
     def kv_b_split(self):
         """kv_b_proj.weight (h*(nope+v), r) -> W_uk (h, nope, r), W_uv (h, v, r)."""
-        w = rearrange(self.kv_b_proj.weight, "(h d) r -> h d r", h=self.n_heads)
+        # "(h d) r -> h d r" as a plain view: einops on a Parameter would add a new type to einops' backend cache
+        # inside the first compiled step, and torch.compile would then recompile the whole step once more
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)  # (h, nope+v, r)
         return w[:, : self.nope], w[:, self.nope:]
 
     def _absorbed(self, q_nope, q_rope, latent, k_rope, mask):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import einops._backends
 import pytest
 import torch
 
@@ -47,10 +48,21 @@ def test_expert_forms_equal(n, first):
     w = torch.rand(n, 3, generator=g)
     ref = ex.forward_loop(x, w, idx, torch.zeros(n, 16))
     assert ref.abs().sum() > 0
-    for impl in ("grouped", "gather", "auto"):
+    for impl in ("grouped", "gather", "gemv", "auto"):
         ex.impl = impl
         with torch.no_grad():
             torch.testing.assert_close(ex(x, w, idx, torch.zeros(n, 16)), ref, rtol=1e-5, atol=1e-5, msg=impl)
+
+
+def test_auto_picks_gemv_only_inside_compile(monkeypatch):
+    """The gemv form materialises weights * x eagerly: "auto" may pick it only where torch.compile fuses it."""
+    ex = Experts(8, 16, 12)
+    x, idx = torch.randn(2, 16), torch.zeros(2, 4, dtype=torch.long)
+    assert ex.choose(x, idx) == "gather"
+    assert ex.choose(torch.randn(40, 16), torch.zeros(40, 4, dtype=torch.long)) == "grouped"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ex.choose(x, idx) == "gemv"
+    assert ex.choose(torch.randn(40, 16), torch.zeros(40, 4, dtype=torch.long)) == "grouped"
 
 
 def test_padded_grouped_mm_equals_grouped_mm():
@@ -156,13 +168,16 @@ def test_fast_decoder_errors():
 
 
 def test_compiled_decode_step_equals_eager():
-    """The one torch.compile test (small): the compiled fixed-shape step == the eager one."""
+    """The one torch.compile test (small): the compiled fixed-shape step == the eager one. Batch 3 x top-2 is a
+    "tiny" batch, so the compiled step runs the gemv experts and the eager one the gathered experts."""
     m = tiny("glm", num_layers=2, mlp_layer_types=["dense", "sparse"])
     ids, mask = padded_batch(5)
     outs = []
-    for compile in (False, True):
+    torch._dynamo.reset()
+    einops._backends._type2backend.clear()  # as in a fresh process: einops has seen no tensor types yet
+    for compile in (True, False):  # compiled first: it must compile once and not again at the next step
         dec = FastDecoder(m, batch=3, max_len=13, graphs=False, compile=compile)
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):  # compiled once, not per step
             dec.prefill(ids, mask)
             outs.append(torch.stack([dec.step(torch.full((3,), 7 + i)) for i in range(2)]))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
@@ -199,6 +214,6 @@ def test_cuda_grouped_experts_equal_loop():
     idx = torch.randint(0, 24, (40, 4), device="cuda", generator=g)
     w = torch.rand(40, 4, device="cuda", generator=g)
     ref = copy.deepcopy(ex).float().forward_loop(x.float(), w, idx, torch.zeros(40, 64, device="cuda"))
-    for impl in ("grouped", "gather"):
+    for impl in ("grouped", "gather", "gemv"):
         got = getattr(ex, "forward_" + impl)(x, w, idx, torch.zeros(40, 64, device="cuda", dtype=torch.bfloat16))
         assert float((got.float() - ref).norm() / ref.norm()) < 2e-2, impl
