@@ -91,10 +91,15 @@ class MLA(nn.Module):
         o = attend(q_nope, q_rope, latent, k_rope, mask)  # (b, h, t, v)
         return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))  # (b, t, H)
 
-    def _naive(self, q_nope, q_rope, latent, k_rope, mask):
+    def expand_kv(self, latent, k_rope):
+        """The naive form's expansion: latent (b, s, r), k_rope (b, s, rope) -> k (b, h, s, qk), v (b, h, s, v)."""
         kv = rearrange(self.kv_b_proj(latent), "b s (h d) -> b h s d", h=self.n_heads)  # (b, h, s, nope+v)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (b, h, s, nope), (b, h, s, v)
         k = torch.cat([k_nope, k_rope[:, None].expand(-1, self.n_heads, -1, -1)], dim=-1)  # (b, h, s, qk)
+        return k, v
+
+    def _naive(self, q_nope, q_rope, latent, k_rope, mask):
+        k, v = self.expand_kv(latent, k_rope)  # (b, h, s, qk), (b, h, s, v)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (b, h, t, qk)
         scores = torch.matmul(q, k.transpose(2, 3)) * self.softmax_scale  # (b, h, t, s)
         if mask is not None:
@@ -121,9 +126,7 @@ class MLA(nn.Module):
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v): W_uv folded into the output
 
     def _sdpa(self, q_nope, q_rope, latent, k_rope, mask):
-        kv = rearrange(self.kv_b_proj(latent), "b s (h d) -> b h s d", h=self.n_heads)  # (b, h, s, nope+v)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # (b, h, s, nope), (b, h, s, v)
-        k = torch.cat([k_nope, k_rope[:, None].expand(-1, self.n_heads, -1, -1)], dim=-1)  # (b, h, s, qk)
+        k, v = self.expand_kv(latent, k_rope)  # (b, h, s, qk), (b, h, s, v)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (b, h, t, qk)
         pad = q.shape[-1] - self.v_dim
         if pad > 0:
