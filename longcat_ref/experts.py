@@ -82,7 +82,12 @@ class Experts(nn.Module):
         on the CPU, grouped otherwise."""
         if idx.numel() <= 16 and torch.compiler.is_compiling():
             return "gemv"
-        return "gather" if x.device.type == "cpu" and idx.numel() <= 64 else "grouped"
+        if idx.numel() <= 64 and x.device.type == "cpu":
+            return "gather"
+        if x.is_cuda and not grouped_mm_native(x, self.gate_up_proj, self.down_proj):
+            # the padded fallback needs a host sync, which a CUDA graph capture cannot contain (e.g. fp32 decode)
+            return "gather" if torch.cuda.is_current_stream_capturing() or idx.numel() <= 64 else "grouped"
+        return "grouped"
 
     def forward_loop(self, x, w, idx, out):
         local = idx - self.first_expert  # (n, k) local ids; outside [0, n_local) = not ours
@@ -150,13 +155,18 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Te
     torch._grouped_mm where this torch build runs it (CUDA bf16 on sm80+, or the CPU; 16-byte aligned rows and
     pointers), a padded bmm otherwise.
     """
-    aligned = all(d * a.element_size() % 16 == 0 for d in (a.shape[1], b.shape[1], b.shape[2]))
-    if not torch.compiler.is_compiling():  # (compiled code allocates aligned buffers itself)
-        aligned = aligned and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
-    device_ok = a.device.type == "cpu" or (a.dtype == torch.bfloat16 and _sm80(a.device.index))
-    if HAS_GROUPED_MM and aligned and device_ok:
+    if grouped_mm_native(a, b):
         return torch._grouped_mm(a, b, offs=ends)
     return padded_grouped_mm(a, b, ends)
+
+
+def grouped_mm_native(a: torch.Tensor, *bs: torch.Tensor) -> bool:
+    """Can torch._grouped_mm multiply rows of `a` by each of the expert banks `bs` (E, K, N) here?"""
+    aligned = all(d * a.element_size() % 16 == 0 for b in bs for d in (a.shape[-1], b.shape[1], b.shape[2]))
+    if not torch.compiler.is_compiling():  # (compiled code allocates aligned buffers itself)
+        aligned = aligned and a.data_ptr() % 16 == 0 and all(b.data_ptr() % 16 == 0 for b in bs)
+    device_ok = a.device.type == "cpu" or (a.dtype == torch.bfloat16 and _sm80(a.device.index))
+    return HAS_GROUPED_MM and aligned and device_ok
 
 
 def padded_grouped_mm(a, b, ends):
