@@ -159,7 +159,8 @@ def run_turn(model, tok, prompt: str, args, stream: bool) -> dict:
 
     t0 = time.perf_counter()
     ids = model.generate(torch.tensor([prompt_ids], device=model.device), max_new, temperature=args.temperature,
-                         top_p=args.top_p, eos_token_id=eos or None, seed=args.seed, on_token=on_token)
+                         top_p=args.top_p, eos_token_id=eos or None, seed=args.seed, on_token=on_token,
+                         fast=getattr(args, "fast", False))
     rest = dec.flush()
     if stream:
         out(rest)
@@ -274,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "under torchrun each rank uses cuda:LOCAL_RANK)")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat: read user turns from stdin "
                    "(an empty line or EOF ends it)")
+    p.add_argument("--fast", action="store_true", help="decode with the fast path: static cache, absorbed MLA, "
+                   "grouped experts, one CUDA graph per token on GPU (single process only; same function)")
     p.add_argument("--json", action="store_true", help="print one JSON object (prompt_ids, generated_ids, text, "
                    "timings, statistics) instead of streaming")
     return p
@@ -294,6 +297,8 @@ def main(argv=None) -> int:
         if args.json and args.interactive:
             raise DemoError("--json and --interactive cannot be combined")
         ctx = ParallelContext.from_env()  # under torchrun: join the group, this rank's GPU; else world size 1
+        if ctx.world_size > 1 and args.fast:
+            raise DemoError("--fast is for a single process (the CUDA-graph decode does not capture collectives)")
         if ctx.world_size > 1:
             args.seed = ctx.common_seed(args.seed)  # every rank samples the same tokens from the same logits
         model, tok, info = load_model(args, parallel=ctx if ctx.world_size > 1 else None)

@@ -187,3 +187,11 @@ def test_demo_runs_unchanged_under_torchrun(ckpt):
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
     r1, r2 = json.loads(one.stdout), json.loads(two.stdout)  # exactly one JSON object: only rank 0 printed
     assert r1["generated_ids"] == r2["generated_ids"] and r1["text"] == r2["text"]
+
+
+def test_fast_flag_gives_the_same_greedy_reply(capsys, ckpt):
+    args = ["--model", str(ckpt), "--json", "--max-new-tokens", "12", "--temperature", "0"]
+    rc, plain, _ = run_main(capsys, *args)
+    rc2, fast, _ = run_main(capsys, *args, "--fast")
+    assert rc == rc2 == 0
+    assert json.loads(plain)["generated_ids"] == json.loads(fast)["generated_ids"]
