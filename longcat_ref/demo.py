@@ -207,34 +207,22 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _positive_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+def _checked(convert, ok, expected: str):
+    """An argparse type: convert the text, check the value, or fail naming what was expected."""
+    def parse(s):
+        try:
+            v = convert(s)
+        except ValueError:
+            v = None
+        if v is None or not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
+        return v
+    return parse
 
 
-def _temperature(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = greedy), got {s!r}")
-    return v
-
-
-def _top_p(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {s!r}")
-    return v
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_temperature = _checked(float, lambda v: v >= 0, "a number >= 0 (0 = greedy)")
+_top_p = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def _device(s):
