@@ -30,10 +30,10 @@ lab: $(VENV)/.installed-dev
 	$(BIN)/jupyter lab notebooks/
 
 bench: $(VENV)/.installed-dev
-	$(BIN)/python -m longcat_ref.bench $(ARGS)
+	$(BIN)/python -m longcat_ref.tools.bench $(ARGS)
 
 train: $(VENV)/.installed-dev
-	$(BIN)/python -m longcat_ref.train --plot docs/training_dynamics.png $(ARGS)
+	$(BIN)/python -m longcat_ref.tools.train --plot docs/training_dynamics.png $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,12 +2,12 @@
 
 The new defaults at batch 1: the LongCat layer at ctx 1k and the full GLM at ctx 128, CUDA graph vs compiled
 (gemv experts, coordinate-descent tuning). Output: docs/perf-run4-b1-compiled.{json,log}. The bench section
-`python -m longcat_ref.bench --only b1` times the same things through the same functions."""
+`python -m longcat_ref.tools.bench --only b1` times the same things through the same functions."""
 import json, os, sys, time, traceback
 import torch
 from longcat_ref import CausalLM
-from longcat_ref.bench import ours_decode, kernel_stats, synth_, longcat_layer, decode_roofline, machine_ceilings
-from longcat_ref.config import glm_4_7_flash
+from longcat_ref.tools.bench import ours_decode, kernel_stats, synth_, longcat_layer, decode_roofline, machine_ceilings
+from longcat_ref.model.config import glm_4_7_flash
 
 OUT = os.environ.get("OUT", ".")
 res = {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -9,8 +9,8 @@ compile=True meant no tuning; with the later default (tuning on the GPU) the "co
 import json, os, sys, time, traceback
 import torch
 from longcat_ref import CausalLM
-from longcat_ref.bench import ours_decode, kernel_stats, synth_, longcat_layer, decode_roofline
-from longcat_ref.config import glm_4_7_flash
+from longcat_ref.tools.bench import ours_decode, kernel_stats, synth_, longcat_layer, decode_roofline
+from longcat_ref.model.config import glm_4_7_flash
 
 OUT = os.environ.get("OUT", ".")
 res = {"torch": torch.__version__}

@@ -8,10 +8,10 @@ Public API:
     parameter_counts(config)                        -> {"total", "activated_min", "activated_max", ...}
 """
 
-from .checkpoint import CheckpointError, from_pretrained, save_checkpoint
-from .config import ConfigError, ModelConfig, glm_4_7_flash, load_config, longcat_flash_chat, tiny_glm, tiny_longcat
-from .counts import parameter_counts
-from .model import CausalLM, init_weights
+from .io.checkpoint import CheckpointError, from_pretrained, save_checkpoint
+from .model.config import ConfigError, ModelConfig, glm_4_7_flash, load_config, longcat_flash_chat, tiny_glm, tiny_longcat
+from .model.counts import parameter_counts
+from .model.model import CausalLM, init_weights
 
 __all__ = ["load_config", "from_pretrained", "save_checkpoint", "parameter_counts", "CausalLM", "ModelConfig",
            "ConfigError", "CheckpointError", "init_weights", "longcat_flash_chat", "glm_4_7_flash", "tiny_longcat",

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import longcat_ref as L
-from longcat_ref.parallel import ParallelContext, load_parallel
+from longcat_ref.runtime.parallel import ParallelContext, load_parallel
 
 
 def main():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import longcat_ref as L
-from longcat_ref.checkpoint import (MTP, PHANTOM, CheckpointError, checkpoint_tensors, load_weights, mtp_tensors,
+from longcat_ref.io.checkpoint import (MTP, PHANTOM, CheckpointError, checkpoint_tensors, load_weights, mtp_tensors,
                                     original_longcat_config)
-from longcat_ref.config import ConfigError, config_from_dict
+from longcat_ref.model.config import ConfigError, config_from_dict
 
 
 def tiny(kind, seed=1):
@@ -229,7 +229,7 @@ def test_error_unexpected_tensor(saved):
 
 
 def test_error_no_weights(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(L.config.config_to_dict(L.tiny_glm())))
+    (tmp_path / "config.json").write_text(json.dumps(L.model.config.config_to_dict(L.tiny_glm())))
     with pytest.raises(CheckpointError, match="no \\*.safetensors files"):
         L.from_pretrained(tmp_path)
 
@@ -290,7 +290,7 @@ def test_parallel_hooks_load_only_owned_slices(tmp_path, layout):
 def test_shard_rule_mismatch_is_reported(tmp_path):
     m = tiny("longcat")
     L.save_checkpoint(m, tmp_path)
-    model = L.checkpoint.build_empty(m.config)
+    model = L.io.checkpoint.build_empty(m.config)
     with pytest.raises(CheckpointError, match="sharding rule mismatch"):
         load_weights(model, m.config, tmp_path, torch.float32,
                      shard_rule=lambda n, s: (0, 0, 2) if n.endswith("experts.down_proj") else None)

@@ -18,7 +18,7 @@ import torch
 from oracle import hf_longcat, transformers  # noqa: E402  (skips without transformers)
 
 import longcat_ref as L
-from longcat_ref.checkpoint import MTP, PHANTOM
+from longcat_ref.io.checkpoint import MTP, PHANTOM
 
 
 @contextlib.contextmanager

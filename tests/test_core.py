@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import longcat_ref as L
-from longcat_ref.config import ConfigError, config_from_dict, config_to_dict
+from longcat_ref.model.config import ConfigError, config_from_dict, config_to_dict
 
 
 def tiny(kind, **kw):
@@ -79,7 +79,7 @@ def test_sampling_is_seeded_and_stops():
 
 
 def test_top_p_keeps_only_the_nucleus():
-    from longcat_ref.generate import sample_next
+    from longcat_ref.model.generate import sample_next
 
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     g = torch.Generator().manual_seed(0)

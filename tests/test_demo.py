@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import longcat_ref as L
-from longcat_ref import demo
-from longcat_ref.chat import longcat_chat_prompt
-from longcat_ref.tokenizer import load_tokenizer
+from longcat_ref.tools import demo
+from longcat_ref.io.chat import longcat_chat_prompt
+from longcat_ref.io.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

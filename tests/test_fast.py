@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import longcat_ref as L
-from longcat_ref.experts import Experts, grouped_mm, padded_grouped_mm
-from longcat_ref.fast import FastDecoder, StaticCache, decode_step, fast_paths
-from longcat_ref.moe import add_identity_experts, add_identity_experts_vectorised
+from longcat_ref.model.experts import Experts, grouped_mm, padded_grouped_mm
+from longcat_ref.runtime.fast import FastDecoder, StaticCache, decode_step, fast_paths
+from longcat_ref.model.moe import add_identity_experts, add_identity_experts_vectorised
 
 KINDS = ["longcat", "glm"]
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -88,7 +88,7 @@ def test_zero_experts_vectorised():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rmsnorm_equals_spelled_out(dtype):
-    from longcat_ref.norm import RMSNorm
+    from longcat_ref.model.norm import RMSNorm
 
     norm = RMSNorm(24, eps=1e-5).to(dtype)
     with torch.no_grad():
@@ -185,7 +185,7 @@ def test_compiled_decode_step_equals_eager():
 
 
 def test_bench_cli_rejects_unknown_section():
-    r = subprocess.run([sys.executable, "-m", "longcat_ref.bench", "--only", "nope", "--device", "cpu"],
+    r = subprocess.run([sys.executable, "-m", "longcat_ref.tools.bench", "--only", "nope", "--device", "cpu"],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 2 and "unknown section" in r.stderr
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import longcat_ref as L
-from longcat_ref.parallel import ParallelContext, ParallelError
+from longcat_ref.runtime.parallel import ParallelContext, ParallelError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "parallel_worker.py")
@@ -170,7 +170,7 @@ def test_shard_plan_on_meta():
 def test_trace_overlap_analysis(tmp_path):
     """bench_parallel's trace reader on a hand-made trace: the MoE all_reduce [10, 40) on its own stream overlaps
     mlp0 [12, 22) and attn1 [25, 30); the o_proj all_reduce [31, 33) is not the MoE's."""
-    from longcat_ref.bench_parallel import analyse_trace, timeline_png
+    from longcat_ref.tools.bench_parallel import analyse_trace, timeline_png
 
     ev = [dict(cat="user_annotation", name=n, ts=a, dur=b - a, tid=1, ph="X")
           for n, a, b in (("L0.moe", 0, 3), ("L0.mlp0", 3, 4), ("L0.attn1", 4, 6), ("L0.mlp1", 6, 7),
@@ -198,7 +198,7 @@ def test_trace_overlap_analysis(tmp_path):
 
 
 def test_plan_16_fits_8_does_not(capsys):
-    from longcat_ref.plan import GiB, main, rank_memory
+    from longcat_ref.runtime.plan import GiB, main, rank_memory
 
     cfg = L.longcat_flash_chat()
     r8, r16 = rank_memory(cfg, 8), rank_memory(cfg, 16)

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from longcat_ref.chat import chat_prompt, longcat_chat_prompt
-from longcat_ref.demo import CORPUS
-from longcat_ref.tokenizer import (SPECIAL_TOKENS, TokenizerError, load_tokenizer, save_generation_config,
+from longcat_ref.io.chat import chat_prompt, longcat_chat_prompt
+from longcat_ref.tools.demo import CORPUS
+from longcat_ref.io.tokenizer import (SPECIAL_TOKENS, TokenizerError, load_tokenizer, save_generation_config,
                                    save_tokenizer, train_tokenizer)
 
 TEXT = CORPUS.read_text(encoding="utf-8")
@@ -125,7 +125,7 @@ def test_transformers_reads_our_tokenizer_files_and_template(tmp_path, tok):
     """What we write is what transformers' AutoTokenizer understands: same ids, same specials, same chat string."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("jinja2")
-    from longcat_ref.chat import LONGCAT_CHAT_TEMPLATE
+    from longcat_ref.io.chat import LONGCAT_CHAT_TEMPLATE
 
     save_tokenizer(tok, tmp_path, model_max_length=512, chat_template=LONGCAT_CHAT_TEMPLATE)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
@@ -148,7 +148,7 @@ def test_training_is_deterministic_across_processes(tok):
     code = ("import importlib.util as u, sys; s = u.spec_from_file_location('t', sys.argv[1]); "
             "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.train_tokenizer([open(sys.argv[2], encoding='utf-8').read()], 400)"
             ".tok.to_str(), end='')")
-    import longcat_ref.tokenizer as T
+    import longcat_ref.io.tokenizer as T
 
     for seed in ("1", "2"):
         out = subprocess.run([sys.executable, "-c", code, T.__file__, str(CORPUS)], capture_output=True, text=True,
@@ -158,8 +158,8 @@ def test_training_is_deterministic_across_processes(tok):
 
 def test_add_bos_token_is_honoured(tmp_path):
     """The shipped trained model's tokenizer_config says add_bos_token: prompts then start with bos."""
-    from longcat_ref.demo import TRAINED_DIR
-    from longcat_ref.tokenizer import load_tokenizer
+    from longcat_ref.tools.demo import TRAINED_DIR
+    from longcat_ref.io.tokenizer import load_tokenizer
 
     tok = load_tokenizer(TRAINED_DIR)
     assert tok.add_bos and tok.encode_prompt("[Round 0] USER:hi ASSISTANT:")[0] == tok.bos_id == 1

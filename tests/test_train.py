@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import longcat_ref as L
-from longcat_ref import data as D
-from longcat_ref.router import Router
-from longcat_ref.train import (DEFAULT_OUT, ExpertBiasPID, TrainConfig, hidden_z_loss, lm_loss, main, make_optimizer,
+from longcat_ref.tools import data as D
+from longcat_ref.model.router import Router
+from longcat_ref.tools.train import (DEFAULT_OUT, ExpertBiasPID, TrainConfig, hidden_z_loss, lm_loss, main, make_optimizer,
                                model_config, routing_stats, train, train_step)
 
 
@@ -103,7 +103,7 @@ def test_cli_rejects_bad_arguments(capsys):
 
 # ------------------------------------------------------------------------------------------------- shipped model
 needs_asset = pytest.mark.skipif(not os.path.exists(os.path.join(DEFAULT_OUT, "config.json")),
-                                 reason="no trained tiny model shipped (run python -m longcat_ref.train)")
+                                 reason="no trained tiny model shipped (run python -m longcat_ref.tools.train)")
 
 
 @needs_asset

@@ -57,7 +57,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
 
     mask = attention_mask.long()
     if fast:
-        from .fast import FastDecoder
+        from ..runtime.fast import FastDecoder
 
         dec = FastDecoder(model, b, total, compile=compile)
         logits = dec.prefill(input_ids, mask)  # prefill: (b, vocab)

@@ -1,7 +1,7 @@
 """Benchmark full-width LongCat-Flash layers split over the GPUs of one host (tensor + expert parallel, parallel.py).
 
-    torchrun --nproc-per-node 4 -m longcat_ref.bench_parallel --out runs/bench_parallel
-    torchrun --nproc-per-node 2 -m longcat_ref.bench_parallel --tiny --out /tmp/bp      # CPU / gloo smoke test
+    torchrun --nproc-per-node 4 -m longcat_ref.tools.bench_parallel --out runs/bench_parallel
+    torchrun --nproc-per-node 2 -m longcat_ref.tools.bench_parallel --tiny --out /tmp/bp      # CPU / gloo smoke test
 
 Real LongCat-Flash-Chat widths (hidden 6144, 64 heads, 512 routed + 256 zero experts, top-12, vocab 131072) with as
 many layers as fit, synthetic bf16 weights generated on each GPU (replicated tensors get the same seed on every
@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import longcat_flash_chat, tiny_longcat
-from .model import CausalLM, LongcatLayer, additive_mask
-from .parallel import ParallelContext
-from .rope import rope_cos_sin
+from ..model.config import longcat_flash_chat, tiny_longcat
+from ..model.model import CausalLM, LongcatLayer, additive_mask
+from ..runtime.parallel import ParallelContext
+from ..model.rope import rope_cos_sin
 
 GiB = 2**30
 
@@ -269,7 +269,7 @@ def timeline_png(rows, path, title):
 
 # ------------------------------------------------------------------------------------------------- main
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="torchrun ... -m longcat_ref.bench_parallel")
+    ap = argparse.ArgumentParser(prog="torchrun ... -m longcat_ref.tools.bench_parallel")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench_parallel"))
     ap.add_argument("--layers", type=int, default=0, help="0: as many as fit (at most 28)")
     ap.add_argument("--reserve-gib", type=float, default=18.0, help="left free for KV cache, activations, NCCL")
@@ -294,7 +294,7 @@ def main(argv=None):
         a.overlap_batch, a.overlap_len = min(a.overlap_batch, 2), min(a.overlap_len, 16)
     layers = a.layers
     if not layers:
-        from .plan import weight_bytes
+        from ..runtime.plan import weight_bytes
 
         one, two = (sum(weight_bytes(base.replace(num_layers=n), ctx.world_size).values()) for n in (1, 2))
         per_layer, rest = two - one, 2 * one - two
@@ -315,7 +315,7 @@ def main(argv=None):
     ctx.print(f"[bench] {layers} layers built on {ctx.world_size} x {res['device']} in {res['build_s']} s, "
               f"{res['weights_gib_per_rank']} GiB weights per rank", flush=True)
 
-    from .plan import weight_bytes
+    from ..runtime.plan import weight_bytes
 
     res["plan_weights_gib_per_rank"] = round(sum(weight_bytes(cfg, ctx.world_size).values()) / GiB, 2)
     os.makedirs(a.out, exist_ok=True)

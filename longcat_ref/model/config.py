@@ -307,7 +307,7 @@ def config_from_dict(d: dict) -> ModelConfig:
     unknown = sorted(set(d) - used - _IGNORED)
     if unknown:
         raise ConfigError(f"unknown config field(s) {unknown}: longcat_ref does not know what they change; "
-                          "remove them or extend longcat_ref/config.py")
+                          "remove them or extend longcat_ref/model/config.py")
     return ModelConfig(**out)
 
 

@@ -1,8 +1,8 @@
 """Train a tiny LongCat-Flash on a CPU and watch its dynamic computation: zero-computation experts under an expert
 bias steered by a PID controller, plus the hidden z-loss and a load-balance loss.
 
-    python -m longcat_ref.train --plot docs/training_dynamics.png   # the shipped model + two ablations (README)
-    python -m longcat_ref.train --steps 20 --ablation-steps 0 --out /tmp/x          # a quick look
+    python -m longcat_ref.tools.train --plot docs/training_dynamics.png   # the shipped model + two ablations (README)
+    python -m longcat_ref.tools.train --steps 20 --ablation-steps 0 --out /tmp/x          # a quick look
 
 What the sources say, and what we do (model card in /work/shared/seeds; tech report arXiv 2509.01322, whose body we
 know only through public summaries -- marked [summary] -- so treat those details as unconfirmed):
@@ -54,12 +54,12 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
-from .checkpoint import save_checkpoint
-from .config import ModelConfig, tiny_longcat
-from .counts import parameter_counts
-from .model import CausalLM, init_weights
+from ..io.checkpoint import save_checkpoint
+from ..model.config import ModelConfig, tiny_longcat
+from ..model.counts import parameter_counts
+from ..model.model import CausalLM, init_weights
 
-DEFAULT_OUT = os.path.join(os.path.dirname(__file__), "assets", "tiny-longcat")
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny-longcat")
 
 
 def model_config(vocab_size: int, seq_len: int = 128) -> ModelConfig:
@@ -366,7 +366,7 @@ def plot(metrics: dict, path: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m longcat_ref.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m longcat_ref.tools.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=DEFAULT_OUT, help="checkpoint directory (config, weights, tokenizer, metrics)")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--ablation-steps", type=int, default=60,

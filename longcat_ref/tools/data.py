@@ -8,10 +8,10 @@ class (`inspect`, nothing is downloaded) and turn each into one chat round in Lo
 
 Docstrings change between Python releases, so the corpus is built once and shipped, one round per line, in
 `longcat_ref/assets/stdlib_chat.txt` (built with Python 3.11; CPython's docstrings are under the PSF license).
-`python -m longcat_ref.data` rebuilds it from the running Python; `corpus_sha256` is logged with every run.
+`python -m longcat_ref.tools.data` rebuilds it from the running Python; `corpus_sha256` is logged with every run.
 
 Tokenizer. Byte-level BPE trained with `tokenizers` (deterministic for a given corpus). Special tokens, agreed with
-`longcat_ref/tokenizer.py`:
+`longcat_ref/io/tokenizer.py`:
 
     id 0 <longcat_unk>   1 <longcat_s> (bos)   2 </longcat_s> (eos)   3 <longcat_pad> (pad)
 
@@ -102,7 +102,7 @@ def chat_text(q: str, a: str) -> str:
     return f"[Round 0] USER:{q} ASSISTANT:{a}"
 
 
-CORPUS_FILE = os.path.join(os.path.dirname(__file__), "assets", "stdlib_chat.txt")
+CORPUS_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "stdlib_chat.txt")
 
 
 def build_corpus() -> list[str]:
@@ -113,7 +113,7 @@ def build_corpus() -> list[str]:
 def corpus_texts(path: str = CORPUS_FILE) -> list[str]:
     """The shipped corpus: one chat round per line."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no corpus at {path}: rebuild it with `python -m longcat_ref.data`")
+        raise FileNotFoundError(f"no corpus at {path}: rebuild it with `python -m longcat_ref.tools.data`")
     with open(path, encoding="utf-8") as f:
         return [line for line in f.read().split("\n") if line]
 

@@ -1,8 +1,8 @@
 """Benchmarks: our readable and fast paths side by side with transformers, and against the roofline.
 
-    python -m longcat_ref.bench                       # every section this machine can run
-    python -m longcat_ref.bench --only cpu --json out.json
-    python -m longcat_ref.bench --plot out.json docs/perf.png
+    python -m longcat_ref.tools.bench                       # every section this machine can run
+    python -m longcat_ref.tools.bench --only cpu --json out.json
+    python -m longcat_ref.tools.bench --plot out.json docs/perf.png
 
 Sections (each prints a table; --json writes every number):
 
@@ -35,10 +35,10 @@ import traceback
 import torch
 from torch import nn
 
-from . import CausalLM, tiny_longcat
-from .checkpoint import checkpoint_name
-from .config import config_to_dict, glm_4_7_flash, longcat_flash_chat
-from .fast import FastDecoder
+from .. import CausalLM, tiny_longcat
+from ..io.checkpoint import checkpoint_name
+from ..model.config import config_to_dict, glm_4_7_flash, longcat_flash_chat
+from ..runtime.fast import FastDecoder
 
 # ------------------------------------------------------------------------------------------------ timing
 
@@ -212,7 +212,7 @@ def bench_cpu(args) -> dict:
     """Tiny LongCat on the CPU, fp32: one checkpoint (written by transformers' save_pretrained) read by both."""
     import transformers
 
-    from .checkpoint import from_pretrained
+    from ..io.checkpoint import from_pretrained
 
     torch.manual_seed(0)
     cfg = tiny_longcat(max_position_embeddings=1024)
@@ -448,8 +448,8 @@ def layer_check(layer, rot, ours, device, dtype) -> dict:
     cos, sin = rot(x, pos)
     ref = layer(x, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
     impl = layer.self_attn[0].config._attn_implementation
-    from .model import additive_mask
-    from .rope import rope_cos_sin
+    from ..model.model import additive_mask
+    from ..model.rope import rope_cos_sin
 
     c2, s2 = rope_cos_sin(pos, ours.config.qk_rope_head_dim, ours.config.rope_theta, dtype)
     mask = additive_mask(torch.ones(1, 64, device=device, dtype=torch.long), 64, 0, dtype)
@@ -458,7 +458,7 @@ def layer_check(layer, rot, ours, device, dtype) -> dict:
     ref_eager = layer(x, attention_mask=mask_eager, position_ids=pos, position_embeddings=(cos, sin))
     layer.self_attn[0].config._attn_implementation = impl
     got = ours.model.layers[0](x, c2, s2, mask)
-    from .fast import fast_paths
+    from ..runtime.fast import fast_paths
 
     with fast_paths(ours, absorb=False, causal=True):
         fast = ours.model.layers[0](x, c2, s2, mask)
@@ -479,7 +479,7 @@ def glm_models(device, dtype, small=False):
 
     cfg = glm_4_7_flash()
     if small:
-        from .config import tiny_glm
+        from ..model.config import tiny_glm
 
         cfg = tiny_glm()
     d = config_to_dict(cfg)
@@ -582,7 +582,7 @@ def bench_b1(args, ceil, res) -> dict:
     """Batch-1 decode, ours only (no transformers): the LongCat layer at context 1k and the full GLM at context
     128, CUDA graph vs torch.compile + graph; kernels per step and the roofline of each run (it depends on how
     many distinct experts that run's tokens touched)."""
-    from .config import tiny_glm
+    from ..model.config import tiny_glm
 
     device, dtype = args.device, torch.bfloat16
     small = device == "cpu"
@@ -725,7 +725,7 @@ def plot(results: dict, path: str):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m longcat_ref.bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m longcat_ref.tools.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--only", default=None,
                     help="comma-separated sections: cpu,layer,glm,b1 (default: cpu,layer,glm where possible)")
     ap.add_argument("--json", default=None, help="write all numbers to this file")

@@ -41,7 +41,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, ModelConfig, config_to_dict, load_config
+from ..model.config import ConfigError, ModelConfig, config_to_dict, load_config
 
 
 class CheckpointError(RuntimeError):
@@ -207,7 +207,7 @@ def load_weights(model, cfg: ModelConfig, path: str, dtype, shard_rule=None, pro
     """
     files = index_checkpoint(path)
     reader = _Reader(files)
-    from .model import CausalLM
+    from ..model.model import CausalLM
 
     with torch.device("meta"):
         reference = CausalLM(cfg)  # unsharded shapes, no memory
@@ -302,7 +302,7 @@ def build_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu", parallel=No
 
     Buffers (the routers' correction bias) stay fp32; the loader rounds LongCat's through `dtype`.
     """
-    from .model import CausalLM
+    from ..model.model import CausalLM
 
     with torch.device("meta"):
         model = CausalLM(cfg)
@@ -413,8 +413,8 @@ def original_longcat_config(cfg: ModelConfig) -> dict:
 def random_mtp_block(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, std: float = 0.02) -> dict:
     """A random LongCat MTP block with the real checkpoint names and shapes (architecture facts 1.6): embedding,
     eh_proj, enorm/hnorm (note the `.m.`), one MLA + dense SwiGLU decoder block, final norm. No lm_head (shared)."""
-    from .experts import SwiGLU
-    from .mla import MLA
+    from ..model.experts import SwiGLU
+    from ..model.mla import MLA
 
     H, V = cfg.hidden_size, cfg.vocab_size
     shapes = {"model.mtp.embed_tokens.weight": (V, H), "model.mtp.layers.0.eh_proj.weight": (H, 2 * H),

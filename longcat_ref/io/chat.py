@@ -20,7 +20,7 @@ yourself, e.g. "[gMASK]<sop>hello" as transformers' GLM integration test does.
 
 from __future__ import annotations
 
-from .config import LONGCAT
+from ..model.config import LONGCAT
 
 LONGCAT_EOS = "</longcat_s>"
 

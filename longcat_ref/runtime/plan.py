@@ -1,8 +1,8 @@
 """Per-GPU memory plan for tensor + expert parallel inference, from a meta-device model (nothing is allocated).
 
-    python -m longcat_ref.plan                                   # LongCat-Flash-Chat on 8 and 16 GPUs of 80 GiB
-    python -m longcat_ref.plan --model glm --world-size 1 2 4 --gpu-gib 24
-    python -m longcat_ref.plan --model path/to/checkpoint --context 32768 --batch 4
+    python -m longcat_ref.runtime.plan                                   # LongCat-Flash-Chat on 8 and 16 GPUs of 80 GiB
+    python -m longcat_ref.runtime.plan --model glm --world-size 1 2 4 --gpu-gib 24
+    python -m longcat_ref.runtime.plan --model path/to/checkpoint --context 32768 --batch 4
 
 Per rank (the split of parallel.py; every rank holds the same amount):
 
@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from .config import ConfigError, glm_4_7_flash, load_config, longcat_flash_chat
+from ..model.config import ConfigError, glm_4_7_flash, load_config, longcat_flash_chat
 from .parallel import ParallelContext, ParallelError
 
 GiB = 2**30
@@ -43,7 +43,7 @@ def _group(name: str) -> str:
 
 def weight_bytes(cfg, world: int, bytes_per_param: int = 2) -> dict[str, int]:
     """Bytes of rank 0's weights by kind (from the meta model sharded for `world` ranks)."""
-    from .model import CausalLM
+    from ..model.model import CausalLM
 
     ctx = ParallelContext(rank=0, world_size=world)
     ctx.check(cfg)
@@ -114,7 +114,7 @@ def report(cfg, worlds, batch, context, chunk, gpu_gib, reserve_gib, bytes_per_p
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m longcat_ref.plan", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m longcat_ref.runtime.plan", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="longcat", help="'longcat', 'glm', or a checkpoint directory / config.json")
     ap.add_argument("--world-size", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--batch", type=int, default=1)

@@ -29,13 +29,13 @@ import contextlib
 
 import torch
 
-from .cache import LatentCache
-from .experts import Experts
-from .mla import MLA
-from .model import position_ids_from_mask
-from .moe import MoE
-from .norm import RMSNorm
-from .rope import rope_cos_sin
+from ..model.cache import LatentCache
+from ..model.experts import Experts
+from ..model.mla import MLA
+from ..model.model import position_ids_from_mask
+from ..model.moe import MoE
+from ..model.norm import RMSNorm
+from ..model.rope import rope_cos_sin
 
 
 class StaticCache(LatentCache):

@@ -43,9 +43,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import Experts, SwiGLU
-from .mla import MLA
-from .moe import MoE
+from ..model.experts import Experts, SwiGLU
+from ..model.mla import MLA
+from ..model.moe import MoE
 
 
 class ParallelError(ValueError):
@@ -283,7 +283,7 @@ def load_parallel(path, dtype=torch.bfloat16, **kw):
     identical on all ranks, so greedy and seeded sampling pick identical tokens); print with `ctx.print`; finish with
     `ctx.close()`.
     """
-    from .checkpoint import from_pretrained
+    from ..io.checkpoint import from_pretrained
 
     ctx = ParallelContext.from_env()
     return from_pretrained(path, dtype=dtype, device=ctx.device, parallel=ctx, **kw), ctx
