@@ -3,16 +3,26 @@
 Public API:
     load_config(path)                               -> ModelConfig
     from_pretrained(path, dtype, device)            -> CausalLM (eval mode)
-    model(input_ids, attention_mask=None)           -> logits (batch, seq, vocab)
-    model.generate(input_ids, max_new_tokens, ...)  -> ids (batch, seq + new)
+    model(input_ids, attention_mask=None, cache=None, cache_position=None, forms=REFERENCE)
+                                                    -> logits (batch, seq, vocab)
+    model.generate(input_ids, max_new_tokens, ..., fast=False, compile=False)
+                                                    -> ids (batch, seq + new)
     parameter_counts(config)                        -> {"total", "activated_min", "activated_max", ...}
+
+Layout (imports point down this list only; tests/test_repo.py enforces it):
+    model/    the math: config, norm, rope, mla, cache, router, experts, moe, model, generate, counts
+    io/       checkpoints, tokenizer, chat templates
+    runtime/  tensor + expert parallelism, the memory planner
+    tools/    demo, train, data, bench (nothing in the package imports them)
 """
 
 from .io.checkpoint import CheckpointError, from_pretrained, save_checkpoint
 from .model.config import ConfigError, ModelConfig, glm_4_7_flash, load_config, longcat_flash_chat, tiny_glm, tiny_longcat
 from .model.counts import parameter_counts
+from .model.cache import DynamicCache, StaticCache
+from .model.forms import DECODE, PREFILL, REFERENCE, Forms
 from .model.model import CausalLM, init_weights
 
 __all__ = ["load_config", "from_pretrained", "save_checkpoint", "parameter_counts", "CausalLM", "ModelConfig",
            "ConfigError", "CheckpointError", "init_weights", "longcat_flash_chat", "glm_4_7_flash", "tiny_longcat",
-           "tiny_glm"]
+           "tiny_glm", "Forms", "REFERENCE", "PREFILL", "DECODE", "DynamicCache", "StaticCache"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from longcat_ref import Forms
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -62,10 +64,9 @@ def check_parity(oracle, ours, ids, pad_token_id, max_new_tokens=8, msg=""):
     """fp32 logits within 1e-5 in both MLA forms, and identical greedy tokens."""
     with torch.no_grad():
         ref = oracle(ids).logits
-        for absorb in (False, True):
-            torch.testing.assert_close(ours.set_absorb(absorb)(ids), ref, atol=1e-5, rtol=0,
-                                       msg=f"{msg} absorb={absorb}")
-        ours.set_absorb(False)
+        for attention in ("naive", "absorbed"):
+            torch.testing.assert_close(ours(ids, forms=Forms(attention=attention)), ref, atol=1e-5, rtol=0,
+                                       msg=f"{msg} attention={attention}")
         want = oracle.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
                                pad_token_id=pad_token_id, attention_mask=torch.ones_like(ids))
     got = ours.generate(ids, max_new_tokens=max_new_tokens)

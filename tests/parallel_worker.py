@@ -20,6 +20,17 @@ import longcat_ref as L
 from longcat_ref.runtime.parallel import ParallelContext, load_parallel
 
 
+def fast_logits(model, ids, mask):
+    """The fixed-shape path generate(fast=True) runs: prefill, then 3 decode steps of given tokens -> (4, b, V)."""
+    from longcat_ref.model.generate import Decoder
+
+    dec = Decoder(model, ids.shape[0], 32, graphs=False)
+    out = [dec.prefill(ids, mask)]
+    for i in range(3):
+        out.append(dec.step(torch.full((ids.shape[0],), 5 + i)))
+    return torch.stack(out)
+
+
 def main():
     d = sys.argv[1]
     die = int(sys.argv[sys.argv.index("--die-rank") + 1]) if "--die-rank" in sys.argv else None
@@ -34,9 +45,11 @@ def main():
             model, ctx = load_parallel(os.path.join(d, kind), dtype=torch.float32)
         ids, mask = r["ids"], r["mask"]
         with torch.no_grad():
-            naive = model.set_absorb(False)(ids, attention_mask=mask)
-            absorbed = model.set_absorb(True)(ids, attention_mask=mask)
+            naive = model(ids, attention_mask=mask)
+            absorbed = model(ids, attention_mask=mask, forms=L.Forms(attention="absorbed"))
         greedy = model.generate(ids, 8, attention_mask=mask)
+        fast_greedy = model.generate(ids, 8, attention_mask=mask, fast=True)
+        fast = fast_logits(model, ids, mask)
         sampled = model.generate(ids, 8, attention_mask=mask, temperature=1.0, top_p=0.9, seed=0)
         free = model.generate(ids, 8, attention_mask=mask, temperature=1.0, seed=ctx.common_seed())
         every, every_free = ([torch.empty_like(sampled) for _ in range(ctx.world_size)] for _ in range(2))
@@ -46,6 +59,8 @@ def main():
             "max_diff_naive": (naive - r["logits"]).abs().max().item(),
             "max_diff_absorbed": (absorbed - r["logits"]).abs().max().item(),
             "greedy_equal": torch.equal(greedy, r["greedy"]),
+            "fast_greedy_equal": torch.equal(fast_greedy, r["greedy"]),
+            "max_diff_fast": (fast - r["fast_logits"]).abs().max().item(),
             "sampled_same_on_all_ranks": all(torch.equal(e, sampled) for e in every)
                                          and all(torch.equal(e, free) for e in every_free),
             "sampled_equal_single_process": torch.equal(sampled, r["sampled"]),

@@ -1,4 +1,5 @@
-"""Core equalities that need no oracle: naive == absorbed MLA, cached == recompute, padding == alone."""
+"""Core equalities that need no oracle: naive == absorbed == SDPA attention, cached == recompute (growing and static
+caches, every attention form), padding == alone."""
 
 import pytest
 import torch
@@ -13,31 +14,65 @@ def tiny(kind, **kw):
 
 
 KINDS = ["longcat", "glm"]
+ATTENTION = ["naive", "absorbed", "sdpa"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_naive_equals_absorbed(kind):
+def test_attention_forms_equal(kind):
     m = tiny(kind)
     ids = torch.randint(0, 512, (3, 13), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = m.set_absorb(False)(ids)
-        b = m.set_absorb(True)(ids)
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        ref = m(ids)
+        assert torch.equal(ref, m(ids, forms=L.REFERENCE))  # the default is the reference
+        for form in ATTENTION[1:]:
+            torch.testing.assert_close(m(ids, forms=L.Forms(attention=form)), ref, atol=1e-5, rtol=1e-5, msg=form)
+
+
+def test_forms_are_checked():
+    with pytest.raises(ValueError, match="attention form 'flash'"):
+        L.Forms(attention="flash")
+    with pytest.raises(ValueError, match="experts form"):
+        L.Forms(experts="fast")
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("absorb", [False, True])
-def test_cached_decode_equals_recompute(kind, absorb):
-    m = tiny(kind).set_absorb(absorb)
+@pytest.mark.parametrize("attention", ATTENTION)
+@pytest.mark.parametrize("static", [False, True])
+def test_cached_decode_equals_recompute(kind, attention, static):
+    m = tiny(kind)
+    forms = L.Forms(attention=attention)
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = m(ids)
-        cache = m.new_cache(2, 12)
-        parts = [m(ids[:, :5], cache=cache)]  # prefill 5
+        cache = m.new_cache(2, 16) if static else m.new_cache()  # static: 16 slots, 4 never written
+        parts = [m(ids[:, :5], cache=cache, forms=forms)]  # prefill 5
         for t in range(5, 12):  # then one token at a time
-            parts.append(m(ids[:, t:t + 1], cache=cache))
+            parts.append(m(ids[:, t:t + 1], cache=cache, forms=forms))
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
     assert cache.length == 12
+    assert isinstance(cache, L.StaticCache if static else L.DynamicCache)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_cache_at_device_positions_equals_recompute(kind):
+    """The fixed-shape use generate(fast=True) captures: a padded batch, the key mask over all slots, and the slot
+    to write given as a device tensor (the cache's own count is never read)."""
+    m = tiny(kind)
+    ids = torch.randint(4, 512, (2, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1 left-padded
+    cache, keys = m.new_cache(2, 16), torch.zeros(2, 16, dtype=torch.long)
+    with torch.no_grad():
+        full = m(ids, attention_mask=mask)
+        keys[:, :6] = mask[:, :6]
+        parts = [m(ids[:, :6], attention_mask=keys, cache=cache, cache_position=torch.arange(6))]
+        for t in range(6, 10):
+            keys[:, t] = 1
+            parts.append(m(ids[:, t:t + 1], attention_mask=keys, cache=cache, cache_position=torch.tensor([t]),
+                           forms=L.DECODE))
+    got = torch.cat(parts, 1)
+    torch.testing.assert_close(got[mask.bool()], full[mask.bool()], atol=1e-5, rtol=1e-5)
+    assert cache.length == 0  # the caller chose the slots
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -1,5 +1,6 @@
 """Every fast path equals the readable one: grouped/gathered experts, vectorised zero experts, SDPA prefill,
-the static cache with its fixed-shape decode step, generate(fast=True), CUDA graphs (GPU only)."""
+the static cache with its fixed-shape decode step, generate(fast=True), torch.compile (compiled once, whatever the
+prompt length), CUDA graphs (GPU only)."""
 
 import copy
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 import longcat_ref as L
 from longcat_ref.model.experts import Experts, grouped_mm, padded_grouped_mm
-from longcat_ref.runtime.fast import FastDecoder, StaticCache, decode_step, fast_paths
+from longcat_ref.model.generate import Decoder
 from longcat_ref.model.moe import add_identity_experts, add_identity_experts_vectorised
 
 KINDS = ["longcat", "glm"]
@@ -50,9 +51,9 @@ def test_expert_forms_equal(n, first):
     ref = ex.forward_loop(x, w, idx, torch.zeros(n, 16))
     assert ref.abs().sum() > 0
     for impl in ("grouped", "gather", "gemv", "auto"):
-        ex.impl = impl
         with torch.no_grad():
-            torch.testing.assert_close(ex(x, w, idx, torch.zeros(n, 16)), ref, rtol=1e-5, atol=1e-5, msg=impl)
+            torch.testing.assert_close(ex(x, w, idx, torch.zeros(n, 16), impl=impl), ref, rtol=1e-5, atol=1e-5,
+                                       msg=impl)
 
 
 def test_auto_picks_gemv_only_inside_compile(monkeypatch):
@@ -86,41 +87,26 @@ def test_zero_experts_vectorised():
     torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_rmsnorm_equals_spelled_out(dtype):
-    from longcat_ref.model.norm import RMSNorm
-
-    norm = RMSNorm(24, eps=1e-5).to(dtype)
-    with torch.no_grad():
-        norm.weight.normal_(1.0, 0.2)
-    x = (3 * torch.randn(5, 7, 24)).to(dtype)
-    ref = norm(x)
-    norm.fused = True
-    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(norm(x), ref, **tol)
-
-
 @pytest.mark.parametrize("kind", KINDS)
-def test_sdpa_prefill_equals_naive(kind):
+@pytest.mark.parametrize("forms", [L.PREFILL, L.DECODE, L.Forms("sdpa", "grouped"), L.Forms("naive", "gather")])
+def test_fast_forms_equal_reference(kind, forms):
+    """Each fast combination of forms == the reference forward, on a left-padded batch."""
     m = tiny(kind)
     ids, mask = padded_batch(1)
     with torch.no_grad():
         ref = m(ids, attention_mask=mask)
-        with fast_paths(m, absorb=False):  # SDPA with the padding mask
-            got = m(ids, attention_mask=mask)
-        with fast_paths(m, absorb=False, causal=True):  # SDPA told the mask is plain causal
-            causal = m(ids)
-        assert not any(getattr(mod, "sdpa", False) for mod in m.modules())  # flags restored
+        got = m(ids, attention_mask=mask, forms=forms)
+        causal = m(ids[:1, 4:], forms=forms)  # no mask, no cache: SDPA may run is_causal
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(causal, m(ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(causal, m(ids[:1, 4:]), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_fast_decoder_equals_plain_forward(kind):
+def test_decoder_equals_plain_forward(kind):
     """Prefill and every fixed-shape decode step give the logits of a plain forward over the whole sequence."""
     m = tiny(kind)
     ids, mask = padded_batch(2)
-    dec = FastDecoder(m, batch=3, max_len=16, graphs=False)
+    dec = Decoder(m, batch=3, max_len=16, graphs=False)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         logits = dec.prefill(ids, mask)
@@ -130,7 +116,7 @@ def test_fast_decoder_equals_plain_forward(kind):
             ids = torch.cat([ids, nxt[:, None]], 1)
             mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
             torch.testing.assert_close(dec.step(nxt), m(ids, attention_mask=mask)[:, -1], atol=1e-5, rtol=1e-5)
-    assert dec.cache.length == 15 and int(dec.cache.slot) == 15
+    assert dec.length == 15 and int(dec.cache_position) == 15
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -143,21 +129,34 @@ def test_generate_fast_equals_plain(kind):
     a = m.generate(ids[:1], max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3)
     b = m.generate(ids[:1], max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3, fast=True)
     assert torch.equal(a, b)
+    # a second call with another prompt reuses the kept decoder (same bucket): a stale cache must not leak in
+    c = m.generate(ids[1:2, 2:], max_new_tokens=5, fast=True)
+    assert torch.equal(c, m.generate(ids[1:2, 2:], max_new_tokens=5))
+    assert len(m._decoders) == 2  # batch 3 and batch 1, one bucket each
+
+
+def test_bucket_len():
+    from longcat_ref.model.generate import bucket_len
+
+    cfg = L.tiny_longcat()  # max_position_embeddings 256
+    assert [bucket_len(n, cfg) for n in (1, 17, 256)] == [256, 256, 256]
+    big = L.glm_4_7_flash()
+    assert [bucket_len(n, big) for n in (100, 257, 1000, 1024, 1025)] == [256, 512, 1024, 1024, 2048]
 
 
 def test_static_cache_memory_is_the_latent_only():
     cfg = L.longcat_flash_chat()
     with torch.device("meta"):
-        c = StaticCache.for_model(cfg, batch=1, max_len=128, dtype=torch.bfloat16, device="meta")
+        c = L.StaticCache.for_model(cfg, batch=1, max_len=128, dtype=torch.bfloat16, device="meta")
     per_sublayer = c.bytes_per_token() // cfg.num_attn_sublayers
     assert per_sublayer == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2 == 1152
 
 
-def test_fast_decoder_errors():
+def test_decoder_errors():
     m = tiny("longcat")
     with pytest.raises(ValueError, match="max_position_embeddings"):
-        FastDecoder(m, 1, 10**6)
-    dec = FastDecoder(m, 1, 4, graphs=False)
+        Decoder(m, 1, 10**6)
+    dec = Decoder(m, 1, 4, graphs=False)
     with pytest.raises(ValueError, match="does not fit"):
         dec.prefill(torch.ones(2, 3, dtype=torch.long))
     dec.prefill(torch.ones(1, 4, dtype=torch.long))
@@ -165,23 +164,30 @@ def test_fast_decoder_errors():
         dec.step(torch.ones(1, dtype=torch.long))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
-            FastDecoder(m, 1, 4, graphs=True)
+            Decoder(m, 1, 4, graphs=True)
+    with pytest.raises(ValueError, match="fast=True"):
+        m.generate(torch.ones(1, 3, dtype=torch.long), 2, compile=True)
 
 
-def test_compiled_decode_step_equals_eager():
-    """The one torch.compile test (small): the compiled fixed-shape step == the eager one. Batch 3 x top-2 is a
-    "tiny" batch, so the compiled step runs the gemv experts and the eager one the gathered experts."""
+def test_compiled_decode_step_equals_eager_and_compiles_once():
+    """torch.compile wraps the model's own forward (through generate's decode step): its greedy tokens equal the
+    eager ones, and three prompts of different lengths with different max_new_tokens compile the step ONCE (they
+    share one static-cache bucket; dynamo's counters count the compiled frames). Batch 3 x top-2 is a "tiny" batch,
+    so the compiled step runs the gemv experts and the eager one the gathered experts."""
+    from torch._dynamo.utils import counters
+
     m = tiny("glm", num_layers=2, mlp_layer_types=["dense", "sparse"])
-    ids, mask = padded_batch(5)
-    outs = []
     torch._dynamo.reset()
+    counters.clear()
     einops._backends._type2backend.clear()  # as in a fresh process: einops has seen no tensor types yet
-    for compile in (True, False):  # compiled first: it must compile once and not again at the next step
-        dec = FastDecoder(m, batch=3, max_len=13, graphs=False, compile=compile)
-        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):  # compiled once, not per step
-            dec.prefill(ids, mask)
-            outs.append(torch.stack([dec.step(torch.full((3,), 7 + i)) for i in range(2)]))
-    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    ids, mask = padded_batch(5)
+    prompts = [(ids, mask, 6), (ids[:, 3:], mask[:, 3:], 3), (torch.cat([ids, ids], 1), torch.cat([mask] * 2, 1), 9)]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for p, pm, n in prompts:
+            got = m.generate(p, n, attention_mask=pm, fast=True, compile=True)
+            assert torch.equal(got, m.generate(p, n, attention_mask=pm)), p.shape
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert m._decoders[(3, 256, True, m.dtype, m.device)].setup_s > 0  # the one-time compile was timed
 
 
 def test_bench_cli_rejects_unknown_section():
@@ -197,7 +203,7 @@ def test_cuda_graph_decode_equals_eager(kind):
     ids, mask = (t.cuda() for t in padded_batch(6))
     outs = []
     for graphs in (False, True):
-        dec = FastDecoder(m, batch=3, max_len=16, graphs=graphs)
+        dec = Decoder(m, batch=3, max_len=16, graphs=graphs)
         with torch.no_grad():
             dec.prefill(ids, mask)
             outs.append(torch.stack([dec.step(torch.full((3,), 9 + i, device="cuda")) for i in range(4)]))

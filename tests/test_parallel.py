@@ -1,6 +1,7 @@
 """Tensor + expert parallelism (parallel.py) on CPU with gloo: torchrun at world sizes 2, 4 (2 nodes x 2) and 16
 (2 nodes x 8, c10d rendezvous on localhost). One torchrun job per world size checks everything at once
-(tests/parallel_worker.py): logits equal to the single-process model (naive and absorbed MLA), greedy tokens equal,
+(tests/parallel_worker.py): logits equal to the single-process model (naive and absorbed MLA, and the fast path's
+fixed-shape prefill + decode steps), greedy tokens equal (plain and generate(fast=True)),
 sampled tokens identical on all ranks, each rank reading only its slices. The 4-rank job also kills a rank and
 checks that the ranks on the other node raise instead of hanging.
 """
@@ -16,6 +17,7 @@ import torch
 
 import longcat_ref as L
 from longcat_ref.runtime.parallel import ParallelContext, ParallelError
+from parallel_worker import fast_logits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "parallel_worker.py")
@@ -43,6 +45,7 @@ def workdir(tmp_path_factory):
         with torch.no_grad():
             logits = m(ids, attention_mask=mask)
         ref[kind] = dict(ids=ids, mask=mask, logits=logits, greedy=m.generate(ids, 8, attention_mask=mask),
+                         fast_logits=fast_logits(m, ids, mask),
                          sampled=m.generate(ids, 8, attention_mask=mask, temperature=1.0, top_p=0.9, seed=0),
                          param_bytes=sum(p.numel() * p.element_size() for p in m.parameters()))
     torch.save(ref, d / "ref.pt")
@@ -91,7 +94,8 @@ def check_ranks(results, ref, world):
         for kind in ("longcat", "glm"):
             k = res[kind]
             assert k["max_diff_naive"] < 1e-5 and k["max_diff_absorbed"] < 1e-5, (r, kind, k)
-            assert k["greedy_equal"], (r, kind)
+            assert k["max_diff_fast"] < 1e-5, (r, kind, k)  # fast + parallel == single process
+            assert k["greedy_equal"] and k["fast_greedy_equal"], (r, kind)
             assert k["sampled_same_on_all_ranks"], (r, kind)
             # each rank holds (and read) about 1/world of the model: replicated parts are small here
             assert k["param_bytes"] < ref[kind]["param_bytes"] * (1.0 / world + 0.35), (r, kind, k)

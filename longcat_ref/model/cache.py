@@ -1,4 +1,4 @@
-"""The latent KV cache of Multi-head Latent Attention.
+"""The latent KV cache of Multi-head Latent Attention, in two forms: one that grows, one that is preallocated.
 
 MLA never caches per-head keys and values. Per token and per attention sublayer it caches one latent vector:
 
@@ -8,8 +8,19 @@ MLA never caches per-head keys and values. Per token and per attention sublayer 
 LongCat-Flash: (512 + 64) x 2 attention sublayers x 28 layers x 2 bytes = 64,512 bytes per token in bf16
 (a 64-head MHA with 192+128 dims would need 64 * 320 * 56 * 2 = 2,293,760).
 
-The cache is preallocated for `max_len` tokens (a "static" cache): decoding writes in place, shapes never change,
-which is what torch.compile and CUDA graphs need.
+Both caches have the same interface, used by `MLA.forward` and `CausalLM.forward`:
+
+    cache.update(layer, latent, k_rope, cache_position)  write this chunk's t tokens at slots cache_position (t,);
+                                                          return every key slot of `layer`: (b, S, r), (b, S, rope)
+    cache.key_length(t)                                   S, the number of key slots attention reads
+    cache.next_positions(t, device)                       the slots a forward writes when the caller names none
+
+* `DynamicCache` (teaching; the default of generate()): grows by concatenation, S = tokens so far. Shapes change
+  every step, which is what makes it easy to read and impossible to capture.
+* `StaticCache` (speed): preallocated for `max_len` slots. A forward writes in place (`index_copy_` at the device
+  tensor `cache_position`) and attention always reads all S = max_len slots; slots not yet written (and padding)
+  are masked out by the caller's mask. Shapes never change, so the same forward can be captured as a CUDA graph
+  and compiled once (gpt-fast's KVCache works the same way).
 """
 
 from __future__ import annotations
@@ -17,34 +28,77 @@ from __future__ import annotations
 import torch
 
 
-class LatentCache:
+class DynamicCache:
+    """Per attention sublayer, the latents of every token so far, concatenated along the sequence."""
+
+    def __init__(self, n_sublayers: int):
+        self.latent: list[torch.Tensor | None] = [None] * n_sublayers  # each (b, s, r)
+        self.k_rope: list[torch.Tensor | None] = [None] * n_sublayers  # each (b, s, rope)
+
+    @classmethod
+    def for_model(cls, cfg) -> "DynamicCache":
+        return cls(cfg.num_attn_sublayers)
+
+    @property
+    def length(self) -> int:
+        """Tokens written so far (read off the shapes: nothing to keep in sync)."""
+        return 0 if self.latent[0] is None else self.latent[0].shape[1]
+
+    def key_length(self, t: int) -> int:
+        return self.length + t
+
+    def next_positions(self, t: int, device) -> torch.Tensor:
+        return torch.arange(self.length, self.length + t, device=device)  # (t,)
+
+    def update(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor, cache_position=None):
+        """Append (b, t, r) / (b, t, rope) (cache_position must be the next t slots); return (b, s, r), (b, s, rope)."""
+        if self.latent[layer] is not None:
+            latent = torch.cat([self.latent[layer], latent], dim=1)  # (b, s, r)
+            k_rope = torch.cat([self.k_rope[layer], k_rope], dim=1)  # (b, s, rope)
+        self.latent[layer], self.k_rope[layer] = latent, k_rope
+        return latent, k_rope
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.latent + self.k_rope if t is not None)
+
+
+class StaticCache:
+    """Preallocated latents for `max_len` slots; writes at device-tensor positions, reads every slot."""
+
     def __init__(self, n_sublayers: int, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
                  dtype=torch.float32, device="cpu"):
         self.latent = torch.zeros(n_sublayers, batch, max_len, kv_lora_rank, dtype=dtype, device=device)
         self.k_rope = torch.zeros(n_sublayers, batch, max_len, rope_dim, dtype=dtype, device=device)
         self.max_len = max_len
-        self.length = 0  # tokens written so far (host-side int; advanced by the model after each forward)
+        # Host-side count of tokens written, advanced by CausalLM.forward only when it chose the slots itself
+        # (cache_position=None: the teaching use). A caller that passes cache_position (generate's fixed-shape
+        # decode step) keeps its own device-side position and never reads this.
+        self.length = 0
 
     @classmethod
-    def for_model(cls, cfg, batch: int, max_len: int, dtype=torch.float32, device="cpu") -> "LatentCache":
+    def for_model(cls, cfg, batch: int, max_len: int, dtype=torch.float32, device="cpu") -> "StaticCache":
         return cls(cfg.num_attn_sublayers, batch, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype, device)
 
     @property
     def batch(self) -> int:
         return self.latent.shape[1]
 
+    def key_length(self, t: int) -> int:
+        return self.max_len
+
+    def next_positions(self, t: int, device) -> torch.Tensor:
+        if self.length + t > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.length + t} tokens > max_len {self.max_len}")
+        return torch.arange(self.length, self.length + t, device=device)  # (t,)
+
+    def update(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor, cache_position: torch.Tensor):
+        """Write (b, t, r) / (b, t, rope) at slots cache_position (t,); return all slots (b, max_len, r|rope)."""
+        self.latent[layer].index_copy_(1, cache_position, latent)  # in place: no new shapes, no host sync
+        self.k_rope[layer].index_copy_(1, cache_position, k_rope)
+        return self.latent[layer], self.k_rope[layer]
+
     def nbytes(self) -> int:
         return self.latent.numel() * self.latent.element_size() + self.k_rope.numel() * self.k_rope.element_size()
 
     def bytes_per_token(self) -> int:
         return self.nbytes() // self.max_len
-
-    def update(self, layer: int, start: int, latent: torch.Tensor, k_rope: torch.Tensor):
-        """Write (b, t, r) / (b, t, d) at positions [start, start+t) of sublayer `layer`; return all positions
-        [0, start+t) as views (b, s, r), (b, s, d)."""
-        end = start + latent.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} tokens > max_len {self.max_len}")
-        self.latent[layer, :, start:end] = latent
-        self.k_rope[layer, :, start:end] = k_rope
-        return self.latent[layer, :, :end], self.k_rope[layer, :, :end]

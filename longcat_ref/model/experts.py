@@ -9,7 +9,8 @@ It holds only the *routed* experts (512 in LongCat-Flash): zero-computation expe
 handled by the MoE block (moe.py) as identities. (transformers 5.x allocates gate_up_proj for 768 experts; that is
 a bug, see docs in moe.py.)
 
-Three forms of the same sum, chosen by `Experts.impl` (tests/test_fast.py proves them equal):
+Four forms of the same sum, chosen per call by `impl` (`CausalLM.forward(..., forms=Forms(experts=...))`;
+tests/test_fast.py proves them equal):
 
 * `forward_loop` ("loop", the default and the readable reference): for each expert that received tokens, gather
   them, run the expert, scale by the router weight and scatter-add. One host sync per call (`.tolist()` of the
@@ -52,7 +53,6 @@ class SwiGLU(nn.Module):
 class Experts(nn.Module):
     def __init__(self, n_experts: int, hidden: int, inter: int, first_expert: int = 0):
         super().__init__()
-        self.impl = "loop"  # "loop" (readable reference) | "grouped" | "gather" | "auto" (fast paths)
         self.first_expert = first_expert  # global id of local expert 0 (expert parallelism shifts it)
         self.inter = inter
         self.gate_up_proj = nn.Parameter(torch.zeros(n_experts, 2 * inter, hidden))
@@ -67,12 +67,15 @@ class Experts(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (m, I) each
         return F.linear(F.silu(gate) * up, self.down_proj[e])  # (m, H)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, out: torch.Tensor,
+                impl: str = "loop") -> torch.Tensor:
         """Add sum_j w[n,j] * expert_{idx[n,j]}(x[n]) into out (n, H), for the experts this module holds.
 
         x (n, H); w (n, k) fp32; idx (n, k) global expert ids (others -- zero experts, other ranks' -- are skipped).
+        impl: "loop" (the readable reference) | "grouped" | "gather" | "gemv" | "auto" (the fast one for this call).
         """
-        impl = self.impl if self.impl != "auto" else self.choose(x, idx)
+        if impl == "auto":
+            impl = self.choose(x, idx)
         forms = {"loop": self.forward_loop, "grouped": self.forward_grouped, "gather": self.forward_gather,
                  "gemv": self.forward_gemv}
         return forms[impl](x, w, idx, out)

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (MLA), in a *naive* and an *absorbed* form behind one flag.
+"""Multi-head Latent Attention (MLA): a naive, an absorbed and an SDPA form of the same attention, chosen per call.
 
 Per token, MLA compresses the hidden state into a small latent (kv_lora_rank = 512) plus one shared rotary key
 (qk_rope_head_dim = 64); only those 576 numbers are cached. Keys and values of all heads are linear functions of
@@ -12,19 +12,23 @@ the latent:
 LongCat-Flash's LoRA scale factors s_q = sqrt(H / q_lora_rank) = 2 and s_kv = sqrt(H / kv_lora_rank) = sqrt(12)
 keep the low-rank path's activations at the scale the paper trained with; GLM-4.7-Flash has none (s = 1).
 
-Naive form (`absorb=False`): expand k_nope and v for every cached token, then ordinary attention over
-(h, s, 192) keys. Absorbed form (`absorb=True`): since k_nope = W_uk c and v = W_uv c,
+Three forms of the same attention, chosen per call by `form` (the caller's choice is the visible one:
+`CausalLM.forward(..., forms=Forms(attention=...))`):
+
+* "naive": expand k_nope and v for every cached token, then ordinary attention over (h, s, 192) keys.
+* "absorbed": since k_nope = W_uk c and v = W_uv c,
 
     q_nope . k_nope = (W_uk^T q_nope) . c          -> fold W_uk into the query: attend over the 512-wide latent
     sum_s p_s v_s   = W_uv (sum_s p_s c_s)         -> fold W_uv into the output
 
-so attention runs directly over the cached (s, 576) latent and nothing is ever expanded. Both read the same
-`LatentCache`; `tests/test_mla.py` proves them equal.
+  so attention runs directly over the cached (s, 576) latent and nothing is ever expanded (decode).
+* "sdpa": the naive form through `F.scaled_dot_product_attention`, with v zero-padded to the q/k head dim so that
+  the flash kernel applies (192 = 192 on LongCat); with mask=None it runs `is_causal` (prefill).
 
-A third form, for prefill speed (`sdpa=True`, used when `absorb` is False): the naive form through
-`F.scaled_dot_product_attention`, with v zero-padded to the q/k head dim so that the flash kernel applies
-(192 = 192 on LongCat). `causal=True` is a hint from the caller that the mask is exactly causal from position 0
-(no padding, no cache before), so SDPA can skip reading the mask. `tests/test_fast.py` proves it equal to naive.
+All three read the same cache (cache.py) and `tests/test_core.py` / `tests/test_fast.py` prove them equal.
+
+The mask is additive, (b, 1, t, s), built once per forward by `attention_bias` (the package's only mask builder).
+mask=None means plain causal attention over this chunk's own t tokens (no cache before it, no padding).
 """
 
 from __future__ import annotations
@@ -38,6 +42,24 @@ from .norm import RMSNorm
 from .rope import apply_rope
 
 
+def attention_bias(attention_mask, cache_position: torch.Tensor, key_length: int, dtype) -> torch.Tensor:
+    """The additive mask: query slots cache_position (t,) may see key slots k <= their own that are real tokens.
+
+    attention_mask (b, s) 0/1 over key slots (s <= key_length; missing trailing slots count as 0), or None (no
+    padding). Returns (b or 1, 1, t, key_length): 0 where allowed, finfo(dtype).min where not. finfo.min instead of
+    -inf: a query row that is all padding then gets a finite (uniform) softmax, not NaN.
+    """
+    k_slot = torch.arange(key_length, device=cache_position.device)  # (S,)
+    allowed = (k_slot[None, :] <= cache_position[:, None])[None]  # (1, t, S) causal
+    if attention_mask is not None:
+        valid = attention_mask.bool()  # (b, s)
+        if valid.shape[1] < key_length:  # slots past the mask: not written yet
+            valid = F.pad(valid, (0, key_length - valid.shape[1]), value=False)  # (b, S)
+        allowed = allowed & valid[:, None, :]  # (b, t, S)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=cache_position.device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (b, 1, t, S)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg, cache_idx: int = 0):
         super().__init__()
@@ -48,9 +70,6 @@ class MLA(nn.Module):
         self.q_scale, self.kv_scale = cfg.q_scale, cfg.kv_scale
         self.softmax_scale = cfg.softmax_scale
         self.interleaved = cfg.rope_interleave
-        self.absorb = False  # the one flag: naive (expand K/V) vs absorbed (attend over the latent)
-        self.sdpa = False  # fast path: the naive form through F.scaled_dot_product_attention
-        self.causal = False  # hint for sdpa: the mask is plain causal from position 0
         H, qk = cfg.hidden_size, cfg.qk_head_dim
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(H, self.n_heads * qk, bias=False)
@@ -82,12 +101,21 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope[:, None], cos, sin, self.interleaved)[:, 0]  # (b, t, rope): one shared head
         return q_nope, q_rope, latent, k_rope
 
-    def forward(self, x, cos, sin, mask=None, cache=None, start: int = 0):
-        """x (b, t, H); cos/sin (b, t, rope); mask: additive (b, 1, t, s) or None; writes [start, start+t) of cache."""
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, form: str = "naive"):
+        """x (b, t, H); cos/sin (b, t, rope); mask additive (b, 1, t, s) or None (causal over these t tokens).
+
+        With a cache, this chunk's latents are written at slots cache_position (t,) (default: 0..t-1) and
+        attention reads every key slot the cache holds. form: "naive" | "absorbed" | "sdpa" (module docstring).
+        """
         q_nope, q_rope, latent, k_rope = self.project(x, cos, sin)
         if cache is not None:
-            latent, k_rope = cache.update(self.cache_idx, start, latent, k_rope)  # (b, s, r), (b, s, rope)
-        attend = self._absorbed if self.absorb else (self._sdpa if self.sdpa else self._naive)
+            if cache_position is None:
+                cache_position = torch.arange(x.shape[1], device=x.device)  # (t,)
+            latent, k_rope = cache.update(self.cache_idx, latent, k_rope, cache_position)  # (b, s, r), (b, s, rope)
+        if mask is None and (form != "sdpa" or cache is not None):  # causal, spelled out (SDPA: is_causal)
+            where = torch.arange(x.shape[1], device=x.device) if cache_position is None else cache_position
+            mask = attention_bias(None, where, latent.shape[1], q_nope.dtype)  # (1, 1, t, s)
+        attend = {"naive": self._naive, "absorbed": self._absorbed, "sdpa": self._sdpa}[form]
         o = attend(q_nope, q_rope, latent, k_rope, mask)  # (b, h, t, v)
         return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))  # (b, t, H)
 
@@ -101,9 +129,7 @@ class MLA(nn.Module):
     def _naive(self, q_nope, q_rope, latent, k_rope, mask):
         k, v = self.expand_kv(latent, k_rope)  # (b, h, s, qk), (b, h, s, v)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (b, h, t, qk)
-        scores = torch.matmul(q, k.transpose(2, 3)) * self.softmax_scale  # (b, h, t, s)
-        if mask is not None:
-            scores = scores + mask
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.softmax_scale + mask  # (b, h, t, s)
         p = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # softmax in fp32
         return torch.matmul(p, v)  # (b, h, t, v)
 
@@ -119,9 +145,7 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (b, h, t, r): W_uk folded into the query
         scores = (torch.einsum("bhtr,bsr->bhts", q_lat, latent)  # (b, h, t, s) latent part
                   + torch.einsum("bhtd,bsd->bhts", q_rope, k_rope)) * self.softmax_scale  # + shared rope part
-        if mask is not None:
-            scores = scores + mask
-        p = F.softmax(scores, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (b, h, t, s)
+        p = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (b, h, t, s)
         o_lat = torch.einsum("bhts,bsr->bhtr", p, latent)  # (b, h, t, r): attend over the latent
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v): W_uv folded into the output
 
@@ -131,7 +155,6 @@ class MLA(nn.Module):
         pad = q.shape[-1] - self.v_dim
         if pad > 0:
             v = F.pad(v, (0, pad))  # (b, h, s, qk): same head dim as q/k, so flash attention applies
-        causal = self.causal and q.shape[2] == k.shape[2]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            scale=self.softmax_scale)  # (b, h, t, qk)
         return o[..., : self.v_dim]  # (b, h, t, v)

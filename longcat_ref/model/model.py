@@ -5,8 +5,8 @@ the MoE reads the normalised output of the *first* attention block and its resul
 
     x = x + attn0(norm(x))
     h = norm(x)
-    shortcut = moe(h)                   <- can run concurrently with everything below (parallel.py overlaps its
-    x = x + mlp0(h)                        all-reduce with mlp0, attn1 and mlp1)
+    shortcut = moe(h)                   <- can run concurrently with everything below (runtime/parallel.py overlaps
+    x = x + mlp0(h)                        its all-reduce with mlp0, attn1 and mlp1)
     x = x + attn1(norm(x))
     x = x + mlp1(norm(x)) + shortcut
 
@@ -15,6 +15,13 @@ dense SwiGLU or a MoE (routed + shared experts) per `mlp_layer_types`.
 
 Module names mirror transformers' state-dict names, so checkpoints map one to one (only the router differs:
 transformers calls it `mlp.router.classifier` in LongCat and `mlp.gate` in GLM; ours is `mlp.router`).
+
+One forward serves every use. `CausalLM.forward` takes the cache and the slots to write (`cache_position`) as
+arguments: with a `DynamicCache` (or none) it is the readable teaching path; with a `StaticCache` and a device
+tensor `cache_position` its shapes never change, so generate() captures and compiles this same function for fast
+decoding, and runtime/parallel.py shards this same model across processes. Which of the equivalent forms the
+modules use (naive/absorbed/SDPA attention, loop/grouped/gathered experts) is the `forms` argument of each call:
+nothing is switched on modules beforehand.
 """
 
 from __future__ import annotations
@@ -22,15 +29,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import LatentCache
+from .cache import DynamicCache, StaticCache
 from .config import ModelConfig
 from .experts import SwiGLU
-from .mla import MLA
+from .forms import DECODE, PREFILL, REFERENCE, Forms  # noqa: F401 (re-exported)
+from .mla import MLA, attention_bias
 from .moe import MoE
 from .norm import RMSNorm
 from .rope import rope_cos_sin
 from . import generate as _generate
-
 
 class LongcatLayer(nn.Module):
     """Shortcut-connected MoE layer: 2 attention + 2 dense FFN sublayers + 1 MoE on a shortcut."""
@@ -44,14 +51,15 @@ class LongcatLayer(nn.Module):
         self.mlps = nn.ModuleList([SwiGLU(H, cfg.ffn_hidden_size) for _ in range(2)])
         self.mlp = MoE(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, start=0):  # x (b, t, H)
-        x = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, forms: Forms = REFERENCE):
+        a = dict(mask=mask, cache=cache, cache_position=cache_position, form=forms.attention)  # x (b, t, H)
+        x = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, **a)
         h = self.post_attention_layernorm[0](x)  # (b, t, H): input of both mlp0 and the MoE
-        shortcut = self.mlp.start(h)  # (b, t, H) MoE on the shortcut (a parallel MoE returns a pending reduction)
+        shortcut = self.mlp.start(h, forms.experts)  # MoE on the shortcut (a parallel MoE: its reduction in flight)
         x = x + self.mlps[0](h)
-        x = x + self.self_attn[1](self.input_layernorm[1](x), cos, sin, mask, cache, start)
+        x = x + self.self_attn[1](self.input_layernorm[1](x), cos, sin, **a)
         x = x + self.mlps[1](self.post_attention_layernorm[1](x))
-        return x + self.mlp.finish(shortcut)  # wait for the MoE only here
+        return x + self.mlp.finish(shortcut)  # (b, t, H): wait for the MoE only here
 
 
 class DecoderLayer(nn.Module):
@@ -65,9 +73,10 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLA(cfg, cache_idx=layer_idx)
         self.mlp = MoE(cfg) if cfg.layer_is_moe[layer_idx] else SwiGLU(H, cfg.ffn_hidden_size)
 
-    def forward(self, x, cos, sin, mask, cache=None, start=0):  # x (b, t, H)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, forms: Forms = REFERENCE):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, forms.attention)
+        h = self.post_attention_layernorm(x)  # (b, t, H)
+        return x + (self.mlp(h, forms.experts) if isinstance(self.mlp, MoE) else self.mlp(h))  # (b, t, H)
 
 
 class Backbone(nn.Module):
@@ -79,23 +88,11 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(b, s) 0/1 padding mask -> positions counting real tokens only (left padding shifts nothing)."""
-    pos = attention_mask.long().cumsum(-1) - 1  # (b, s)
-    return pos.clamp(min=0)
-
-
-def additive_mask(attention_mask, t: int, start: int, dtype) -> torch.Tensor:
-    """Causal + padding mask, additive, (b, 1, t, s) with s = start + t: 0 where allowed, finfo(dtype).min where not.
-
-    finfo.min instead of -inf: a query row that is all padding then gets a finite (uniform) softmax, not NaN.
-    """
-    s = start + t
-    q_pos = torch.arange(start, s, device=attention_mask.device)[:, None]  # (t, 1)
-    k_pos = torch.arange(s, device=attention_mask.device)[None, :]  # (1, s)
-    allowed = (k_pos <= q_pos)[None] & attention_mask[:, None, :s].bool()  # (b, t, s)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (b, 1, t, s)
+def position_ids_from_mask(attention_mask: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """(b, s) 0/1 key mask -> the positions (b, t) of the tokens at slots cache_position (t,), counting real tokens
+    only (so a left-padded prompt sees the same positions as alone)."""
+    pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (b, s)
+    return pos.index_select(1, cache_position)  # (b, t)
 
 
 class CausalLM(nn.Module):
@@ -115,49 +112,58 @@ class CausalLM(nn.Module):
     def device(self):
         return self.lm_head.weight.device
 
-    def set_absorb(self, absorb: bool = True) -> "CausalLM":
-        """Switch every MLA sublayer between the naive and the absorbed form."""
-        for m in self.modules():
-            if isinstance(m, MLA):
-                m.absorb = absorb
-        return self
-
     def moe_blocks(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def new_cache(self, batch: int, max_len: int) -> LatentCache:
-        return LatentCache.for_model(self.config, batch, max_len, self.dtype, self.device)
+    def new_cache(self, batch: int | None = None, max_len: int | None = None):
+        """A DynamicCache (no arguments), or a StaticCache preallocated for `batch` x `max_len` tokens."""
+        if max_len is None:
+            return DynamicCache.for_model(self.config)
+        return StaticCache.for_model(self.config, batch, max_len, self.dtype, self.device)
 
-    def forward(self, input_ids, attention_mask=None, cache: LatentCache | None = None, position_ids=None,
-                output_hidden_states: bool = False):
-        """input_ids (b, t) -> logits (b, t, vocab).
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_position=None,
+                forms: Forms = REFERENCE, logits_to_keep: int = 0, output_hidden_states: bool = False):
+        """input_ids (b, t) -> logits (b, t, vocab) (the last `logits_to_keep` positions if > 0).
 
-        attention_mask (b, s): 1 for real tokens, 0 for (left) padding, over cache + new tokens. Without
-        position_ids, positions count real tokens (so a left-padded prompt sees the same positions as alone).
-        With a cache, the t new tokens are written at [cache.length, cache.length + t) and the cache advances.
+        cache: None, a DynamicCache or a StaticCache; this chunk is written at slots cache_position (t,) (default:
+        the next t slots). attention_mask (b, s): 1 for real tokens, 0 for (left) padding, over the key slots
+        (cached + new; slots past s count as 0). Without position_ids, positions count real tokens. Nothing here
+        syncs with the host when cache_position and attention_mask are given: generate() captures this forward.
         """
         b, t = input_ids.shape
-        start = cache.length if cache is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(b, start + t, dtype=torch.long, device=input_ids.device)
-        if attention_mask.shape != (b, start + t):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, start + t)} "
+        dev = input_ids.device
+        mine = cache_position is None  # the cache chooses the slots (and a StaticCache advances its count)
+        if cache is None:
+            key_length, cache_position = t, (torch.arange(t, device=dev) if mine else cache_position)
+        else:
+            key_length = cache.key_length(t)
+            if mine:
+                cache_position = cache.next_positions(t, dev)  # (t,)
+        if mine:
+            end = (cache.length if cache is not None else 0) + t
+            if end > self.config.max_position_embeddings:
+                raise ValueError(f"{end} tokens exceed max_position_embeddings={self.config.max_position_embeddings}")
+        if attention_mask is not None and (attention_mask.shape[0] != b or attention_mask.shape[1] > key_length
+                                           or (isinstance(cache, DynamicCache | None) and
+                                               attention_mask.shape[1] != key_length)):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({b}, {key_length}) "
                              "(cached + new tokens)")
-        if start + t > self.config.max_position_embeddings:
-            raise ValueError(f"{start + t} tokens exceed max_position_embeddings={self.config.max_position_embeddings}")
         if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask)[:, start:]  # (b, t)
+            position_ids = (cache_position[None].expand(b, t) if attention_mask is None
+                            else position_ids_from_mask(attention_mask, cache_position))  # (b, t)
         x = self.model.embed_tokens(input_ids)  # (b, t, H)
         cos, sin = rope_cos_sin(position_ids, self.config.qk_rope_head_dim, self.config.rope_theta, x.dtype)
-        mask = additive_mask(attention_mask, t, start, x.dtype)  # (b, 1, t, s)
+        plain_causal = cache is None and attention_mask is None and forms.attention == "sdpa"
+        mask = None if plain_causal else attention_bias(attention_mask, cache_position, key_length, x.dtype)
         hidden = [x]
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, start)  # (b, t, H)
+            x = layer(x, cos, sin, mask, cache, cache_position, forms)  # (b, t, H)
             hidden.append(x)
-        if cache is not None:
-            cache.length = start + t
-        x = self.model.norm(x)
-        logits = self.lm_head(x)  # (b, t, vocab), model dtype
+        if mine and isinstance(cache, StaticCache):
+            cache.length += t
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(self.model.norm(x))  # (b, t, vocab), model dtype
         if output_hidden_states:
             return logits, hidden
         return logits

@@ -45,39 +45,38 @@ class MoE(nn.Module):
         self.add_zero_experts = cfg.zero_expert_num > 0  # a parallel shard sets False on all ranks but one
         self.shared_experts = (SwiGLU(cfg.hidden_size, cfg.expert_ffn_hidden_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-        self.fast = False  # fast path: vectorised zero experts (no host sync); see also experts.impl
-        self.stream = None  # fast path on GPU: a side stream; start() runs there, finish() joins (overlap)
-        self.last_idx = None  # (n, k) expert ids of the last call, for statistics (demo, notebooks)
+        self.last_idx = None  # (n, k) expert ids of the last eager call, for statistics (demo, notebooks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.start(x))
+    def forward(self, x: torch.Tensor, experts: str = "loop") -> torch.Tensor:
+        return self.finish(self.start(x, experts))
 
-    def finish(self, pending):
-        """The MoE output from what `start` returned (a parallel MoE waits for its reduction here)."""
-        if self.stream is not None:
-            torch.cuda.current_stream().wait_stream(self.stream)  # join the side stream
-        return pending
+    def start(self, x: torch.Tensor, experts: str = "loop"):
+        """Begin the MoE: x (b, t, H) -> what `finish` turns into the output. LongCat's layer calls `start` right
+        after attention 0 and `finish` only where the shortcut is added, so a parallel MoE's reduction (whose
+        `start` returns it in flight) overlaps the dense sublayers in between."""
+        return self.compute(x, experts)
 
-    def start(self, x: torch.Tensor):
-        """x (b, t, H) -> this module's MoE output (b, t, H)."""
-        if self.stream is not None:  # fast path: the MoE runs beside the dense sublayers (LongCat's shortcut)
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                return self.compute(x)
-        return self.compute(x)
+    def finish(self, pending) -> torch.Tensor:
+        return pending  # (b, t, H): here the output itself (a parallel MoE waits for its reduction here)
 
-    def compute(self, x: torch.Tensor):
-        """x (b, t, H) -> this module's MoE output (b, t, H)."""
+    def compute(self, x: torch.Tensor, experts: str = "loop") -> torch.Tensor:
+        """x (b, t, H) -> this module's MoE output (b, t, H). experts: the Experts form ("loop" is the reference;
+        any other form also sums the zero experts vectorised, with no host sync)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (n, H), n = b*t
         w, idx = self.router(flat)  # (n, k) fp32, (n, k)
-        self.last_idx = idx
+        if not torch.compiler.is_compiling() and not _capturing(x):
+            self.last_idx = idx
         out = torch.zeros_like(flat)  # (n, H)
-        self.experts(flat, w, idx, out)  # real experts
+        self.experts(flat, w, idx, out, impl=experts)  # real experts
         if self.add_zero_experts:
-            add = add_identity_experts_vectorised if self.fast else add_identity_experts
+            add = add_identity_experts if experts == "loop" else add_identity_experts_vectorised
             add(flat, w, idx, self.n_routed, out)  # zero-computation experts
         out = out.view(shape)  # (b, t, H)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+
+def _capturing(x) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()

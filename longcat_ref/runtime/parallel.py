@@ -20,10 +20,15 @@ the output of an all_reduce, identical on all ranks). Each rank runs only its ow
 them; one sum over ranks then gives the MoE output.
 
 ScMoE overlap: `ParallelMoE.start` launches that sum as an *asynchronous* all_reduce on its own process group (its own
-NCCL communicator, hence its own CUDA stream) and returns the pending work; `finish` waits for it. LongcatLayer calls
-`start` right after attention 0 and `finish` only where the shortcut is added, so the reduction overlaps dense FFN 0,
-attention 1 and dense FFN 1 -- the point of the shortcut-connected MoE. (On the default group the o_proj / FFN
+NCCL communicator, hence its own CUDA stream) and returns the tensor in flight; `finish` waits for it. LongcatLayer
+calls `start` right after attention 0 and `finish` only where the shortcut is added, so the reduction overlaps dense
+FFN 0, attention 1 and dense FFN 1 -- the point of the shortcut-connected MoE. (On the default group the o_proj / FFN
 reductions would queue behind it on the same stream.)
+
+Every collective is a functional collective (`torch.distributed._functional_collectives`, as gpt-fast uses): it
+returns a tensor and is waited on where that tensor is used. The same code then runs eagerly, inside a captured
+CUDA graph (NCCL supports capture) and under torch.compile, so generate(fast=True) works on a sharded model as it
+does on a whole one: the sharded model *is* the model, with a few modules swapped.
 
 At world size 1 (no torchrun, no process group), `ParallelContext()` changes nothing: notebooks never need one.
 
@@ -40,6 +45,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -63,7 +69,7 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x):  # x (..., in/W) -> (..., out)
         y = F.linear(x, self.weight)  # (..., out): this rank's partial sum
         if self.reduce:
-            dist.all_reduce(y, group=self.group)
+            y = funcol.all_reduce(y, "sum", self.group)
         return y if self.bias is None else y + self.bias  # a partial (reduce=False) output carries no bias
 
 
@@ -79,8 +85,7 @@ class VocabParallelEmbedding(nn.Embedding):
         mine = (local >= 0) & (local < self.num_embeddings)  # (b, t)
         x = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)  # (b, t, H)
         x = x * mine[..., None].to(x.dtype)  # zero rows this rank does not own
-        dist.all_reduce(x, group=self.group)
-        return x
+        return funcol.all_reduce(x, "sum", self.group)
 
 
 class VocabParallelHead(nn.Linear):
@@ -92,9 +97,8 @@ class VocabParallelHead(nn.Linear):
 
     def forward(self, x):  # x (b, t, H) -> (b, t, V)
         y = F.linear(x, self.weight).contiguous()  # (b, t, V/W)
-        parts = [torch.empty_like(y) for _ in range(self.world)]
-        dist.all_gather(parts, y, group=self.group)
-        return torch.cat(parts, dim=-1)  # (b, t, V): same bits on every rank
+        parts = funcol.all_gather_tensor(y, 0, self.group)  # (W*b, t, V/W): rank r's slice in rows r*b..
+        return torch.cat(funcol.wait_tensor(parts).chunk(self.world, dim=0), dim=-1)  # (b, t, V): same on all ranks
 
 
 class ParallelMoE(MoE):
@@ -107,15 +111,12 @@ class ParallelMoE(MoE):
         self.add_zero_experts = self.add_zero_experts and rank == 0  # identity output added exactly once
         self.group = group
 
-    def start(self, x):
-        """x (b, t, H) -> (partial (b, t, H), pending all_reduce): the sum is in flight when this returns."""
-        out = self.compute(x)  # (b, t, H): this rank's share (no side stream: the async all_reduce overlaps)
-        return out, dist.all_reduce(out, group=self.group, async_op=True)
+    def start(self, x, experts: str = "loop"):
+        """x (b, t, H) -> the sum over ranks of this rank's share, in flight when this returns."""
+        return funcol.all_reduce(self.compute(x, experts), "sum", self.group)  # (b, t, H), async
 
     def finish(self, pending):
-        out, work = pending
-        work.wait()  # on GPU: the compute stream waits for the reduction stream (the host does not block)
-        return out  # (b, t, H): the full MoE output
+        return funcol.wait_tensor(pending)  # (b, t, H): the full MoE output (on GPU the host does not block)
 
 
 # ---------------------------------------------------------------------------------------------- the context

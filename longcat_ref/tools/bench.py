@@ -16,6 +16,9 @@ Sections (each prints a table; --json writes every number):
           prefill 2k
   long    GPU: one LongCat-Flash layer at 128k context: KV-cache bytes and decode step latency
   b1      GPU: batch-1 decode only (ours, no transformers): LongCat layer ctx 1k and full GLM, graph vs compiled
+  e2e     GPU: what a user waits for: GLM-4.7-Flash generate() end to end (prompt 128 + 128 new, batch 1 / 32), ours
+          fast and fast+compile vs transformers' best single-GPU setting (static cache + compile, batched_mm
+          experts); first-call (compile) wall time, time to first token, per-step roofline
 
 Timings are medians of repeated runs (CUDA events on GPU). Benchmarks print; tests assert equality.
 """
@@ -38,7 +41,8 @@ from torch import nn
 from .. import CausalLM, tiny_longcat
 from ..io.checkpoint import checkpoint_name
 from ..model.config import config_to_dict, glm_4_7_flash, longcat_flash_chat
-from ..runtime.fast import FastDecoder
+from ..model.forms import DECODE, PREFILL, REFERENCE, Forms
+from ..model.generate import Decoder, decode_step
 
 # ------------------------------------------------------------------------------------------------ timing
 
@@ -155,16 +159,15 @@ def expert_bytes(cfg, dtype_bytes=2) -> int:
     return 3 * cfg.hidden_size * cfg.expert_ffn_hidden_size * dtype_bytes
 
 
-def fill_context(dec: FastDecoder, ctx: int, seed: int = 0):
+def fill_context(dec: Decoder, ctx: int, seed: int = 0):
     """Pretend `ctx` tokens were prefilled: random latents in the cache (cheap, no prefill run)."""
     g = torch.Generator(device=dec.cache.latent.device).manual_seed(seed)
     dec.cache.latent[:, :, :ctx].normal_(generator=g)
     dec.cache.k_rope[:, :, :ctx].normal_(generator=g)
-    dec.valid.zero_()
-    dec.valid[:, :ctx] = True
-    dec.pos.fill_(ctx)
-    dec.cache.slot.fill_(ctx)
-    dec.cache.length = ctx
+    dec.attention_mask.zero_()
+    dec.attention_mask[:, :ctx] = 1
+    dec.cache_position.fill_(ctx)
+    dec.length = ctx
 
 
 def active_experts(model) -> tuple[int, float]:
@@ -246,7 +249,7 @@ def bench_cpu(args) -> dict:
         res["hf_decode_tok_s"] = new / timed(lambda: hf.generate(prompt, **kw), dev, reps=3)
         res["prefill_tokens"] = plen
         res["ours_plain_prefill_s"] = timed(lambda: ours(long_prompt), dev, reps=5)
-        dec = FastDecoder(ours, 1, plen + 1)
+        dec = Decoder(ours, 1, plen + 1)
         res["ours_fast_prefill_s"] = timed(lambda: dec.prefill(long_prompt), dev, reps=5)
         res["hf_prefill_s"] = timed(lambda: hf(long_prompt, use_cache=False), dev, reps=5)
         g_hf = hf.generate(prompt, **kw)
@@ -316,7 +319,7 @@ def kernel_stats(dec) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:  # no_grad: as in step(); a
-        dec._eager_step()  # compiled step run with grad enabled would recompile (and autotune) inside the profile
+        dec.run_step()  # compiled step run with grad enabled would recompile (and autotune) inside the profile
         torch.cuda.synchronize()
     ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     dt = lambda e: getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) / 1e6  # noqa: E731
@@ -329,9 +332,9 @@ def kernel_stats(dec) -> dict:
                 kernel_top=[(n[:90], c, t) for n, (c, t) in top])
 
 
-def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20, overlap=None):
+def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20):
     """Seconds per decode step (a replayed CUDA graph on GPU) at context ctx, and the roofline inputs."""
-    dec = FastDecoder(model, batch, ctx + 4 * steps + 16, experts=experts, compile=compile, overlap=overlap)
+    dec = Decoder(model, batch, ctx + 4 * steps + 16, compile=compile, forms=Forms("absorbed", experts))
     fill_context(dec, ctx)
     ids = torch.randint(4, model.config.vocab_size, (batch,), device=device)
     dec.step(ids)  # captures the graph on GPU
@@ -339,18 +342,16 @@ def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=
         run = dec.graph.replay
     else:
         def run():
-            dec._eager_step()
+            dec.run_step()
     t = timed(run, device, reps=3, inner=steps, warmup=0)
     return t, dec
 
 
-VARIANTS = {  # name -> FastDecoder options (all: static cache, absorbed MLA, one CUDA graph per step on GPU)
-    "graph": dict(experts="grouped"),  # grouped experts; LongCat: MoE on a side stream beside the dense path
-    "graph_serial": dict(experts="grouped", overlap=False),  # ... without the side stream
+VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CUDA graph per step on GPU)
+    "graph": dict(experts="grouped"),  # grouped experts
     "graph_gather": dict(experts="gather"),  # gathered experts (small batches)
-    "compiled": dict(compile=True),  # torch.compile'd step inside the graph (experts "auto": gemv at batch 1)
-    "compiled_grouped": dict(experts="grouped", compile=True),  # ... with grouped experts
-    "compiled_overlap": dict(compile=True, overlap=True),  # ... with the MoE side stream
+    "compiled": dict(compile="tuned"),  # torch.compile'd step inside the graph (experts "auto": gemv at batch 1)
+    "compiled_grouped": dict(experts="grouped", compile="tuned"),  # ... with grouped experts
 }
 
 
@@ -391,9 +392,9 @@ def bench_layer(args, ceil, res) -> dict:
     for batch in (1, 32):
         for ctx in contexts:
             row = dict(batch=batch, ctx=ctx)
-            names = ["graph", "graph_serial", "graph_gather"] if batch == 1 else ["graph", "graph_serial"]
+            names = ["graph", "graph_gather"] if batch == 1 else ["graph"]
             if args.compile and ctx == contexts[0]:
-                names += ["compiled", "compiled_overlap"] if batch == 1 else ["compiled"]
+                names += ["compiled"]
             decode_variants(ours, batch, ctx, device, names, row, ceil)
             hf_extra = batch * ctx * 64 * (192 + 256 + 128) * 2  # transformers expands K and V per step
             if hf_extra < 24e9:
@@ -409,11 +410,9 @@ def bench_layer(args, ceil, res) -> dict:
     res["prefill"] = []
     for t in ([128, 256] if small else [2048, 8192]):
         ids = torch.randint(4, ours.config.vocab_size, (1, t), device=device)
-        dec = FastDecoder(ours, 1, t)
-        ts = timed(lambda: dec.prefill(ids), device, reps=3)
+        ts = timed(lambda: ours(ids, forms=PREFILL, logits_to_keep=1), device, reps=3)  # causal SDPA, no cache
         fl = prefill_flops(ours, t)
         row = dict(tokens=t, ours_s=ts, ours_tok_s=t / ts, flops=fl, ours_flops_frac=fl / ts / ceil["bf16_flops"])
-        del dec
         row["hf_s"] = hf_layer_prefill(layer, rot, t, device, dtype)
         row["hf_tok_s"] = t / row["hf_s"]
         res["prefill"].append(row)
@@ -448,24 +447,19 @@ def layer_check(layer, rot, ours, device, dtype) -> dict:
     cos, sin = rot(x, pos)
     ref = layer(x, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
     impl = layer.self_attn[0].config._attn_implementation
-    from ..model.model import additive_mask
+    from ..model.mla import attention_bias
     from ..model.rope import rope_cos_sin
 
     c2, s2 = rope_cos_sin(pos, ours.config.qk_rope_head_dim, ours.config.rope_theta, dtype)
-    mask = additive_mask(torch.ones(1, 64, device=device, dtype=torch.long), 64, 0, dtype)
+    mask = attention_bias(None, torch.arange(64, device=device), 64, dtype)
     mask_eager = torch.full((64, 64), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)[None, None]
     layer.self_attn[0].config._attn_implementation = "eager"
     ref_eager = layer(x, attention_mask=mask_eager, position_ids=pos, position_embeddings=(cos, sin))
     layer.self_attn[0].config._attn_implementation = impl
     got = ours.model.layers[0](x, c2, s2, mask)
-    from ..runtime.fast import fast_paths
-
-    with fast_paths(ours, absorb=False, causal=True):
-        fast = ours.model.layers[0](x, c2, s2, mask)
+    fast = ours.model.layers[0](x, c2, s2, None, forms=PREFILL)  # causal SDPA, grouped experts
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
-    ours.set_absorb(True)
-    absorbed = ours.model.layers[0](x, c2, s2, mask)
-    ours.set_absorb(False)
+    absorbed = ours.model.layers[0](x, c2, s2, mask, forms=Forms(attention="absorbed"))
     return dict(plain_vs_hf_eager_rel=rel(got, ref_eager), plain_equals_hf_eager=bool(torch.equal(got, ref_eager)),
                 plain_vs_hf_sdpa_rel=rel(got, ref), fast_vs_plain_rel=rel(fast, got),
                 bf16_noise_absorbed_vs_naive_rel=rel(absorbed, got))
@@ -524,9 +518,7 @@ def bench_glm(args, ceil, res) -> dict:
                   f"{row['roofline_s'] * 1e3:.2f} ms), transformers {row['hf_tok_s']:,.1f} tok/s", flush=True)
         t = 256 if small else 2048
         ids = torch.randint(4, V, (1, t), device=device)
-        dec = FastDecoder(ours, 1, t)
-        ts = timed(lambda: dec.prefill(ids), device, reps=3)
-        del dec
+        ts = timed(lambda: ours(ids, forms=PREFILL, logits_to_keep=1), device, reps=3)
         th = timed(lambda: hf(ids, use_cache=False), device, reps=2)
         res["prefill"] = dict(tokens=t, ours_s=ts, ours_tok_s=t / ts, hf_s=th, hf_tok_s=t / th,
                               ours_flops_frac=prefill_flops(ours, t) / ts / ceil["bf16_flops"])
@@ -564,9 +556,8 @@ def glm_check(hf, ours, device) -> dict:
     except Exception as e:
         out["hf_eager_error"] = f"{type(e).__name__}: {e}"[:300]
     full = ours(p)  # (1, 16, V) plain, naive MLA
-    out["bf16_noise_absorbed_vs_naive_rel"] = rel(ours.set_absorb(True)(p)[:, -1], full[:, -1])
-    ours.set_absorb(False)
-    dec = FastDecoder(ours, 1, 16)
+    out["bf16_noise_absorbed_vs_naive_rel"] = rel(ours(p, forms=Forms(attention="absorbed"))[:, -1], full[:, -1])
+    dec = Decoder(ours, 1, 16)
     dec.prefill(p[:, :12])
     for i in range(12, 15):
         last = dec.step(p[:, i])
@@ -615,6 +606,75 @@ def b1_rows(model, name, ctx, device, ceil, rows):
         print(f"  b1 {name} ctx={ctx} {variant}: {t * 1e3:.3f} ms = {1 / t:,.0f} tok/s, roofline "
               f"{row['roofline_s'] * 1e3:.3f} ms ({row['over_roofline']:.2f}x), "
               f"{row.get('kernels_per_step', '?')} kernels (setup {row['setup_wall_s']:.0f} s)", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ gpu: end to end
+
+
+def wall(fn, device) -> float:
+    """Wall-clock seconds of one call (what a user waits), device work included."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def bench_e2e(args, ceil, res) -> dict:
+    """What a user experiences: generate() wall clock for GLM-4.7-Flash at full size (synthetic bf16), prompt 128 +
+    128 new tokens, batch 1 and 32 -- ours (fast: CUDA graph; fast + compile) and transformers at its best
+    single-GPU setting (static cache, which makes its generate() torch.compile the forward; batched_mm experts) --
+    plus the one-time compile wall time of each, time to first token, and the per-step roofline."""
+    device, dtype = args.device, torch.bfloat16
+    small = device == "cpu"
+    hf, ours, _ = glm_models(device, dtype, small)
+    try:
+        hf.set_experts_implementation("batched_mm")
+    except Exception as e:  # noqa: BLE001 -- older transformers: report what ran
+        res["hf_experts_note"] = f"batched_mm not set: {type(e).__name__}: {e}"[:200]
+    res["hf_experts_implementation"] = str(getattr(hf.config, "_experts_implementation", None))
+    res.update(config="GLM-4.7-Flash full size, synthetic bf16, prompt 128 + 128 new tokens, greedy", rows=[])
+    V, plen, new = ours.config.vocab_size, 128, (16 if small else 128)
+    batches = [1, 32] if not args.batches else [int(b) for b in args.batches.split(",")]
+    with torch.no_grad():
+        for batch in batches:
+            ids = torch.randint(4, V, (batch, plen), device=device, generator=torch.Generator(device).manual_seed(0))
+            row = dict(batch=batch, prompt=plen, new_tokens=new)
+            variants = [("fast", dict(fast=True)), ("fast_compile", dict(fast=True, compile=True))]
+            if args.tuned:
+                variants.append(("fast_compile_tuned", dict(fast=True, compile="tuned")))
+            for name, kw in variants:
+                torch._dynamo.reset()
+                first = wall(lambda: ours.generate(ids, new, **kw), device)  # includes the one-time compile/capture
+                t = min(wall(lambda: ours.generate(ids, new, **kw), device) for _ in range(2))
+                ttft = min(wall(lambda: ours.generate(ids, 1, **kw), device) for _ in range(2))
+                row[f"ours_{name}_tok_s"], row[f"ours_{name}_first_call_s"] = batch * new / t, first
+                row[f"ours_{name}_ttft_s"] = ttft
+                print(f"  e2e b={batch} ours {name}: {batch * new / t:,.1f} tok/s end to end, first call "
+                      f"{first:.1f} s, TTFT {ttft * 1e3:.1f} ms", flush=True)
+                checkpoint()
+            row.update(decode_roofline(ours, batch, plen + new // 2, ceil))  # experts touched by the last step
+            row["roofline_tok_s"] = batch / row["roofline_s"]
+            hkw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       eos_token_id=None, pad_token_id=0, cache_implementation="static")
+            try:
+                torch._dynamo.reset()
+                first = wall(lambda: hf.generate(ids, **hkw), device)
+                t = min(wall(lambda: hf.generate(ids, **hkw), device) for _ in range(2))
+                row["hf_static_compile_tok_s"], row["hf_static_compile_first_call_s"] = batch * new / t, first
+                print(f"  e2e b={batch} transformers static+compile: {batch * new / t:,.1f} tok/s, first call "
+                      f"{first:.1f} s", flush=True)
+            except Exception as e:  # noqa: BLE001
+                row["hf_error"] = f"{type(e).__name__}: {e}"[:300]
+                print(f"  transformers: {row['hf_error']}", flush=True)
+            same = ours.generate(ids[:1, :32], 16, fast=True, compile=True)
+            row["fast_compile_equals_plain_tokens"] = bool(torch.equal(same, ours.generate(ids[:1, :32], 16)))
+            res["rows"].append(row)
+            checkpoint()
+    del hf, ours
+    return res
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -669,6 +729,16 @@ def summary(results: dict) -> str:
             lines.append(f"  prefill {p['tokens']}: ours {p['ours_tok_s']:,.0f} tok/s, transformers "
                          f"{p['hf_tok_s']:,.0f} tok/s")
         lines.append(f"  check: {g.get('check')}")
+    e = results.get("e2e") if ok("e2e") else None
+    if e:
+        lines.append("GLM-4.7-Flash generate() end to end (tok/s, prompt 128 + 128): batch | ours fast | ours "
+                     "fast+compile (first call s) | transformers static+compile (first call s) | roofline")
+        for r in e["rows"]:
+            lines.append(f"  {r['batch']:>3} | {r['ours_fast_tok_s']:8,.1f} | {r['ours_fast_compile_tok_s']:8,.1f} "
+                         f"({r['ours_fast_compile_first_call_s']:.0f}) | "
+                         f"{r.get('hf_static_compile_tok_s', float('nan')):8,.1f} "
+                         f"({r.get('hf_static_compile_first_call_s', float('nan')):.0f}) | "
+                         f"{r['roofline_tok_s']:8,.0f}; TTFT ours {r['ours_fast_compile_ttft_s'] * 1e3:.0f} ms")
     b1 = results.get("b1") if ok("b1") else None
     if b1:
         lines.append("Batch-1 decode: model ctx variant | ms/step | tokens/s | roofline ms | ours/roofline | kernels")
@@ -727,20 +797,22 @@ def plot(results: dict, path: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m longcat_ref.tools.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--only", default=None,
-                    help="comma-separated sections: cpu,layer,glm,b1 (default: cpu,layer,glm where possible)")
+                    help="comma-separated sections: cpu,layer,glm,b1,e2e (default: cpu,layer,glm,e2e where possible)")
     ap.add_argument("--json", default=None, help="write all numbers to this file")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step (layer)")
+    ap.add_argument("--tuned", action="store_true", help="e2e: also time compile='tuned' (coordinate descent)")
+    ap.add_argument("--batches", default=None, help="e2e: comma-separated batch sizes (default 1,32)")
     ap.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"), help="plot a results file and exit")
     args = ap.parse_args(argv)
     if args.plot:
         plot(json.load(open(args.plot[0])), args.plot[1])
         return 0
     gpu_ok = args.device != "cpu"
-    sections = args.only.split(",") if args.only else (["cpu", "layer", "glm"] if gpu_ok else ["cpu"])
-    unknown = set(sections) - {"cpu", "layer", "glm", "b1"}
+    sections = args.only.split(",") if args.only else (["cpu", "layer", "glm", "e2e"] if gpu_ok else ["cpu"])
+    unknown = set(sections) - {"cpu", "layer", "glm", "b1", "e2e"}
     if unknown:
-        print(f"error: unknown section(s) {sorted(unknown)}; choose from cpu, layer, glm, b1", file=sys.stderr)
+        print(f"error: unknown section(s) {sorted(unknown)}; choose from cpu, layer, glm, b1, e2e", file=sys.stderr)
         return 2
     results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__)
     ceil = dict(bandwidth_Bps=50e9, bf16_flops=1e12)  # CPU placeholders (sections on CPU are smoke runs only)
@@ -751,7 +823,8 @@ def main(argv=None) -> int:
         _DUMP[0] = lambda: json.dump(results, open(args.json, "w"), indent=1, default=str)
     for name in sections:
         fn = dict(cpu=bench_cpu, layer=lambda a, r: bench_layer(a, ceil, r),
-                  glm=lambda a, r: bench_glm(a, ceil, r), b1=lambda a, r: bench_b1(a, ceil, r))[name]
+                  glm=lambda a, r: bench_glm(a, ceil, r), b1=lambda a, r: bench_b1(a, ceil, r),
+                  e2e=lambda a, r: bench_e2e(a, ceil, r))[name]
         print(f"[{name}]", flush=True)
         try:
             results[name] = {}

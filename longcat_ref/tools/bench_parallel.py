@@ -14,8 +14,9 @@ rank, sharded ones a per-rank seed; no checkpoint is read). Measures, all ranks 
     annotated L{i}.attn0/moe/mlp0/attn1/mlp1, and how much of the MoE all_reduce's GPU time ran concurrently with
     compute kernels (by annotation), plus a timeline PNG
 
-Writes results.json, trace_*.json.gz and timeline_*.png to --out (rank 0). The experts run the readable per-expert
-loop of experts.py (one host sync per MoE call), so these are reference-implementation numbers, not a tuned engine.
+Writes results.json, trace_*.json.gz and timeline_*.png to --out (rank 0). Without --fast the experts run the
+readable per-expert loop of experts.py (one host sync per MoE call): reference-implementation numbers. With --fast
+decode runs generate()'s fixed-shape step on the same sharded model (CUDA graph, collectives captured; --compile).
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model.config import longcat_flash_chat, tiny_longcat
-from ..model.model import CausalLM, LongcatLayer, additive_mask
+from ..model.forms import PREFILL, REFERENCE
+from ..model.generate import Decoder
+from ..model.mla import attention_bias
+from ..model.model import CausalLM, LongcatLayer
 from ..runtime.parallel import ParallelContext
 from ..model.rope import rope_cos_sin
 
@@ -75,17 +79,33 @@ def prompt(cfg, batch, length, device, seed=0):
 
 
 @torch.no_grad()
-def prefill_time(model, ctx, batch, length, reps=2):
+def prefill_time(model, ctx, batch, length, reps=2, fast=False):
     ids = prompt(model.config, batch, length, ctx.device)
     times = []
     for _ in range(reps + 1):  # first = warm-up
         cache = model.new_cache(batch, length)
         sync(ctx)
         t = time.perf_counter()
-        model(ids, cache=cache)
+        model(ids, cache=cache, forms=PREFILL if fast else REFERENCE, logits_to_keep=1)
         sync(ctx)
         times.append(time.perf_counter() - t)
     return min(times[1:])
+
+
+@torch.no_grad()
+def decode_time_fast(model, ctx, batch, context, steps, compile=False):
+    """The fast path's seconds per decode step: generate()'s fixed-shape step (static cache, absorbed MLA, gathered
+    experts; its TP/EP collectives inside one CUDA graph on GPU, torch.compile'd if asked), after a `context` prompt.
+    Returns (seconds per step, one-time set-up seconds of the first step: compile + capture)."""
+    dec = Decoder(model, batch, context + steps + 4, compile=compile)
+    nxt = dec.prefill(prompt(model.config, batch, context, ctx.device)).argmax(-1)  # (b,)
+    nxt = dec.step(nxt).argmax(-1)  # first step: compile + capture
+    sync(ctx)
+    t = time.perf_counter()
+    for _ in range(steps):
+        nxt = dec.step(nxt).argmax(-1)  # (b,): same on every rank
+    sync(ctx)
+    return (time.perf_counter() - t) / steps, dec.setup_s
 
 
 @torch.no_grad()
@@ -282,6 +302,9 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,32", help="decode batch sizes, comma-separated, ascending")
     ap.add_argument("--no-slope", action="store_true", help="skip the half-depth run (per-layer slope)")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiler traces")
+    ap.add_argument("--fast", action="store_true", help="decode with generate()'s fast step (static cache, CUDA "
+                    "graph with the collectives captured) instead of the reference forward")
+    ap.add_argument("--compile", action="store_true", help="with --fast: torch.compile the decode step too")
     a = ap.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",")]
 
@@ -329,11 +352,15 @@ def main(argv=None):
     for k in dict.fromkeys((layers, half)):
         row = res[f"L{k}"] = {}
         with first_layers(model, k):
-            p = prefill_time(model, ctx, 1, a.prefill)
+            p = prefill_time(model, ctx, 1, a.prefill, fast=a.fast)
             row.update(prefill_tok_s=round(a.prefill / p, 1), prefill_s=round(p, 4))
             save()
             for b in batches:
-                d = decode_time(model, ctx, b, a.context, a.steps)
+                if a.fast:
+                    d, setup = decode_time_fast(model, ctx, b, a.context, a.steps, compile=a.compile)
+                    row[f"decode_b{b}_setup_s"] = round(setup, 1)
+                else:
+                    d = decode_time(model, ctx, b, a.context, a.steps)
                 row.update({f"decode_b{b}_step_ms": round(d * 1e3, 2), f"decode_b{b}_tok_s": round(b / d, 2)})
                 if cuda:
                     row[f"peak_gib_after_b{b}"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
@@ -341,6 +368,9 @@ def main(argv=None):
         ctx.print(f"[bench] {k} layers: {res[f'L{k}']}", flush=True)
     with first_layers(model, layers):  # greedy tokens from a short prompt (all ranks in lockstep)
         res["greedy_tokens_from_16_token_prompt"] = model.generate(prompt(cfg, 1, 16, ctx.device), 8)[0, 16:].tolist()
+        if a.fast:
+            res["fast_greedy_tokens_from_16_token_prompt"] = model.generate(
+                prompt(cfg, 1, 16, ctx.device), 8, fast=True, compile=a.compile)[0, 16:].tolist()
     save()
     full, part = res[f"L{layers}"], res[f"L{half}"]
     if layers > half and {1, 32} <= set(batches):
@@ -384,7 +414,7 @@ def main(argv=None):
                          dtype=dtype)  # (B, T, H): same values on every rank (same seed, same kernel)
         pos = torch.arange(T, device=ctx.device).expand(B, T)  # (B, T)
         cos, sin = rope_cos_sin(pos, cfg.qk_rope_head_dim, cfg.rope_theta, dtype)
-        mask = additive_mask(torch.ones(B, T, device=ctx.device), T, 0, dtype)  # (B, 1, T, T)
+        mask = attention_bias(None, torch.arange(T, device=ctx.device), T, dtype)  # (1, 1, T, T) causal
 
         @torch.no_grad()
         def do_layers():  # the layers alone on B x T tokens: no embedding / 8 GiB of logits

@@ -157,10 +157,14 @@ def run_turn(model, tok, prompt: str, args, stream: bool) -> dict:
         if stream and piece:
             out(piece, end="")
 
+    fast, compile = getattr(args, "fast", False), getattr(args, "compile", False)
+    fresh = {k for k, d in model.__dict__.get("_decoders", {}).items() if d.setup_s is not None}
     t0 = time.perf_counter()
     ids = model.generate(torch.tensor([prompt_ids], device=model.device), max_new, temperature=args.temperature,
                          top_p=args.top_p, eos_token_id=eos or None, seed=args.seed, on_token=on_token,
-                         fast=getattr(args, "fast", False))
+                         fast=fast or compile, compile=compile)
+    setup = [d.setup_s for k, d in model.__dict__.get("_decoders", {}).items()
+             if d.setup_s is not None and k not in fresh]  # a decode step set up (compiled, captured) this turn
     rest = dec.flush()
     if stream:
         out(rest)
@@ -174,6 +178,7 @@ def run_turn(model, tok, prompt: str, args, stream: bool) -> dict:
         "text": tok.decode(gen), "stop_reason": "eos" if stopped else "max_new_tokens",
         "max_new_tokens": max_new,
         "timings": {"prefill_s": prefill, "decode_s": decode, "prefill_tokens_per_s": n / prefill,
+                    "decode_setup_s": setup[0] if setup else None,
                     "decode_tokens_per_s": (len(gen) - 1) / decode if len(gen) > 1 and decode > 0 else None},
         "experts": stats.summary(cfg.moe_topk),
         "kv_cache": {"bytes_per_token": cfg.kv_cache_bytes_per_token(el), "tokens": n + len(gen),
@@ -188,6 +193,9 @@ def report(model, r: dict):
     dec = f", decode {t['decode_tokens_per_s']:.1f} tokens/s" if t["decode_tokens_per_s"] else ""
     out(f"-- {len(r['generated_ids'])} tokens (stopped at {r['stop_reason']}): prefill {len(r['prompt_ids'])} "
         f"tokens in {t['prefill_s'] * 1e3:.1f} ms{dec}")
+    if t.get("decode_setup_s") is not None:
+        out(f"-- one-time set-up of the fast decode step (compile + CUDA-graph capture; reused by later turns): "
+            f"{t['decode_setup_s']:.1f} s, included in the decode rate above")
     if e:
         c = parameter_counts(cfg)
         zero = f", {e['zero_mean']:.2f} to zero (identity) experts" if cfg.zero_expert_num else ""
@@ -264,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interactive", action="store_true", help="multi-turn chat: read user turns from stdin "
                    "(an empty line or EOF ends it)")
     p.add_argument("--fast", action="store_true", help="decode with the fast path: static cache, absorbed MLA, "
-                   "grouped experts, one CUDA graph per token on GPU (single process only; same function)")
+                   "gathered experts, one CUDA graph per token on GPU (also under torchrun; same forward, same "
+                   "greedy tokens)")
+    p.add_argument("--compile", action="store_true", help="with the fast path, also torch.compile the decode step "
+                   "(a one-time compile, printed; later prompts and turns reuse it)")
     p.add_argument("--json", action="store_true", help="print one JSON object (prompt_ids, generated_ids, text, "
                    "timings, statistics) instead of streaming")
     return p
@@ -285,8 +296,6 @@ def main(argv=None) -> int:
         if args.json and args.interactive:
             raise DemoError("--json and --interactive cannot be combined")
         ctx = ParallelContext.from_env()  # under torchrun: join the group, this rank's GPU; else world size 1
-        if ctx.world_size > 1 and args.fast:
-            raise DemoError("--fast is for a single process (the CUDA-graph decode does not capture collectives)")
         if ctx.world_size > 1:
             args.seed = ctx.common_seed(args.seed)  # every rank samples the same tokens from the same logits
         model, tok, info = load_model(args, parallel=ctx if ctx.world_size > 1 else None)
@@ -339,7 +348,7 @@ def main(argv=None) -> int:
             report(model, r)
             history = msgs[len(system):] + [{"role": "assistant", "content": r["text"]}]
     except (DemoError, CheckpointError, ConfigError, TokenizerError, ParallelError, ValueError, OSError) as e:
-        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        rank = f"[rank {os.environ.get('RANK', '?')}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
         print(f"{rank}error: {e}", file=sys.stderr)  # every rank: an error may be one rank's alone
         return 1
     except KeyboardInterrupt:

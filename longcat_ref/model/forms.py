@@ -1,0 +1,33 @@
+"""The forms of one forward: which of the equivalent ways to compute attention and the experts a call uses.
+
+Every module with two or more forms takes the choice as an argument of its forward; `CausalLM.forward(...,
+forms=...)` passes one `Forms` down to all of them. Nothing is switched on modules beforehand, so the code that
+calls the model shows which form runs. tests/test_core.py and tests/test_fast.py prove the forms equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ATTENTION_FORMS = ("naive", "absorbed", "sdpa")  # mla.py
+EXPERT_FORMS = ("loop", "grouped", "gather", "gemv", "auto")
+
+
+@dataclass(frozen=True)
+class Forms:
+    """Which of the equivalent forms one forward uses. The default is the readable reference; tests prove the
+    others equal to it (fp32, 1e-5)."""
+
+    attention: str = "naive"  # "naive" | "absorbed" (attend over the latent) | "sdpa" (naive through SDPA)
+    experts: str = "loop"  # "loop" | "grouped" | "gather" | "gemv" | "auto" (the fast one for each call)
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_FORMS:
+            raise ValueError(f"attention form {self.attention!r} is not one of {ATTENTION_FORMS}")
+        if self.experts not in EXPERT_FORMS:
+            raise ValueError(f"experts form {self.experts!r} is not one of {EXPERT_FORMS}")
+
+
+REFERENCE = Forms()  # what the notebooks teach, and what transformers computes
+PREFILL = Forms(attention="sdpa", experts="auto")  # many tokens: flash attention, grouped expert GEMMs
+DECODE = Forms(attention="absorbed", experts="auto")  # one token: attend over the latent, gathered experts

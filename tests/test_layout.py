@@ -1,0 +1,109 @@
+"""The package layout shows the architecture: model/ (the math) <- io/ <- runtime/ <- tools/, no cycles.
+
+Every import of a package module is counted, at the top of a file or inside a function, absolute or relative.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent / "longcat_ref"
+LAYERS = ["model", "io", "runtime", "tools"]  # a module may import its own layer and the layers before it
+
+
+def modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for p in ROOT.rglob("*.py"):
+        name = ".".join(("longcat_ref",) + p.relative_to(ROOT).with_suffix("").parts)
+        out[name.removesuffix(".__init__")] = p
+    return out
+
+
+def imports(name: str, path: pathlib.Path, known) -> set[str]:
+    """Package modules `name` imports (anywhere in the file)."""
+    pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            targets = [f"{base}.{a.name}" for a in node.names] + [base]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:  # "longcat_ref.model.mla.MLA" -> "longcat_ref.model.mla"
+                t = t.rpartition(".")[0]
+            if t and t != name and t != "longcat_ref":
+                found.add(t)
+    return found
+
+
+def layer_of(name: str) -> int | None:
+    """Index into LAYERS; None for the package itself. Top-level modules other than __init__ (the
+    `python -m longcat_ref.demo` entry point) are tools."""
+    parts = name.split(".")
+    if len(parts) == 1:
+        return None
+    return LAYERS.index(parts[1]) if parts[1] in LAYERS else LAYERS.index("tools")
+
+
+GRAPH = {n: imports(n, p, set(modules())) for n, p in modules().items()}
+
+
+def test_every_module_sits_in_a_layer():
+    for name in GRAPH:
+        parts = name.split(".")
+        assert len(parts) == 1 or parts[1] in LAYERS or parts[1] == "demo", f"{name} is outside the layers"
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH))
+def test_imports_point_down_the_layers(name):
+    mine = layer_of(name)
+    for dep in GRAPH[name]:
+        theirs = layer_of(dep)
+        if mine is None or theirs is None:
+            continue
+        assert theirs <= mine, f"{name} ({LAYERS[mine]}) imports {dep} ({LAYERS[theirs]})"
+
+
+def test_nothing_in_the_package_imports_the_tools():
+    tools = {n for n in GRAPH if layer_of(n) == LAYERS.index("tools")}
+    for name, deps in GRAPH.items():
+        if name not in tools:
+            assert not deps & tools, f"{name} imports {sorted(deps & tools)}"
+
+
+def test_no_import_cycles():
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(n, path):
+        state[n] = 1
+        for d in sorted(GRAPH.get(n, ())):
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(d):] + [d]))
+            if d not in state:
+                visit(d, path + [d])
+        state[n] = 2
+
+    for n in sorted(GRAPH):
+        if n not in state:
+            visit(n, [n])
+
+
+def test_the_checker_sees_function_level_imports(tmp_path):
+    """The checker itself can fail: an import inside a function body is found."""
+    p = tmp_path / "x.py"
+    p.write_text("def f():\n    from ..runtime.parallel import ParallelContext\n")
+    assert imports("longcat_ref.model.x", p, set(modules())) == {"longcat_ref.runtime.parallel"}
+
+
+def test_the_math_has_no_process_or_file_code():
+    """The model math imports nothing from the package outside model/ (and no torch.distributed)."""
+    for name, p in modules().items():
+        if layer_of(name) == 0:
+            assert "torch.distributed" not in p.read_text(), name
