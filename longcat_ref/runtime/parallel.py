@@ -54,6 +54,9 @@ from ..model.mla import MLA
 from ..model.moe import MoE
 
 
+_all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed after torch 2.11
+
+
 class ParallelError(ValueError):
     """A world size this model cannot be split over (raised before anything is loaded)."""
 
@@ -97,7 +100,7 @@ class VocabParallelHead(nn.Linear):
 
     def forward(self, x):  # x (b, t, H) -> (b, t, V)
         y = F.linear(x, self.weight).contiguous()  # (b, t, V/W)
-        parts = funcol.all_gather_tensor(y, 0, self.group)  # (W*b, t, V/W): rank r's slice in rows r*b..
+        parts = _all_gather(y, 0, self.group)  # (W*b, t, V/W): rank r's slice in rows r*b..
         return torch.cat(funcol.wait_tensor(parts).chunk(self.world, dim=0), dim=-1)  # (b, t, V): same on all ranks
 
 
