@@ -6,13 +6,16 @@ Public API:
     model(input_ids, attention_mask=None)           -> logits (batch, seq, vocab)
     model.generate(input_ids, max_new_tokens, ...)  -> ids (batch, seq + new)
     parameter_counts(config)                        -> {"total", "activated_min", "activated_max", ...}
+    load_tokenizer(path)                            -> Tokenizer: tok(texts, padding=True, return_tensors="pt"),
+                                                       decode / batch_decode, apply_chat_template(messages, ...)
 """
 
 from .io.checkpoint import CheckpointError, from_pretrained, save_checkpoint
+from .io.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from .model.config import ConfigError, ModelConfig, glm_4_7_flash, load_config, longcat_flash_chat, tiny_glm, tiny_longcat
 from .model.counts import parameter_counts
 from .model.model import CausalLM, init_weights
 
 __all__ = ["load_config", "from_pretrained", "save_checkpoint", "parameter_counts", "CausalLM", "ModelConfig",
            "ConfigError", "CheckpointError", "init_weights", "longcat_flash_chat", "glm_4_7_flash", "tiny_longcat",
-           "tiny_glm"]
+           "tiny_glm", "load_tokenizer", "Tokenizer", "TokenizerError"]
