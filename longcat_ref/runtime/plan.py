@@ -122,8 +122,9 @@ def check_sizes(**sizes) -> None:
 
 
 def report(cfg, worlds, batch, context, chunk, gpu_gib, reserve_gib, weights="bf16", kv="bf16",
-           activations="bf16", file=sys.stdout):
+           activations="bf16", file=None):
     """Print the per-GPU table for each world size (and hints); -> {world size: rank_memory(...)}."""
+    file = file or sys.stdout
     check_sizes(gpu_gib=gpu_gib)
 
     def g(x):
@@ -161,7 +162,7 @@ def report(cfg, worlds, batch, context, chunk, gpu_gib, reserve_gib, weights="bf
     if heavy:
         n = chunk or context
         print(f"hint: activations are the largest part for world size {', '.join(map(str, heavy))} (a prefill of "
-              f"{n:,} tokens at once); prefill in chunks, e.g. --chunk {max(1, min(n // 4, 2048)):,}, to shrink them",
+              f"{n:,} tokens at once); prefill in chunks, e.g. --chunk {max(1, min(n // 4, 2048))}, to shrink them",
               file=file)
     return rows
 
