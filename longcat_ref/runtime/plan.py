@@ -139,8 +139,10 @@ def report(cfg, worlds, batch, context, chunk, gpu_gib, reserve_gib, weights="bf
     if not rows:
         return rows
     kinds = sorted({k for r in rows.values() for k in r["weights"]})
-    print(f"{cfg.model_type}: per-GPU memory in GiB; weights {weights}, KV cache {kv}, activations {activations}; "
-          f"batch {batch}, context {context}, prefill chunk {chunk or context}, GPU {gpu_gib} GiB", file=file)
+    precision = ("2-byte weights" if weights == kv == activations == "bf16"  # all bf16: the short form
+                 else f"weights {weights}, KV cache {kv}, activations {activations}")
+    print(f"{cfg.model_type}: per-GPU memory in GiB, {precision}, batch {batch}, context {context}, "
+          f"prefill chunk {chunk or context}, GPU {gpu_gib} GiB", file=file)
     print(f"{'world size':<29}" + "".join(f"{W:>9}" for W in rows), file=file)
     for k in kinds:
         print(f"  weights: {k:<19}" + "".join(g(r["weights"].get(k, 0)) + " " for r in rows.values()), file=file)

@@ -331,7 +331,7 @@ def main(argv=None) -> int:
             out("  note: a tiny model trained on a little text: expect echoes of its training text, not answers "
                 "(an untrained tiny model prints plain gibberish).")
         if not tok.chat_template:
-            out(f"  note: the checkpoint ships no chat template; using the package's {name} one (longcat_ref/io/chat.py)")
+            out(f"  note: the checkpoint ships no chat template; using the package's {name} one (io/chat.py)")
         if not args.interactive:
             report(model, chat_once(model, tok, args, system + [{"role": "user", "content": args.prompt}], True))
             return 0
