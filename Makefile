@@ -26,8 +26,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
+# ARGS go to jupyter (e.g. ARGS='--no-browser --port 8889'); as root jupyter refuses to start without --allow-root
 lab: $(VENV)/.installed-dev
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS) notebooks/
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m longcat_ref.tools.bench $(ARGS)

@@ -8,8 +8,10 @@ Public API:
     model.generate(input_ids, max_new_tokens, ..., fast=False, compile=False)
                                                     -> ids (batch, seq + new)
     parameter_counts(config)                        -> {"total", "activated_min", "activated_max", ...}
+    load_tokenizer(path)                            -> Tokenizer: tok(texts, padding=True, return_tensors="pt"),
+                                                       decode / batch_decode, apply_chat_template(messages, ...)
 
-Layout (imports point down this list only; tests/test_repo.py enforces it):
+Layout (imports point down this list only; tests/test_layout.py enforces it):
     model/    the math: config, norm, rope, mla, cache, router, experts, moe, model, generate, counts
     io/       checkpoints, tokenizer, chat templates
     runtime/  tensor + expert parallelism, the memory planner
@@ -17,6 +19,7 @@ Layout (imports point down this list only; tests/test_repo.py enforces it):
 """
 
 from .io.checkpoint import CheckpointError, from_pretrained, save_checkpoint
+from .io.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from .model.config import ConfigError, ModelConfig, glm_4_7_flash, load_config, longcat_flash_chat, tiny_glm, tiny_longcat
 from .model.counts import parameter_counts
 from .model.cache import DynamicCache, StaticCache
@@ -25,4 +28,5 @@ from .model.model import CausalLM, init_weights
 
 __all__ = ["load_config", "from_pretrained", "save_checkpoint", "parameter_counts", "CausalLM", "ModelConfig",
            "ConfigError", "CheckpointError", "init_weights", "longcat_flash_chat", "glm_4_7_flash", "tiny_longcat",
-           "tiny_glm", "Forms", "REFERENCE", "PREFILL", "DECODE", "DynamicCache", "StaticCache"]
+           "tiny_glm", "Forms", "REFERENCE", "PREFILL", "DECODE", "DynamicCache", "StaticCache", "load_tokenizer",
+           "Tokenizer", "TokenizerError"]

@@ -1,14 +1,20 @@
-"""Tokenizer training / loading / special tokens, the LongCat chat template (exact strings), streaming decode."""
+"""Tokenizer training / loading / special tokens, calling it like transformers (padding, tensors), decode and
+streaming decode. The chat templates are tested in test_chat.py."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
+import torch
 
-from longcat_ref.io.chat import chat_prompt, longcat_chat_prompt
-from longcat_ref.tools.demo import CORPUS
+import longcat_ref as L
+from longcat_ref.io.chat import LONGCAT_CHAT_TEMPLATE, longcat_chat_prompt
 from longcat_ref.io.tokenizer import (SPECIAL_TOKENS, TokenizerError, load_tokenizer, save_generation_config,
-                                   save_tokenizer, train_tokenizer)
+                                      save_tokenizer, train_tokenizer)
+from longcat_ref.tools.demo import CORPUS, TRAINED_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TEXT = CORPUS.read_text(encoding="utf-8")
 
@@ -72,25 +78,7 @@ def test_tokenizer_errors(tmp_path, tok):
         load_tokenizer(tmp_path)
 
 
-# ------------------------------------------------------------------------------------------------- chat template
-def test_longcat_template_exact_strings():
-    u = lambda c: {"role": "user", "content": c}  # noqa: E731
-    a = lambda c: {"role": "assistant", "content": c}  # noqa: E731
-    s = {"role": "system", "content": "You are LongCat."}
-    assert longcat_chat_prompt([u("Hi")]) == "[Round 0] USER:Hi ASSISTANT:"
-    assert longcat_chat_prompt([s, u("Hi")]) == "SYSTEM:You are LongCat. [Round 0] USER:Hi ASSISTANT:"
-    assert longcat_chat_prompt([s, u("Hi"), a("Hello!"), u("Who are you?"), a("A cat."), u("Bye")]) == (
-        "SYSTEM:You are LongCat. [Round 0] USER:Hi ASSISTANT:Hello!</longcat_s> "
-        "[Round 1] USER:Who are you? ASSISTANT:A cat.</longcat_s> [Round 2] USER:Bye ASSISTANT:")
-    assert longcat_chat_prompt([u("q0"), a("r0"), u("q1")]) == \
-        "[Round 0] USER:q0 ASSISTANT:r0</longcat_s> [Round 1] USER:q1 ASSISTANT:"
-    for bad in ([], [a("x")], [u("x"), a("y")], [u("x"), u("y")], [s]):
-        with pytest.raises(ValueError, match="roles"):
-            longcat_chat_prompt(bad)
-    assert chat_prompt("longcat_flash", [u("Hi")]) == "[Round 0] USER:Hi ASSISTANT:"
-    assert chat_prompt("glm4_moe_lite", [s, u("[gMASK]<sop>hello")]) == "[gMASK]<sop>hello"  # raw
-
-
+# ------------------------------------------------------------------------------------------------- template ids
 def test_template_eos_is_the_special_token(tok):
     ids = tok.encode(longcat_chat_prompt([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                           {"role": "user", "content": "c"}]))
@@ -110,6 +98,17 @@ def test_stream_decode_equals_full_decode(tok, text):
         assert "" in pieces  # ... which really happened
 
 
+def test_stream_decoder_uses_decode_stream_and_restarts_after_flush(tok):
+    from tokenizers.decoders import DecodeStream
+
+    d = tok.stream()
+    assert isinstance(d._stream, DecodeStream)
+    ids = tok.encode("狐狸")
+    first = [d.put(i) for i in ids[:1]]
+    assert d.flush() + "".join(first) == tok.decode(ids[:1])  # a cut character comes out at flush (as U+FFFD)
+    assert "".join(d.put(i) for i in ids) + d.flush() == "狐狸"  # and the next text starts afresh
+
+
 def test_stream_decode_random_ids_and_specials(tok):
     rng = random.Random(0)
     for _ in range(20):
@@ -124,9 +123,6 @@ def test_stream_decode_random_ids_and_specials(tok):
 def test_transformers_reads_our_tokenizer_files_and_template(tmp_path, tok):
     """What we write is what transformers' AutoTokenizer understands: same ids, same specials, same chat string."""
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("jinja2")
-    from longcat_ref.io.chat import LONGCAT_CHAT_TEMPLATE
-
     save_tokenizer(tok, tmp_path, model_max_length=512, chat_template=LONGCAT_CHAT_TEMPLATE)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, 2, 3, 0)
@@ -144,23 +140,86 @@ def test_training_is_deterministic_across_processes(tok):
     import subprocess
     import sys
 
-    # tokenizer.py has no package imports: load it alone (no torch import, fast)
-    code = ("import importlib.util as u, sys; s = u.spec_from_file_location('t', sys.argv[1]); "
-            "m = u.module_from_spec(s); s.loader.exec_module(m); print(m.train_tokenizer([open(sys.argv[2], encoding='utf-8').read()], 400)"
-            ".tok.to_str(), end='')")
-    import longcat_ref.io.tokenizer as T
-
+    code = ("import sys; from longcat_ref.io.tokenizer import train_tokenizer; "
+            "print(train_tokenizer([open(sys.argv[1], encoding='utf-8').read()], 400).tok.to_str(), end='')")
     for seed in ("1", "2"):
-        out = subprocess.run([sys.executable, "-c", code, T.__file__, str(CORPUS)], capture_output=True, text=True,
-                             check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+        out = subprocess.run([sys.executable, "-c", code, str(CORPUS)], capture_output=True, text=True, cwd=ROOT,
+                             check=True, env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}).stdout
         assert out == tok.tok.to_str()
 
 
 def test_add_bos_token_is_honoured(tmp_path):
     """The shipped trained model's tokenizer_config says add_bos_token: prompts then start with bos."""
-    from longcat_ref.tools.demo import TRAINED_DIR
-    from longcat_ref.io.tokenizer import load_tokenizer
-
     tok = load_tokenizer(TRAINED_DIR)
     assert tok.add_bos and tok.encode_prompt("[Round 0] USER:hi ASSISTANT:")[0] == tok.bos_id == 1
     assert tok.encode_prompt("x")[1:] == tok.encode("x")
+    assert tok("x")["input_ids"] == tok.encode_prompt("x") and tok("x", add_special_tokens=False).input_ids[0] != 1
+
+
+# ------------------------------------------------------------------------------------------------- like transformers
+def test_exported_from_the_package():
+    assert L.load_tokenizer is load_tokenizer and L.TokenizerError is TokenizerError
+    assert isinstance(L.load_tokenizer(TRAINED_DIR), L.Tokenizer)
+
+
+def test_call_single_and_batch_left_padded(tok):
+    one = tok("The fox")
+    assert one["input_ids"] == tok.encode("The fox") and one.attention_mask == [1] * len(one.input_ids)
+    texts = ["The fox", "The crow and the pitcher of water", "A"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape == (3, max(len(tok.encode(t)) for t in texts))
+    for row, m, t in zip(ids.tolist(), mask.tolist(), texts):
+        n = len(tok.encode(t))
+        assert row[len(row) - n:] == tok.encode(t) and set(row[:len(row) - n]) <= {tok.pad_id}  # pads on the left
+        assert m == [0] * (len(row) - n) + [1] * n
+    right = tok(texts, padding=True, padding_side="right")
+    assert right["input_ids"][2][0] == tok.encode("A")[0] and right["attention_mask"][2][-1] == 0
+    assert tok(texts)["input_ids"] == [tok.encode(t) for t in texts]  # no padding asked: ragged lists
+    assert tok("The fox", return_tensors="pt")["input_ids"].shape == (1, len(tok.encode("The fox")))
+
+
+def test_call_errors_are_one_line(tok):
+    for kwargs, words in ((dict(return_tensors="pt"), "padding=True"), (dict(return_tensors="np", padding=True), "'pt'"),
+                          (dict(padding="max_length"), "padding="), (dict(padding=True, padding_side="up"), "left")):
+        with pytest.raises(TokenizerError, match=words) as e:
+            tok(["a", "bbb bbb"], **kwargs)
+        assert "\n" not in str(e.value)
+    with pytest.raises(TokenizerError, match="string or a list of strings"):
+        tok([1, 2])
+    nopad = L.Tokenizer(tok.tok, bos_id=1, eos_ids=[2], pad_id=None)
+    with pytest.raises(TokenizerError, match="no pad token"):
+        nopad(["a", "bbb bbb"], padding=True)
+
+
+def test_split_special_tokens(tok):
+    assert 2 in tok.encode("hi</longcat_s>")
+    plain = tok.encode("hi</longcat_s>", split_special_tokens=True)
+    assert 2 not in plain and tok.decode(plain) == "hi</longcat_s>"
+    assert tok("hi</longcat_s>", split_special_tokens=True, add_special_tokens=False).input_ids == plain
+
+
+def test_decode_and_batch_decode_take_lists_and_tensors(tok):
+    texts = ["The fox", "ate the grapes of the vine"]
+    rows = [tok.encode(t) for t in texts]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    assert tok.batch_decode(enc["input_ids"]) == texts  # pads are special: skipped
+    assert tok.batch_decode(rows) == texts
+    assert tok.decode(torch.tensor(rows[0])) == "The fox"
+    assert tok.decode(enc["input_ids"][0], skip_special_tokens=False).endswith("<longcat_pad>The fox")
+    with pytest.raises(TokenizerError, match="batch_decode"):
+        tok.decode(enc["input_ids"])
+
+
+def test_padded_batch_generates_what_each_prompt_does_alone():
+    """text -> ids -> generate -> text for a left-padded batch: each row's new tokens equal its unpadded run."""
+    model, tok = L.from_pretrained(TRAINED_DIR, dtype=torch.float32), load_tokenizer(TRAINED_DIR)
+    prompts = [longcat_chat_prompt([{"role": "user", "content": q}])
+               for q in ("What does the function os.path.join do?", "What is the json module for?")]
+    enc = tok(prompts, padding=True, return_tensors="pt")
+    assert enc["attention_mask"].min() == 0  # the rows really differ in length
+    out = model.generate(enc["input_ids"], 8, attention_mask=enc["attention_mask"])
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:])
+    for p, t in zip(prompts, texts):
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        assert t == tok.decode(model.generate(ids, 8)[0, ids.shape[1]:])

@@ -9,8 +9,11 @@ import torch
 import longcat_ref as L
 from longcat_ref.tools import data as D
 from longcat_ref.model.router import Router
-from longcat_ref.tools.train import (DEFAULT_OUT, ExpertBiasPID, TrainConfig, hidden_z_loss, lm_loss, main, make_optimizer,
-                               model_config, routing_stats, train, train_step)
+from longcat_ref.io.chat import LONGCAT_CHAT_TEMPLATE
+from longcat_ref.io.tokenizer import load_tokenizer
+from longcat_ref.tools import train as T
+from longcat_ref.tools.train import (DEFAULT_OUT, SHIPPED_DIR, ExpertBiasPID, TrainConfig, hidden_z_loss, lm_loss, main,
+                                     make_optimizer, model_config, routing_stats, train, train_step)
 
 
 def skewed_router(cfg, seed=0):
@@ -101,17 +104,62 @@ def test_cli_rejects_bad_arguments(capsys):
     assert len(err) == 1 and "--steps" in err[0]
 
 
+def test_out_defaults_outside_the_package_and_the_shipped_model_needs_ship():
+    assert DEFAULT_OUT == os.path.join("runs", "tiny-longcat") and not os.path.isabs(DEFAULT_OUT)
+    assert T.resolve_out(None, ship=False) == DEFAULT_OUT
+    assert T.resolve_out(None, ship=True) == SHIPPED_DIR
+    with pytest.raises(ValueError, match="pass --ship"):
+        T.resolve_out(SHIPPED_DIR, ship=False)
+    with pytest.raises(ValueError, match="drop --out"):
+        T.resolve_out("elsewhere", ship=True)
+
+
+def test_output_paths_are_checked_before_training(tmp_path, capsys, monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(T, "run_all", no_training)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    (tmp_path / "d.png").mkdir()
+    for argv, words in ((["--out", str(a_file)], "not a directory"),
+                        (["--out", str(a_file / "sub")], "cannot be created"),
+                        (["--out", SHIPPED_DIR], "--ship"),
+                        (["--out", str(tmp_path / "o"), "--plot", str(tmp_path / "fig.txt")], ".png"),
+                        (["--out", str(tmp_path / "o"), "--plot", str(a_file / "fig.png")], "not a directory"),
+                        (["--out", str(tmp_path / "o"), "--plot", str(tmp_path / "d.png")], "is a directory")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (argv, err)
+
+
+def test_a_short_run_writes_a_loadable_checkpoint_with_normal_permissions(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--steps", "2", "--ablation-steps", "0", "--batch-size", "2", "--out", str(out)]) == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.json"):
+        assert os.stat(out / f).st_mode & 0o777 == 0o666 & ~mask, f  # safetensors alone would write 0600
+    tok = load_tokenizer(out)
+    assert tok.chat_template == LONGCAT_CHAT_TEMPLATE and tok.add_bos
+    # the same tokenizer files as the shipped model: one trainer, one template
+    assert (out / "tokenizer.json").read_text() == open(os.path.join(SHIPPED_DIR, "tokenizer.json")).read()
+    assert json.loads((out / "tokenizer_config.json").read_text()) == \
+        json.load(open(os.path.join(SHIPPED_DIR, "tokenizer_config.json")))
+    assert L.from_pretrained(out, dtype=torch.float32).config.vocab_size == tok.vocab_size
+
+
 # ------------------------------------------------------------------------------------------------- shipped model
-needs_asset = pytest.mark.skipif(not os.path.exists(os.path.join(DEFAULT_OUT, "config.json")),
+needs_asset = pytest.mark.skipif(not os.path.exists(os.path.join(SHIPPED_DIR, "config.json")),
                                  reason="no trained tiny model shipped (run python -m longcat_ref.tools.train)")
 
 
 @needs_asset
 def test_shipped_checkpoint_is_small_and_complete():
-    files = set(os.listdir(DEFAULT_OUT))
+    files = set(os.listdir(SHIPPED_DIR))
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "metrics.json"} <= files
-    assert sum(os.path.getsize(os.path.join(DEFAULT_OUT, f)) for f in files) < 20 * 2**20
-    tcfg = json.load(open(os.path.join(DEFAULT_OUT, "tokenizer_config.json")))
+    assert sum(os.path.getsize(os.path.join(SHIPPED_DIR, f)) for f in files) < 20 * 2**20
+    tcfg = json.load(open(os.path.join(SHIPPED_DIR, "tokenizer_config.json")))
     assert (tcfg["bos_token"], tcfg["eos_token"], tcfg["pad_token"]) == (D.BOS, D.EOS, D.PAD)
 
 
@@ -119,8 +167,8 @@ def test_shipped_checkpoint_is_small_and_complete():
 def test_shipped_checkpoint_loads_generates_and_is_trained():
     from tokenizers import Tokenizer
 
-    model = L.from_pretrained(DEFAULT_OUT, dtype=torch.float32)
-    tok = Tokenizer.from_file(os.path.join(DEFAULT_OUT, "tokenizer.json"))
+    model = L.from_pretrained(SHIPPED_DIR, dtype=torch.float32)
+    tok = Tokenizer.from_file(os.path.join(SHIPPED_DIR, "tokenizer.json"))
     assert [tok.token_to_id(t) for t in D.SPECIAL_TOKENS] == [0, 1, 2, 3]
     assert tok.get_vocab_size() == model.config.vocab_size
     # trained: far better than chance on held-out rounds (the last rows of the corpus stream)

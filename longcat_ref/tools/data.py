@@ -1,5 +1,5 @@
-"""Training data for the tiny LongCat-Flash: a chat corpus derived offline from the Python standard library, a
-byte-level BPE tokenizer with LongCat's special tokens, and packed training batches.
+"""Training data for the tiny LongCat-Flash: a chat corpus derived offline from the Python standard library, and
+packed training batches (the tokenizer is io/tokenizer.py's `train_tokenizer`, the template io/chat.py's).
 
 Corpus. For a fixed list of pure-Python standard-library modules we read the docstring of every public function and
 class (`inspect`, nothing is downloaded) and turn each into one chat round in LongCat-Flash-Chat's template:
@@ -10,8 +10,8 @@ Docstrings change between Python releases, so the corpus is built once and shipp
 `longcat_ref/assets/stdlib_chat.txt` (built with Python 3.11; CPython's docstrings are under the PSF license).
 `python -m longcat_ref.tools.data` rebuilds it from the running Python; `corpus_sha256` is logged with every run.
 
-Tokenizer. Byte-level BPE trained with `tokenizers` (deterministic for a given corpus). Special tokens, agreed with
-`longcat_ref/io/tokenizer.py`:
+Tokenizer. `io.tokenizer.train_tokenizer(corpus_texts(), 2048, min_frequency=0)`, deterministic for a given corpus
+(tools/train.py; tests/test_train.py retrains it and compares with the shipped tokenizer.json). Special tokens:
 
     id 0 <longcat_unk>   1 <longcat_s> (bos)   2 </longcat_s> (eos)   3 <longcat_pad> (pad)
 
@@ -24,18 +24,13 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-import json
 import os
 import re
 
 import torch
 
-UNK, BOS, EOS, PAD = "<longcat_unk>", "<longcat_s>", "</longcat_s>", "<longcat_pad>"
-SPECIAL_TOKENS = [UNK, BOS, EOS, PAD]  # ids 0, 1, 2, 3
-CHAT_TEMPLATE = (  # LongCat-Flash-Chat's round format: [Round i] USER:{q} ASSISTANT:{a}</longcat_s>
-    "{% for m in messages %}{% if m['role'] == 'user' %}[Round {{ loop.index0 // 2 }}] USER:{{ m['content'] }} "
-    "{% else %}ASSISTANT:{{ m['content'] }}</longcat_s>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+from ..io.chat import longcat_chat_prompt
+from ..io.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK  # noqa: F401 -- ids 0-3, re-exported for readers
 
 # Pure-Python modules whose import has no side effects; sorted names make the corpus order deterministic.
 MODULES = [
@@ -98,8 +93,9 @@ def stdlib_qa(modules=MODULES) -> list[tuple[str, str]]:
 
 
 def chat_text(q: str, a: str) -> str:
-    """One round in LongCat-Flash-Chat's template (bos/eos are added as ids, not text, by `encode_corpus`)."""
-    return f"[Round 0] USER:{q} ASSISTANT:{a}"
+    """One round in LongCat-Flash-Chat's template, "[Round 0] USER:{q} ASSISTANT:{a}" (bos/eos are added as ids,
+    not text, by `encode_corpus`)."""
+    return longcat_chat_prompt([{"role": "user", "content": q}]) + a
 
 
 CORPUS_FILE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "stdlib_chat.txt")
@@ -122,36 +118,11 @@ def corpus_sha256(texts: list[str]) -> str:
     return hashlib.sha256("\n".join(texts).encode()).hexdigest()
 
 
-# ------------------------------------------------------------------------------------------------- tokenizer
-def train_tokenizer(texts: list[str], vocab_size: int = 2048):
-    """A byte-level BPE `tokenizers.Tokenizer` trained on texts, with LongCat's four special tokens at ids 0-3."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    for i, s in enumerate(SPECIAL_TOKENS):
-        assert tok.token_to_id(s) == i, f"special token {s} must have id {i}"
-    return tok
-
-
-def save_tokenizer(tok, path: str, model_max_length: int) -> None:
-    """Write tokenizer.json and a tokenizer_config.json naming the special tokens (the Hugging Face layout)."""
-    os.makedirs(path, exist_ok=True)
-    tok.save(os.path.join(path, "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-           "unk_token": UNK, "add_bos_token": True, "add_eos_token": False, "model_max_length": model_max_length,
-           "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-
-
 # ------------------------------------------------------------------------------------------------- batches
 def encode_corpus(tok, texts: list[str]) -> torch.Tensor:
-    """One stream of ids: bos, round, eos, bos, round, eos, ... (int64)."""
+    """One stream of ids: bos, round, eos, bos, round, eos, ... (int64). tok: an io.tokenizer.Tokenizer or a plain
+    `tokenizers.Tokenizer`."""
+    tok = getattr(tok, "tok", tok)  # the tokenizers.Tokenizer inside ours
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
     ids = []
     for enc in tok.encode_batch(texts, add_special_tokens=False):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..io.chat import LONGCAT_CHAT_TEMPLATE, chat_prompt
+from ..io.chat import LONGCAT_CHAT_TEMPLATE, default_chat_template
 from ..io.checkpoint import CheckpointError, from_pretrained, read_config, save_checkpoint
 from ..model.config import LONGCAT, ConfigError, tiny_longcat
 from ..model.counts import activated_for, parameter_counts
@@ -140,7 +140,7 @@ class ExpertStats:
 def run_turn(model, tok, prompt: str, args, stream: bool) -> dict:
     """Encode, generate (streaming to stdout if `stream`), decode; -> ids, text, timings and statistics."""
     cfg = model.config
-    prompt_ids = tok.encode_prompt(prompt)
+    prompt_ids = getattr(prompt, "ids", None) or tok.encode_prompt(prompt)  # a Prompt carries its ids
     n, maxpos = len(prompt_ids), cfg.max_position_embeddings
     if n == 0:
         raise DemoError("the prompt is empty")
@@ -250,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Chat with a LongCat-Flash or GLM-4.7-Flash checkpoint (streamed, with statistics).\n"
                             "Without --model: the embedded tiny LongCat-Flash (untrained unless "
                             "longcat_ref/assets/tiny-longcat exists, so expect gibberish).",
-                epilog="LongCat prompts use the LongCat-Flash-Chat template: "
-                       "'SYSTEM:{system} [Round 0] USER:{prompt} ASSISTANT:'. GLM-4.7-Flash prompts are used raw "
-                       "(its template is not confirmed; write e.g. '[gMASK]<sop>hello').")
+                epilog="Prompts are rendered with the checkpoint's own chat template (tokenizer_config.json or "
+                       "chat_template.jinja; the package's LongCat-Flash-Chat / GLM-4.7-Flash one if it ships none), "
+                       "e.g. 'SYSTEM:{system} [Round 0] USER:{prompt} ASSISTANT:'. What you type stays plain text.")
     p.add_argument("--model", metavar="DIR", help="checkpoint directory: config.json, *.safetensors (+ index), "
                    "tokenizer.json, tokenizer_config.json (default: the embedded tiny model)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the user message (default: {DEFAULT_PROMPT!r})")
@@ -281,8 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Prompt(str):
+    """A rendered chat prompt (the text) carrying its ids, in which the user's text is plain text, never tokens."""
+
+    ids: list[int]
+
+
+def chat_prompt(tok, model_type: str, messages) -> Prompt:
+    """The checkpoint's chat template (the package's one for model_type if it ships none) -> text + ids."""
+    template = None if tok.chat_template else default_chat_template(model_type)
+    prompt = Prompt(tok.apply_chat_template(messages, chat_template=template))
+    prompt.ids = tok.apply_chat_template(messages, tokenize=True, chat_template=template, add_special_tokens=True)
+    return prompt
+
+
 def chat_once(model, tok, args, messages, stream: bool) -> dict:
-    prompt = chat_prompt(model.config.model_type, messages)
+    prompt = chat_prompt(tok, model.config.model_type, messages)
     if stream:
         out(f"USER: {messages[-1]['content']}")
         out("ASSISTANT: ", end="")
@@ -325,8 +339,8 @@ def main(argv=None) -> int:
         elif args.model is None:
             out("  note: a tiny model trained on a little text: expect echoes of its training text, not answers "
                 "(an untrained tiny model prints plain gibberish).")
-        if cfg.model_type != LONGCAT:
-            out("  note: GLM-4.7-Flash prompts are used raw (no chat template; see longcat_ref/io/chat.py)")
+        if not tok.chat_template:
+            out(f"  note: the checkpoint ships no chat template; using the package's {name} one (io/chat.py)")
         if not args.interactive:
             report(model, chat_once(model, tok, args, system + [{"role": "user", "content": args.prompt}], True))
             return 0
@@ -340,7 +354,7 @@ def main(argv=None) -> int:
             msgs = system + history + [{"role": "user", "content": line.strip()}]
             try:
                 out("ASSISTANT: ", end="")
-                r = run_turn(model, tok, chat_prompt(cfg.model_type, msgs), args, stream=True)
+                r = run_turn(model, tok, chat_prompt(tok, cfg.model_type, msgs), args, stream=True)
             except DemoError as e:
                 out(f"\nerror: {e}; starting a new conversation", file=sys.stderr)
                 history = []

@@ -1,8 +1,13 @@
 """Train a tiny LongCat-Flash on a CPU and watch its dynamic computation: zero-computation experts under an expert
 bias steered by a PID controller, plus the hidden z-loss and a load-balance loss.
 
-    python -m longcat_ref.tools.train --plot docs/training_dynamics.png   # the shipped model + two ablations (README)
+    python -m longcat_ref.tools.train --plot docs/training_dynamics.png   # into runs/tiny-longcat, + two ablations
+    python -m longcat_ref.tools.train --ship --plot docs/training_dynamics.png   # rewrite the shipped model (README)
     python -m longcat_ref.tools.train --steps 20 --ablation-steps 0 --out /tmp/x          # a quick look
+
+The checkpoint goes to --out (default runs/tiny-longcat, relative to the working directory); the package's own
+model (longcat_ref/assets/tiny-longcat, SHIPPED_DIR) is only rewritten with --ship. Every output path is checked
+before training starts, and the files are written with the usual permissions (0644 under umask 022).
 
 What the sources say, and what we do (model card in /work/shared/seeds; tech report arXiv 2509.01322, whose body we
 know only through public summaries -- marked [summary] -- so treat those details as unconfirmed):
@@ -54,12 +59,15 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from ..io.chat import LONGCAT_CHAT_TEMPLATE
 from ..io.checkpoint import save_checkpoint
+from ..io.tokenizer import save_tokenizer, train_tokenizer
 from ..model.config import ModelConfig, tiny_longcat
 from ..model.counts import parameter_counts
 from ..model.model import CausalLM, init_weights
 
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny-longcat")
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny-longcat")  # in the package
+DEFAULT_OUT = os.path.join("runs", "tiny-longcat")  # relative to the working directory, never inside the package
 
 
 def model_config(vocab_size: int, seq_len: int = 128) -> ModelConfig:
@@ -326,7 +334,7 @@ def _train(tc, cfg, train_rows, val_rows, log, name) -> Run:
 # ------------------------------------------------------------------------------------------------- entry point
 def prepare_data(tc: TrainConfig):
     texts = D.corpus_texts()
-    tok = D.train_tokenizer(texts, tc.vocab_size)
+    tok = train_tokenizer(texts, tc.vocab_size, min_frequency=0, add_bos=True)  # trained with bos before each round
     stream = D.encode_corpus(tok, texts)
     train_rows, val_rows = D.split_rows(D.make_rows(stream, tc.seq_len))
     info = {"documents": len(texts), "tokens": int(stream.numel()), "corpus_sha256": D.corpus_sha256(texts),
@@ -366,26 +374,35 @@ def plot(metrics: dict, path: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m longcat_ref.tools.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=DEFAULT_OUT, help="checkpoint directory (config, weights, tokenizer, metrics)")
+    p = argparse.ArgumentParser(prog="python -m longcat_ref.tools.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=None, help="checkpoint directory (config, weights, tokenizer, metrics); "
+                   f"default {DEFAULT_OUT}, or the shipped model's directory with --ship")
+    p.add_argument("--ship", action="store_true", help="write the package's shipped tiny model "
+                   "(longcat_ref/assets/tiny-longcat) instead of --out")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--ablation-steps", type=int, default=60,
                    help="steps of the two comparison runs (controller off; z-loss off); 0 skips them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--plot", default=None, help="also write the figure here (needs matplotlib)")
+    p.add_argument("--plot", default=None, help="also write the figure here (.png, .pdf or .svg; needs matplotlib)")
     p.add_argument("--plot-only", action="store_true", help="only redraw --plot from OUT/metrics.json")
     a = p.parse_args(argv)
     try:
+        a.out = resolve_out(a.out, a.ship)
         if a.plot_only:
             if not a.plot:
                 raise ValueError("--plot-only needs --plot PATH")
+            check_plot_path(a.plot)
             with open(os.path.join(a.out, "metrics.json")) as f:
                 print(plot(json.load(f), a.plot))
             return 0
-        if a.steps < 1 or a.ablation_steps < 0:
-            raise ValueError("--steps must be >= 1 and --ablation-steps >= 0")
+        if a.steps < 1 or a.ablation_steps < 0 or a.batch_size < 1 or not a.lr > 0:
+            raise ValueError("--steps and --batch-size must be >= 1, --ablation-steps >= 0 and --lr > 0")
+        check_out_dir(a.out)
+        if a.plot:
+            check_plot_path(a.plot)
         return run_all(a)
     except ImportError as e:
         print(f"error: --plot needs matplotlib ({e}); install the dev extras or drop --plot", file=sys.stderr)
@@ -395,12 +412,61 @@ def main(argv=None) -> int:
         return 2
 
 
+def resolve_out(out: str | None, ship: bool) -> str:
+    """--out / --ship -> the checkpoint directory; the shipped model's directory only when asked for by --ship."""
+    if ship:
+        if out is not None and os.path.realpath(out) != os.path.realpath(SHIPPED_DIR):
+            raise ValueError("--ship writes the shipped model's directory; drop --out")
+        return SHIPPED_DIR
+    out = DEFAULT_OUT if out is None else out
+    if os.path.realpath(out) == os.path.realpath(SHIPPED_DIR):
+        raise ValueError(f"--out {out} is the shipped model inside the package; pass --ship to rewrite it")
+    return out
+
+
+def _writable_dir(d: str, what: str) -> None:
+    """Create d (and parents) if needed and check that files can be written in it, or raise naming `what`."""
+    if os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"{what} {d} exists and is not a directory")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{what} {d} cannot be created ({e.strerror})") from None
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {d} is not writable")
+
+
+def check_out_dir(out: str) -> None:
+    """Before training: the checkpoint directory can be written."""
+    _writable_dir(out, "--out")
+
+
+def check_plot_path(path: str) -> None:
+    """Before training: matplotlib is there, the figure's format is known and its directory can be written."""
+    import matplotlib  # ImportError: reported by main
+
+    if os.path.splitext(path)[1].lower() not in (".png", ".pdf", ".svg"):
+        raise ValueError(f"--plot {path}: use a .png, .pdf or .svg file name")
+    if os.path.isdir(path):
+        raise ValueError(f"--plot {path} is a directory; give a file name")
+    _writable_dir(os.path.dirname(os.path.abspath(path)), "--plot's directory")
+    del matplotlib
+
+
+def normal_permissions(paths) -> None:
+    """safetensors writes its file with mode 0600; give written files the mode open() would (0666 minus umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in paths:
+        os.chmod(p, 0o666 & ~mask)
+
+
 def run_all(a) -> int:
     tc = TrainConfig(steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr)
     torch.set_num_threads(tc.threads)
     t0 = time.perf_counter()
     tok, train_rows, val_rows, info = prepare_data(tc)
-    cfg = model_config(tok.get_vocab_size(), tc.seq_len)
+    cfg = model_config(tok.vocab_size, tc.seq_len)
     counts = parameter_counts(cfg)
     print(f"data: {info['documents']} chat rounds, {info['tokens']:,} tokens; model: {counts['total']:,} params, "
           f"{counts['activated_min']:,}-{counts['activated_max']:,} activated; torch threads {torch.get_num_threads()}")
@@ -415,8 +481,9 @@ def run_all(a) -> int:
         runs[name] = train(atc, cfg, train_rows, val_rows, name=name)
 
     os.makedirs(a.out, exist_ok=True)
+    before = set(os.listdir(a.out))
     save_checkpoint(main_run.model, a.out)
-    D.save_tokenizer(tok, a.out, model_max_length=cfg.max_position_embeddings)
+    save_tokenizer(tok, a.out, model_max_length=cfg.max_position_embeddings, chat_template=LONGCAT_CHAT_TEMPLATE)
     wall = time.perf_counter() - t0
     metrics = {"data": info, "model": {"moe_topk": cfg.moe_topk, "n_routed_experts": cfg.n_routed_experts,
                                        "zero_expert_num": cfg.zero_expert_num, **counts},
@@ -424,10 +491,16 @@ def run_all(a) -> int:
                "runs": {n: {"train_config": asdict(abl.get(n, tc)), "metrics": r.metrics} for n, r in runs.items()}}
     with open(os.path.join(a.out, "metrics.json"), "w") as f:
         json.dump(_rounded(metrics), f, separators=(",", ":"))
+    written = [os.path.join(a.out, f) for f in os.listdir(a.out) if f not in before or f in _OUTPUT_FILES]
+    normal_permissions(p for p in written if os.path.isfile(p))
     if a.plot:
         plot(metrics, a.plot)
     print(f"wrote {a.out} in {wall / 60:.1f} min")
     return 0
+
+
+_OUTPUT_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "metrics.json"}
 
 
 def _rounded(x, nd: int = 6):
