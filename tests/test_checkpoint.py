@@ -57,7 +57,8 @@ def test_original_longcat_layout_config_and_mtp(tmp_path):
     m = tiny("longcat")
     L.save_checkpoint(m, tmp_path, original_config=True, mtp=True, max_shard_bytes=40_000)
     cfgd = json.loads((tmp_path / "config.json").read_text())
-    assert "model_type" not in cfgd and cfgd["num_layers"] == 2 and cfgd["zero_expert_type"] == "identity"
+    assert cfgd["model_type"] == "longcat_flash"  # the published config.json has it
+    assert cfgd["num_layers"] == 2 and cfgd["zero_expert_type"] == "identity"
     assert cfgd["rope_theta"] == 1e7 and "rope_parameters" not in cfgd
     weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     mtp_names = sorted(k for k in weight_map if k.startswith("model.mtp."))
@@ -78,7 +79,9 @@ def test_original_longcat_layout_config_and_mtp(tmp_path):
 
 def test_original_config_is_read_as_longcat():
     d = original_longcat_config(L.tiny_longcat())
-    assert "model_type" not in d
+    assert d["model_type"] == "longcat_flash"
+    assert config_from_dict(d) == L.tiny_longcat(num_nextn_predict_layers=1)
+    d.pop("model_type")  # copies that lost model_type are recognised by LongCat's own fields
     assert config_from_dict(d) == L.tiny_longcat(num_nextn_predict_layers=1)
 
 
@@ -87,12 +90,20 @@ def test_dtype_is_cast_while_loading(tmp_path):
     L.save_checkpoint(m, tmp_path)
     bf = L.from_pretrained(tmp_path, dtype=torch.bfloat16)
     for (n, p), (_, q) in zip(m.named_parameters(), bf.named_parameters()):
-        assert q.dtype == torch.bfloat16 and torch.equal(q, p.to(torch.bfloat16)), n
-    # LongCat's correction bias: fp32 buffer holding the bf16-rounded value, as transformers holds it
+        if n.endswith("mlp.router.weight"):  # LongCat's router stays fp32, as the serving engines keep it
+            assert q.dtype == torch.float32 and torch.equal(q, p), n
+        else:
+            assert q.dtype == torch.bfloat16 and torch.equal(q, p.to(torch.bfloat16)), n
     b, b0 = bf.model.layers[0].mlp.router.e_score_correction_bias, m.model.layers[0].mlp.router.e_score_correction_bias
+    assert b.dtype == torch.float32 and torch.equal(b, b0)  # the fp32 bias is not rounded
+    # router_dtype=None: as transformers, the router weight in the model dtype and the bias rounded through it
+    hf_like = L.from_pretrained(tmp_path, dtype=torch.bfloat16, router_dtype=None)
+    w = hf_like.model.layers[0].mlp.router.weight
+    assert w.dtype == torch.bfloat16 and torch.equal(w, m.model.layers[0].mlp.router.weight.to(torch.bfloat16))
+    b = hf_like.model.layers[0].mlp.router.e_score_correction_bias
     assert b.dtype == torch.float32 and torch.equal(b, b0.to(torch.bfloat16).float()) and not torch.equal(b, b0)
     # and the other way round: a bf16 file loads into fp32
-    L.save_checkpoint(bf, tmp_path / "bf16")
+    L.save_checkpoint(hf_like, tmp_path / "bf16")
     back = L.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
     assert back.lm_head.weight.dtype == torch.float32 and torch.equal(back.lm_head.weight, bf.lm_head.weight.float())
 
