@@ -2,7 +2,7 @@
 
 Public API:
     load_config(path)                               -> ModelConfig
-    from_pretrained(path, dtype, device)            -> CausalLM (eval mode)
+    from_pretrained(path_or_hub_id, dtype, device)  -> CausalLM (eval mode); dtype default: fp32 CPU, bf16 CUDA
     model(input_ids, attention_mask=None)           -> logits (batch, seq, vocab)
     model.generate(input_ids, max_new_tokens, ...)  -> ids (batch, seq + new)
     parameter_counts(config)                        -> {"total", "activated_min", "activated_max", ...}

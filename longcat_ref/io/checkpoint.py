@@ -451,8 +451,9 @@ def load_weights(model, cfg: ModelConfig, path: str, dtype, shard_rule=None, pro
     """
     path = os.fspath(path)
     raw_cfg = _raw_config(path)
-    infos = infos if infos is not None else index_checkpoint(path)
-    preflight(cfg, infos, raw_cfg, path)
+    if infos is None:  # from_pretrained passes the headers it has already checked
+        infos = index_checkpoint(path)
+        preflight(cfg, infos, raw_cfg, path)
     block = _quant_block(raw_cfg, path)
     reader = _Reader(infos)
     global_shapes = _global_shapes(cfg)
@@ -490,8 +491,12 @@ def load_weights(model, cfg: ModelConfig, path: str, dtype, shard_rule=None, pro
 
     def copy(dst, t, key):
         dst.copy_(t)  # casts to the target's dtype on the way
-        if check_finite and dst.is_floating_point() and not bool(torch.isfinite(dst).all()):
+        # A NaN/Inf anywhere makes the fp32 sum non-finite: one reduction over the copy in memory, no temporary
+        # tensor, no second read of the file. Only then are the bad values counted.
+        if check_finite and not math.isfinite(float(torch.sum(dst, dtype=torch.float32))):
             bad = int((~torch.isfinite(dst)).sum())
+            if bad == 0:
+                return  # finite values whose sum overflowed
             raise CheckpointError(f"tensor {key} in {infos[key].file} has {bad} non-finite values (NaN/Inf): the "
                                   "weights are broken; pass check_finite=False to load them anyway")
 

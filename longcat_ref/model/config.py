@@ -273,7 +273,7 @@ _IGNORED = {
     "params_dtype", "nextn_use_scmoe",
 }
 # Keys whose value changes the math: accepted only with the value this package implements.
-_MUST_BE = {"topk_method": {None, "noaux_tc"}, "moe_layer_freq": {None, 1}, "activation_scheme": {None, "dynamic"}}
+_MUST_BE = {"topk_method": {None, "noaux_tc"}, "moe_layer_freq": {None, 1}}
 _SCORING = {"longcat_flash": {None, "softmax"}, "glm4_moe_lite": {None, "sigmoid"}}
 MAX_CONFIG_BYTES = 16 * 2**20
 
