@@ -301,6 +301,7 @@ def test_header_length_as_large_as_the_file(sharded, no_alloc):
     (lambda h: h["lm_head.weight"].__setitem__("shape", [512, 65]), r"lm_head.weight: \d+ bytes for shape"),
     (lambda h: h["lm_head.weight"]["data_offsets"].__setitem__(0, 4), r"lm_head.weight: \d+ bytes for shape"),
     (lambda h: h.__setitem__("lm_head.weight", "x"), r"entry 'lm_head.weight' lacks"),
+    (lambda h: h.__setitem__("evil\nname", h.pop("lm_head.weight")), r"tensor name 'evil\\nname' is not printable"),
 ])
 def test_corrupt_header_entries_are_found_before_allocating(sharded, no_alloc, change, msg):
     _, p = sharded
@@ -308,8 +309,9 @@ def test_corrupt_header_entries_are_found_before_allocating(sharded, no_alloc, c
     header, body = _header(f)
     change(header)
     _write_header(f, header, body)
-    with pytest.raises(CheckpointError, match=msg):
+    with pytest.raises(CheckpointError, match=msg) as e:
         load(p)
+    assert "\n" not in str(e.value)
 
 
 def test_overlapping_offsets(tmp_path, no_alloc):

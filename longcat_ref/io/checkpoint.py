@@ -85,9 +85,10 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 class TensorInfo:
     """One tensor as a safetensors header describes it."""
 
-    file: str  # path of the shard
+    file: str  # path of the shard, as named in the checkpoint directory (for messages)
     dtype: str  # safetensors dtype name ("BF16", "F8_E4M3", ...)
     shape: tuple
+    real: str = ""  # the checked real path (symlinks resolved): what is opened
 
 
 # ------------------------------------------------------------------------------------------------- file checks
@@ -118,17 +119,17 @@ def _confinement_root(path: str) -> str:
     return real
 
 
-def read_header(path: str, name: str | None = None) -> dict[str, TensorInfo]:
+def read_header(path: str, shown: str | None = None) -> dict[str, TensorInfo]:
     """Read and check a safetensors file's header -> {tensor name: TensorInfo}, reading only the header.
 
     Checked: the 8-byte length (at most 100 MiB and inside the file), UTF-8 JSON object, every entry's dtype, shape
     (non-negative integers) and data_offsets (their length = numel x itemsize, contiguous from 0, ending exactly at
     the end of the file). A file that passes cannot make a later memory-mapped read fail or read out of bounds.
     """
-    name = name or os.path.basename(path)
+    shown = shown or path  # the name in messages (a Hugging Face cache snapshot's link, not its blob)
 
     def bad(why):
-        raise CheckpointError(f"{path}: {why}")
+        raise CheckpointError(f"{shown}: {why}")
 
     try:
         size = os.path.getsize(path)
@@ -145,13 +146,15 @@ def read_header(path: str, name: str | None = None) -> dict[str, TensorInfo]:
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         bad("corrupt safetensors header")
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        raise CheckpointError(f"{shown}: cannot read ({e.strerror})") from None
     if not isinstance(header, dict):
         bad("corrupt safetensors header (not a JSON object)")
     out, spans = {}, []
     for k, v in header.items():
         if k == "__metadata__":
             continue
+        if not k.isprintable():
+            bad(f"corrupt safetensors header (tensor name {k[:100]!r} is not printable)")
         if not (isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
                 and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2):
             bad(f"corrupt safetensors header (entry {k!r} lacks dtype / shape / data_offsets)")
@@ -165,7 +168,7 @@ def read_header(path: str, name: str | None = None) -> dict[str, TensorInfo]:
         if b - a != math.prod(shape) * DTYPES[v["dtype"]][1]:
             bad(f"corrupt safetensors header (tensor {k}: {b - a} bytes for shape {shape} of {v['dtype']})")
         spans.append((a, b, k))
-        out[k] = TensorInfo(path, v["dtype"], tuple(shape))
+        out[k] = TensorInfo(shown, v["dtype"], tuple(shape), path)
     end = 0
     for a, b, k in sorted(spans):
         if a != end:
@@ -174,11 +177,6 @@ def read_header(path: str, name: str | None = None) -> dict[str, TensorInfo]:
     if 8 + n + end != size:
         bad(f"truncated or corrupt: its tensors need {8 + n + end} bytes, the file has {size}")
     return out
-
-
-def _check_safetensors(path: str) -> list[str]:
-    """Validate a safetensors file's header against its size; return its tensor names."""
-    return list(read_header(path))
 
 
 def _looks_like_model_tensor(key: str) -> bool:
@@ -204,15 +202,16 @@ def index_checkpoint(path: str) -> dict[str, TensorInfo]:
         _regular_file_inside(root, index_file, f"{path}: {INDEX}")
         try:
             weight_map = read_json(index_file, limit=MAX_INDEX_BYTES)["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map must map tensor names to file names")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v.isprintable() and k.isprintable()
+                                                           for k, v in weight_map.items()):
+                raise TypeError("weight_map must map printable tensor names to file names")
         except (ConfigError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_file}: not a valid safetensors index ({type(e).__name__}: {e})") from None
         for s in sorted(set(weight_map.values())):
             if not os.path.lexists(os.path.join(path, s)) and not os.path.isabs(s) and ".." not in s.split("/"):
                 raise CheckpointError(f"{index_file} points at a missing shard: {s}")
             listed[s] = _regular_file_inside(root, os.path.join(path, s), f"{index_file}: entry {s!r}")
-        headers = {s: read_header(real, s) for s, real in listed.items()}
+        headers = {s: read_header(real, os.path.join(path, s)) for s, real in listed.items()}
         for k, s in weight_map.items():
             if k not in headers[s]:
                 raise CheckpointError(f"{index_file} says {k} is in {s}, but that shard does not hold it")
@@ -229,7 +228,7 @@ def index_checkpoint(path: str) -> dict[str, TensorInfo]:
         if not os.path.lexists(single):
             raise CheckpointError(f"{path}: no {SINGLE} and no {INDEX} (no *.safetensors files to load)")
         listed[SINGLE] = _regular_file_inside(root, single, f"{path}: {SINGLE}")
-        infos = read_header(listed[SINGLE])
+        infos = read_header(listed[SINGLE], single)
     listed_real = set(listed.values())
     for f in sorted(os.listdir(path)):
         full = os.path.join(path, f)
@@ -239,7 +238,7 @@ def index_checkpoint(path: str) -> dict[str, TensorInfo]:
             real = _regular_file_inside(root, full, f"{path}: {f}")
         except CheckpointError:
             continue  # not a file we would ever read
-        stray = [k for k in read_header(real) if _looks_like_model_tensor(k)]
+        stray = [k for k in read_header(real, full) if _looks_like_model_tensor(k)]
         if stray:
             raise CheckpointError(f"{full} holds model tensors (e.g. {stray[0]}) but "
                                   f"{'the index does not list it' if listed.keys() - {SINGLE} else 'no index names it'}"
@@ -405,7 +404,7 @@ class _Reader:
         self.infos, self.handles = infos, {}
 
     def slice(self, key: str):
-        path = self.infos[key].file
+        path = self.infos[key].real
         if path not in self.handles:
             try:
                 self.handles[path] = safe_open(path, framework="pt")
