@@ -2,7 +2,7 @@
 
 Public API:
     load_config(path)                               -> ModelConfig
-    from_pretrained(path, dtype, device)            -> CausalLM (eval mode)
+    from_pretrained(path_or_hub_id, dtype, device)  -> CausalLM (eval mode); dtype default: fp32 CPU, bf16 CUDA
     model(input_ids, attention_mask=None, cache=None, cache_position=None, forms=REFERENCE)
                                                     -> logits (batch, seq, vocab)
     model.generate(input_ids, max_new_tokens, ..., fast=False, compile=False)

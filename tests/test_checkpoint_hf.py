@@ -1,7 +1,7 @@
 """The original LongCat-Flash-Chat on-disk layout against transformers.
 
 1. A checkpoint written by transformers' save_pretrained, and the same weights written by us in the original
-   layout (per-expert tensors, `model.mtp.*`, the original config.json without model_type, sharded with an index),
+   layout (per-expert tensors, `model.mtp.*`, the published config.json key set, sharded with an index),
    load to models with identical logits.
 2. transformers itself loads the original layout once `LongcatFlashExperts.gate_up_proj` holds n_routed_experts
    rows instead of routed + zero (architecture facts 1.5; its forward never reads the extra rows), and then agrees
@@ -59,7 +59,7 @@ def test_save_pretrained_and_original_layout_give_identical_logits(checkpoints):
     files = os.listdir(orig_dir)
     assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 3
     cfgd = json.loads((orig_dir / "config.json").read_text())
-    assert "model_type" not in cfgd
+    assert cfgd["model_type"] == "longcat_flash" and cfgd["attention_method"] == "MLA"  # the published key set
     assert any(k.startswith("model.mtp.") for k in
                json.loads((orig_dir / "model.safetensors.index.json").read_text())["weight_map"])
     ours_orig = L.from_pretrained(orig_dir, dtype=torch.float32)
@@ -73,7 +73,7 @@ def test_save_pretrained_and_original_layout_give_identical_logits(checkpoints):
 
 def test_transformers_loads_the_original_layout_when_patched(checkpoints):
     oracle, hf_dir, ours_hf, orig_dir = checkpoints
-    hf_cfg = transformers.LongcatFlashConfig.from_pretrained(orig_dir)  # the original config, no model_type
+    hf_cfg = transformers.LongcatFlashConfig.from_pretrained(orig_dir)  # the published key set
     assert hf_cfg.num_layers == 2 and hf_cfg.zero_expert_num == oracle.config.zero_expert_num
     # transformers uses head_dim as the rotary width (default 64 = the real model's qk_rope_head_dim); tiny: 4
     hf_cfg.head_dim = hf_cfg.qk_rope_head_dim
@@ -93,7 +93,7 @@ def test_transformers_loads_the_original_layout_when_patched(checkpoints):
 
 
 def test_bf16_original_layout_bit_exact(tmp_path, checkpoints):
-    """bf16 on disk, loaded in bf16 by both: bit-identical logits."""
+    """bf16 on disk, loaded in bf16 by both: bit-identical logits (our fp32 router holds the same bf16 values)."""
     oracle, hf_dir, ours_hf, orig_dir = checkpoints
     bf_dir = tmp_path / "bf16"
     L.save_checkpoint(ours_hf, bf_dir, original_config=True, mtp=True, dtype=torch.bfloat16, max_shard_bytes=20_000)

@@ -12,27 +12,42 @@ A checkpoint directory holds `config.json` and either one `model.safetensors` or
         model.layers.{L}.mlp.experts.down_proj              (E, H, I)
 
 Every other tensor has transformers' name; only the router differs (`mlp.router.classifier.weight` in LongCat,
-`mlp.gate.weight` in GLM; ours is `mlp.router.weight`).
+`mlp.gate.weight` in GLM; ours is `mlp.router.weight`). FP8 block-scaled files (LongCat-Flash-Chat-FP8) are
+dequantized on load (fp8.py).
 
-How `from_pretrained` loads:
-  1. read config.json (the original LongCat one has no `model_type`; config.py recognises it),
-  2. build the model on the meta device (no memory), let a parallel plan shrink it to this process's shard,
-  3. allocate it once, uninitialised, on the target device in the target dtype,
-  4. fill it tensor by tensor from memory-mapped safetensors, reading only the slices this process owns
-     (`shard_rule(name, global_shape) -> None | (dim, start, end)`), casting dtype on the way.
+How `from_pretrained` loads -- everything that can be checked is checked before any memory is allocated:
+  1. resolve the path (a directory, or a Hugging Face hub id found in the local HF cache),
+  2. read config.json (every field type- and range-checked, absurd sizes refused: config.py),
+  3. read and check the safetensors header of every file (length, offsets, dtypes, shapes), check that the index
+     and the shards agree and that every file is a regular file inside the checkpoint directory,
+  4. check every tensor the model needs against the headers (present, shape, a float dtype or FP8 with a valid
+     scale) and that every other tensor is a known extra,
+  5. build the model on the meta device (no memory), let a parallel plan shrink it to this process's shard,
+     allocate it once, uninitialised, on the target device in the target dtype (the LongCat router stays fp32),
+  6. fill it tensor by tensor from memory-mapped safetensors, reading only the slices this process owns
+     (`shard_rule(name, global_shape) -> None | (dim, start, end)`), casting (or dequantizing) on the way and
+     checking each copied tensor is finite (no second pass over the files; `check_finite=False` skips it).
 Peak memory = the model + one checkpoint tensor.
 
 Strict accounting: every tensor of the model must be found with its exact shape. Known extras are reported and
 skipped: the multi-token-prediction block (`model.mtp.*` in LongCat, `model.layers.{num_layers}.*` in GLM; read it
 with `mtp_tensors`), the phantom zero-expert rows transformers 5.x writes, LongCat's unused router bias. Anything
-else is an error. Every problem raises `CheckpointError` naming the file or tensor; no partial model is returned.
+else is an error. Every problem raises a one-line `CheckpointError` naming the file or tensor; no partial model is
+returned.
+
+Writing (`save_checkpoint`) is atomic for readers: new files are written under temporary names, the previous
+checkpoint's index / model.safetensors (the "commit" files) are removed before anything is renamed into place, and
+the new commit file is renamed in last; stale shards of an earlier save are then deleted. A save killed at any
+point leaves either the old checkpoint, the new one, or a directory that refuses to load -- never a mix.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import stat
 import struct
 import sys
 from dataclasses import dataclass, field
@@ -41,73 +56,194 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..model.config import ConfigError, ModelConfig, config_to_dict, load_config
+from ..model.config import ConfigError, ModelConfig, config_to_dict, load_config, read_json
+from . import fp8 as _fp8
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory we cannot load; the message names the file or tensor."""
 
 
-# ------------------------------------------------------------------------------------------------- file index
-def _check_safetensors(path: str) -> list[str]:
-    """Validate a safetensors file's header against its size; return its tensor names.
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit
+MAX_INDEX_BYTES = 256 * 2**20
+TMP_MARK = ".tmp-save-"  # temporary files of a save in progress: ".{name}.tmp-save-{pid}"
 
-    A truncated file would otherwise fail later, deep inside a memory-mapped read, or not at all.
+# safetensors dtype name -> (torch dtype, bytes per element)
+DTYPES = {
+    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+    "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
+    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
+    "U64": (torch.uint64, 8), "U32": (torch.uint32, 4), "U16": (torch.uint16, 2), "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header describes it."""
+
+    file: str  # path of the shard, as named in the checkpoint directory (for messages)
+    dtype: str  # safetensors dtype name ("BF16", "F8_E4M3", ...)
+    shape: tuple
+    real: str = ""  # the checked real path (symlinks resolved): what is opened
+
+
+# ------------------------------------------------------------------------------------------------- file checks
+def _regular_file_inside(root: str, path: str, what: str) -> str:
+    """`path` resolved (symlinks followed) -> its real path, if it is a regular file inside `root`; else raise.
+
+    The error names the entry but says nothing about what is there (no sizes of files outside the checkpoint).
     """
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise CheckpointError(f"{what}: resolves outside the checkpoint directory; only files inside it are read")
+    try:
+        st = os.stat(real)
+    except OSError:
+        raise CheckpointError(f"{what}: no such file in the checkpoint directory") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{what}: not a regular file (a FIFO, device or directory is never read)")
+    return real
+
+
+def _confinement_root(path: str) -> str:
+    """The directory every file must resolve into: the checkpoint directory, or for a Hugging Face cache snapshot
+    (.../models--org--name/snapshots/<rev>/, whose files are symlinks into ../../blobs/) the repo's cache folder."""
+    real = os.path.realpath(path)
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots" and os.path.isdir(os.path.join(os.path.dirname(parent), "blobs")):
+        return os.path.dirname(parent)
+    return real
+
+
+def read_header(path: str, shown: str | None = None) -> dict[str, TensorInfo]:
+    """Read and check a safetensors file's header -> {tensor name: TensorInfo}, reading only the header.
+
+    Checked: the 8-byte length (at most 100 MiB and inside the file), UTF-8 JSON object, every entry's dtype, shape
+    (non-negative integers) and data_offsets (their length = numel x itemsize, contiguous from 0, ending exactly at
+    the end of the file). A file that passes cannot make a later memory-mapped read fail or read out of bounds.
+    """
+    shown = shown or path  # the name in messages (a Hugging Face cache snapshot's link, not its blob)
+
+    def bad(why):
+        raise CheckpointError(f"{shown}: {why}")
+
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated or not a safetensors file (shorter than its header)")
+                bad("truncated or not a safetensors file (shorter than its header)")
             (n,) = struct.unpack("<Q", raw)
             if n > size - 8:
-                raise CheckpointError(f"{path}: truncated or corrupt (header says {n} bytes, file has {size})")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, IndexError):
-        raise CheckpointError(f"{path}: corrupt safetensors header") from None
+                bad(f"truncated or corrupt (header says {n} bytes, file has {size})")
+            if n > MAX_HEADER_BYTES:
+                bad(f"corrupt safetensors header (its length {n} is above the format's {MAX_HEADER_BYTES} limit)")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        bad("corrupt safetensors header")
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        raise CheckpointError(f"{shown}: cannot read ({e.strerror})") from None
+    if not isinstance(header, dict):
+        bad("corrupt safetensors header (not a JSON object)")
+    out, spans = {}, []
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if not k.isprintable():
+            bad(f"corrupt safetensors header (tensor name {k[:100]!r} is not printable)")
+        if not (isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+                and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2):
+            bad(f"corrupt safetensors header (entry {k!r} lacks dtype / shape / data_offsets)")
+        if v["dtype"] not in DTYPES:
+            bad(f"tensor {k} has dtype {v['dtype']!r}, which this package does not read ({sorted(DTYPES)})")
+        shape, (a, b) = v["shape"], v["data_offsets"]
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or len(shape) > 8:
+            bad(f"corrupt safetensors header (tensor {k} has shape {shape!r})"[:300])
+        if not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in (a, b)):
+            bad(f"corrupt safetensors header (tensor {k} has data_offsets {v['data_offsets']!r})"[:300])
+        if b - a != math.prod(shape) * DTYPES[v["dtype"]][1]:
+            bad(f"corrupt safetensors header (tensor {k}: {b - a} bytes for shape {shape} of {v['dtype']})")
+        spans.append((a, b, k))
+        out[k] = TensorInfo(shown, v["dtype"], tuple(shape), path)
+    end = 0
+    for a, b, k in sorted(spans):
+        if a != end:
+            bad(f"corrupt safetensors header (tensor {k} starts at byte {a}, expected {end}: overlap or gap)")
+        end = b
     if 8 + n + end != size:
-        raise CheckpointError(f"{path}: truncated or corrupt: its tensors need {8 + n + end} bytes, "
-                              f"the file has {size}")
-    return [k for k in header if k != "__metadata__"]
+        bad(f"truncated or corrupt: its tensors need {8 + n + end} bytes, the file has {size}")
+    return out
 
 
-def index_checkpoint(path: str) -> dict[str, str]:
-    """Map every tensor name to the file that holds it (validating each file)."""
+def _looks_like_model_tensor(key: str) -> bool:
+    return key.startswith(("model.", "lm_head."))
+
+
+def index_checkpoint(path: str) -> dict[str, TensorInfo]:
+    """Map every tensor name to its TensorInfo (file, dtype, shape), checking every file's header first.
+
+    With an index: every shard it names must be a regular file inside the directory; every tensor must be in
+    exactly the shard the index names; a shard may hold no tensor the index does not give it; and a *.safetensors
+    file the index does not list must not hold model tensors (a stale shard of an earlier save). Without an index:
+    `model.safetensors`, and no other *.safetensors file holding model tensors.
+    """
+    path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
-    index_file = os.path.join(path, "model.safetensors.index.json")
-    files: dict[str, str] = {}
-    if os.path.exists(index_file):
+    root = _confinement_root(path)
+    index_file = os.path.join(path, INDEX)
+    listed: dict[str, str] = {}  # shard file name -> its real path
+    infos: dict[str, TensorInfo] = {}
+    if os.path.lexists(index_file):
+        _regular_file_inside(root, index_file, f"{path}: {INDEX}")
         try:
-            with open(index_file) as f:
-                weight_map = json.load(f)["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            weight_map = read_json(index_file, limit=MAX_INDEX_BYTES)["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v.isprintable() and k.isprintable()
+                                                           for k, v in weight_map.items()):
+                raise TypeError("weight_map must map printable tensor names to file names")
+        except (ConfigError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_file}: not a valid safetensors index ({type(e).__name__}: {e})") from None
-        for s in shards:
-            if not os.path.exists(os.path.join(path, s)):
+        for s in sorted(set(weight_map.values())):
+            if not os.path.lexists(os.path.join(path, s)) and not os.path.isabs(s) and ".." not in s.split("/"):
                 raise CheckpointError(f"{index_file} points at a missing shard: {s}")
-        for s in shards:
-            present = set(_check_safetensors(os.path.join(path, s)))
-            for k, v in weight_map.items():
-                if v == s and k not in present:
-                    raise CheckpointError(f"{index_file} says {k} is in {s}, but that shard does not hold it")
-            for k in present:
-                files[k] = os.path.join(path, s)
+            listed[s] = _regular_file_inside(root, os.path.join(path, s), f"{index_file}: entry {s!r}")
+        headers = {s: read_header(real, os.path.join(path, s)) for s, real in listed.items()}
+        for k, s in weight_map.items():
+            if k not in headers[s]:
+                raise CheckpointError(f"{index_file} says {k} is in {s}, but that shard does not hold it")
+        for s, header in headers.items():
+            for k, info in header.items():
+                owner = weight_map.get(k)
+                if owner != s:
+                    where = f"the index gives it to {owner}" if owner else "the index does not list it"
+                    raise CheckpointError(f"{os.path.join(path, s)} holds {k}, but {where}: the index and the "
+                                          "shards disagree (an interrupted save?); re-save the checkpoint")
+                infos[k] = info
     else:
-        names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not names:
-            raise CheckpointError(f"{path}: no *.safetensors files (and no model.safetensors.index.json)")
-        for s in names:
-            for k in _check_safetensors(os.path.join(path, s)):
-                if k in files:
-                    raise CheckpointError(f"{k} is in both {files[k]} and {s} (and there is no index to choose)")
-                files[k] = os.path.join(path, s)
-    return files
+        single = os.path.join(path, SINGLE)
+        if not os.path.lexists(single):
+            raise CheckpointError(f"{path}: no {SINGLE} and no {INDEX} (no *.safetensors files to load)")
+        listed[SINGLE] = _regular_file_inside(root, single, f"{path}: {SINGLE}")
+        infos = read_header(listed[SINGLE], single)
+    listed_real = set(listed.values())
+    for f in sorted(os.listdir(path)):
+        full = os.path.join(path, f)
+        if not f.endswith(".safetensors") or os.path.realpath(full) in listed_real:
+            continue
+        try:
+            real = _regular_file_inside(root, full, f"{path}: {f}")
+        except CheckpointError:
+            continue  # not a file we would ever read
+        stray = [k for k in read_header(real, full) if _looks_like_model_tensor(k)]
+        if stray:
+            raise CheckpointError(f"{full} holds model tensors (e.g. {stray[0]}) but "
+                                  f"{'the index does not list it' if listed.keys() - {SINGLE} else 'no index names it'}"
+                                  ": a stale file of an earlier save? remove it or re-save the checkpoint")
+    return infos
 
 
 # ------------------------------------------------------------------------------------------------- name mapping
@@ -115,6 +251,7 @@ _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 PHANTOM = "phantom zero-expert rows written by transformers 5.x"
 MTP = "multi-token-prediction (MTP) block"
+TIED = "lm_head.weight (tie_word_embeddings: equal to embed_tokens)"
 
 
 def checkpoint_name(cfg: ModelConfig, ours: str) -> str:
@@ -125,7 +262,8 @@ def checkpoint_name(cfg: ModelConfig, ours: str) -> str:
 
 
 def is_mtp(cfg: ModelConfig, key: str) -> bool:
-    """LongCat stores its MTP block as model.mtp.*; GLM as one extra decoder layer model.layers.{num_layers}.*."""
+    """LongCat stores its MTP block as model.mtp.*; GLM as one extra decoder layer model.layers.{num_layers}.*
+    (GLM-4.7-Flash: layer 47 with its own embed_tokens, shared_head.{head,norm}, eh_proj, enorm, hnorm)."""
     if key.startswith("model.mtp."):
         return True
     m = re.match(r"^model\.layers\.(\d+)\.", key)
@@ -148,11 +286,103 @@ def known_extra(cfg: ModelConfig, key: str) -> str | None:
     return None
 
 
+def _global_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """Our tensors the loader fills (parameters + the routers' correction bias) -> unsharded shapes (meta model)."""
+    from ..model.model import CausalLM
+
+    with torch.device("meta"):
+        reference = CausalLM(cfg)
+    named = list(reference.named_parameters()) + [(n, b) for n, b in reference.named_buffers()
+                                                  if n.endswith("e_score_correction_bias")]
+    return {n: tuple(t.shape) for n, t in named}
+
+
+def expected_tensors(cfg: ModelConfig, infos: dict, shapes: dict) -> dict[str, tuple]:
+    """The checkpoint tensors the model needs -> their full shapes, in whichever expert layout the file uses.
+
+    The fused layout is used for a layer when its fused tensor is present; phantom rows are checked by the caller.
+    With tie_word_embeddings, lm_head.weight is optional (checked equal to embed_tokens when present).
+    """
+    E, I, H = cfg.n_routed_experts, cfg.expert_ffn_hidden_size, cfg.hidden_size
+    out = {}
+    for name in shapes:
+        m = _FUSED.match(name)
+        if m and name not in infos:
+            prefix, which = m.groups()
+            for e in range(E):
+                if which == "gate_up_proj":
+                    out[f"{prefix}.{e}.gate_proj.weight"] = out[f"{prefix}.{e}.up_proj.weight"] = (I, H)
+                else:
+                    out[f"{prefix}.{e}.down_proj.weight"] = (H, I)
+        elif not (name == "lm_head.weight" and cfg.tie_word_embeddings and name not in infos):
+            out[checkpoint_name(cfg, name)] = shapes[name]
+    return out
+
+
+def _quant_block(raw_cfg: dict, file: str):
+    try:
+        return _fp8.parse_quantization_config(raw_cfg.get("quantization_config"))
+    except _fp8.FP8Error as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def preflight(cfg: ModelConfig, infos: dict, raw_cfg: dict, path: str) -> dict[str, tuple]:
+    """Check every tensor against the headers before anything is allocated -> expected {key: shape}.
+
+    Present with its exact shape (fused gate_up_proj may carry transformers' phantom zero-expert rows); a float
+    dtype, or F8_E4M3 with a quantization_config and a `.weight_scale_inv` of shape ceil(out/bo) x ceil(in/bi);
+    every other checkpoint tensor a known extra.
+    """
+    shapes = _global_shapes(cfg)
+    expected = expected_tensors(cfg, infos, shapes)
+    block = _quant_block(raw_cfg, os.path.join(path, "config.json"))
+    phantom_rows = cfg.n_routed_experts + cfg.zero_expert_num
+    used = set()
+    for key, shape in expected.items():
+        info = infos.get(key)
+        if info is None:
+            raise CheckpointError(f"missing tensor {key} (expected shape {list(shape)}) in {path}")
+        ok = info.shape == shape or (key.endswith("experts.gate_up_proj") and cfg.zero_expert_num
+                                     and info.shape == (phantom_rows,) + shape[1:])
+        if not ok:
+            raise CheckpointError(f"tensor {key} in {info.file} has shape {list(info.shape)}, expected {list(shape)}")
+        used.add(key)
+        if info.dtype in FLOAT_DTYPES:
+            continue
+        if info.dtype not in _fp8.FP8_DTYPES:
+            kind = "bool" if info.dtype == "BOOL" else "integer"
+            raise CheckpointError(f"tensor {key} in {info.file} has {kind} dtype {info.dtype}, but it is a float "
+                                  "weight: the file is corrupt or not this model's (nothing is cast)")
+        if block is None:
+            raise CheckpointError(f"tensor {key} in {info.file} is {info.dtype} but config.json has no "
+                                  "quantization_config (fp8, weight_block_size): cannot know its scales")
+        if len(shape) != 2:
+            raise CheckpointError(f"tensor {key} in {info.file} is {info.dtype} with {len(shape)} dims: only 2-D "
+                                  "weights are block-quantized (use the per-expert layout)")
+        sname = _fp8.scale_name(key)
+        sinfo = infos.get(sname)
+        if sinfo is None:
+            raise CheckpointError(f"FP8 tensor {key} in {info.file} has no scale tensor {sname}: "
+                                  "its values cannot be dequantized")
+        want = _fp8.scale_shape(shape, block)
+        if sinfo.shape != want or sinfo.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"scale {sname} of FP8 tensor {key} is {sinfo.dtype} {list(sinfo.shape)}, expected "
+                                  f"float {list(want)} (ceil({shape[0]}/{block[0]}) x ceil({shape[1]}/{block[1]}))")
+        used.add(sname)
+    for key in sorted(set(infos) - used):
+        if known_extra(cfg, key) is None:
+            hint = (" (a scale for a weight that is not FP8)" if key.endswith(_fp8.SCALE_SUFFIX) else "")
+            raise CheckpointError(f"unexpected tensor {key} in {infos[key].file}{hint}: it is not part of a "
+                                  f"{cfg.model_type} model with this config (wrong config.json?)")
+    return expected
+
+
 @dataclass
 class LoadReport:
     loaded: int = 0  # our tensors filled
     read: int = 0  # checkpoint tensors read
     bytes_read: int = 0
+    dequantized: int = 0  # FP8 checkpoint tensors dequantized
     skipped: dict = field(default_factory=dict)  # reason -> count of checkpoint tensors
 
     def skip(self, why: str, n: int = 1):
@@ -160,6 +390,8 @@ class LoadReport:
 
     def summary(self) -> str:
         s = f"loaded {self.loaded} tensors from {self.read} checkpoint tensors ({self.bytes_read / 2**20:.1f} MiB)"
+        if self.dequantized:
+            s += f", {self.dequantized} dequantized from FP8"
         if self.skipped:
             s += "; skipped " + ", ".join(f"{n} x {r}" for r, n in sorted(self.skipped.items()))
         return s
@@ -168,11 +400,11 @@ class LoadReport:
 class _Reader:
     """Lazily opened, memory-mapped safetensors files."""
 
-    def __init__(self, files: dict[str, str]):
-        self.files, self.handles = files, {}
+    def __init__(self, infos: dict[str, TensorInfo]):
+        self.infos, self.handles = infos, {}
 
     def slice(self, key: str):
-        path = self.files[key]
+        path = self.infos[key].real
         if path not in self.handles:
             try:
                 self.handles[path] = safe_open(path, framework="pt")
@@ -199,49 +431,73 @@ def _progress_bar(total_bytes: int, progress):
     return tqdm(total=total_bytes, desc="loading", unit="B", unit_scale=True, file=sys.stderr)
 
 
-def load_weights(model, cfg: ModelConfig, path: str, dtype, shard_rule=None, progress=None) -> LoadReport:
+def _raw_config(path: str) -> dict:
+    try:
+        d = read_json(os.path.join(path, "config.json"))
+    except (ConfigError, OSError) as e:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from None
+    return d if isinstance(d, dict) else {}
+
+
+def load_weights(model, cfg: ModelConfig, path: str, dtype, shard_rule=None, progress=None, check_finite=True,
+                 router_dtype=torch.float32, infos=None) -> LoadReport:
     """Fill `model` (already allocated, maybe sharded) from the checkpoint at `path`.
 
     shard_rule(name, global_shape) -> None | (dim, start, end) says which slice of each of our tensors (our names,
     global shapes) this process owns; the experts' rule must slice dim 0 (the expert axis).
+    check_finite: refuse a tensor with NaN/Inf values (checked on the copy in memory, not by re-reading the file).
+    router_dtype: None rounds LongCat's correction bias through `dtype`, as transformers does; else it is kept.
     """
-    files = index_checkpoint(path)
-    reader = _Reader(files)
-    from ..model.model import CausalLM
-
-    with torch.device("meta"):
-        reference = CausalLM(cfg)  # unsharded shapes, no memory
-    global_shapes = {n: tuple(t.shape) for n, t in list(reference.named_parameters()) + list(reference.named_buffers())}
+    path = os.fspath(path)
+    raw_cfg = _raw_config(path)
+    if infos is None:  # from_pretrained passes the headers it has already checked
+        infos = index_checkpoint(path)
+        preflight(cfg, infos, raw_cfg, path)
+    block = _quant_block(raw_cfg, path)
+    reader = _Reader(infos)
+    global_shapes = _global_shapes(cfg)
     targets = dict(model.named_parameters())
     targets.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
+    tied = cfg.tie_word_embeddings
 
     used: set[str] = set()
     report = LoadReport()
     E, Z, I, H = cfg.n_routed_experts, cfg.zero_expert_num, cfg.expert_ffn_hidden_size, cfg.hidden_size
 
-    def read(key, expected_shape, sel=None, accept_rows=None):
-        """Read `key` (checking its full shape) restricted to sel = None or (dim, start, end).
-
-        accept_rows: another acceptable size of dim 0 (transformers' phantom zero-expert rows)."""
-        if key not in files:
-            raise CheckpointError(f"missing tensor {key} (expected shape {list(expected_shape)}) in {path}")
-        sl = reader.slice(key)
-        found = tuple(sl.get_shape())
-        ok = found == tuple(expected_shape) or (accept_rows and found == (accept_rows,) + tuple(expected_shape[1:]))
-        if not ok:
-            raise CheckpointError(f"tensor {key} in {files[key]} has shape {list(found)}, expected "
-                                  f"{list(expected_shape)}")
+    def read(key, sel=None):
+        """Read checkpoint tensor `key` (shape already checked by preflight), restricted to sel = None or
+        (dim, start, end); FP8 tensors are dequantized in fp32 and cast to `dtype`."""
+        info = infos[key]
         used.add(key)
-        if sel is None:
-            t = sl[:]
+        if info.dtype in _fp8.FP8_DTYPES:
+            sname = _fp8.scale_name(key)
+            used.add(sname)
+            t = _fp8.read_dequantized(reader.slice(key), reader.slice(sname), info.shape, block, sel, dtype)
+            report.dequantized += 1
         else:
-            dim, a, b = sel
-            t = sl[tuple([slice(None)] * dim + [slice(a, b)])]
+            sl = reader.slice(key)
+            if sel is None:
+                t = sl[:]
+            else:
+                dim, a, b = sel
+                t = sl[tuple([slice(None)] * dim + [slice(a, b)])]
         report.read += 1
-        report.bytes_read += t.numel() * t.element_size()
+        nbytes = t.numel() * DTYPES[info.dtype][1]
+        report.bytes_read += nbytes
         if bar is not None:
-            bar.update(t.numel() * t.element_size())
+            bar.update(nbytes)
         return t
+
+    def copy(dst, t, key):
+        dst.copy_(t)  # casts to the target's dtype on the way
+        # A NaN/Inf anywhere makes the fp32 sum non-finite: one reduction over the copy in memory, no temporary
+        # tensor, no second read of the file. Only then are the bad values counted.
+        if check_finite and not math.isfinite(float(torch.sum(dst, dtype=torch.float32))):
+            bad = int((~torch.isfinite(dst)).sum())
+            if bad == 0:
+                return  # finite values whose sum overflowed
+            raise CheckpointError(f"tensor {key} in {infos[key].file} has {bad} non-finite values (NaN/Inf): the "
+                                  "weights are broken; pass check_finite=False to load them anyway")
 
     total = sum(t.numel() * t.element_size() for t in targets.values())
     bar = _progress_bar(total, progress)
@@ -259,48 +515,63 @@ def load_weights(model, cfg: ModelConfig, path: str, dtype, shard_rule=None, pro
                     if target.shape[0] != e1 - e0:
                         raise CheckpointError(f"{name}: this process holds {target.shape[0]} experts but the "
                                               f"sharding rule gives experts [{e0}, {e1}) (sharding rule mismatch)")
-                    if name in files:  # fused layout (gate_up_proj may carry transformers' phantom rows)
-                        phantom = E + Z if (which == "gate_up_proj" and Z) else None
-                        target.copy_(read(name, gshape, (0, e0, e1), accept_rows=phantom))
-                        if phantom and tuple(reader.slice(name).get_shape())[0] == phantom:
+                    if name in infos:  # fused layout (gate_up_proj may carry transformers' phantom rows)
+                        copy(target, read(name, (0, e0, e1)), name)
+                        if which == "gate_up_proj" and Z and infos[name].shape[0] == E + Z:
                             report.skip(PHANTOM)
                     else:  # per-expert layout: copy expert by expert straight into its slot
                         for e in range(e0, e1):
                             if which == "gate_up_proj":
-                                target[e - e0, :I].copy_(read(f"{prefix}.{e}.gate_proj.weight", (I, H)))
-                                target[e - e0, I:].copy_(read(f"{prefix}.{e}.up_proj.weight", (I, H)))
+                                g, u = f"{prefix}.{e}.gate_proj.weight", f"{prefix}.{e}.up_proj.weight"
+                                copy(target[e - e0, :I], read(g), g)
+                                copy(target[e - e0, I:], read(u), u)
                             else:
-                                target[e - e0].copy_(read(f"{prefix}.{e}.down_proj.weight", (H, I)))
+                                d = f"{prefix}.{e}.down_proj.weight"
+                                copy(target[e - e0], read(d), d)
+                elif name == "lm_head.weight" and tied:
+                    continue  # tied to embed_tokens below
                 else:
-                    t = read(checkpoint_name(cfg, name), gshape, sel)
+                    key = checkpoint_name(cfg, name)
+                    t = read(key, sel)
                     if tuple(t.shape) != tuple(target.shape):
                         raise CheckpointError(f"{name}: read shape {list(t.shape)} but this process's tensor is "
                                               f"{list(target.shape)} (sharding rule mismatch)")
-                    if name.endswith("e_score_correction_bias") and cfg.is_longcat:
+                    if name.endswith("e_score_correction_bias") and cfg.is_longcat and router_dtype is None:
                         t = t.to(dtype)  # transformers keeps LongCat's bias in the model dtype: round like it does
-                    target.copy_(t)  # casts to the model dtype on the way
+                    copy(target, t, key)
+                report.loaded += 1
+            if tied:
+                embed = model.model.embed_tokens.weight
+                if "lm_head.weight" in infos:
+                    head = read("lm_head.weight", _owned(shard_rule, "lm_head.weight", global_shapes["lm_head.weight"]))
+                    if head.shape != embed.shape or not torch.equal(head.to(embed.dtype), embed):
+                        raise CheckpointError(f"config.json says tie_word_embeddings=true, but lm_head.weight in "
+                                              f"{infos['lm_head.weight'].file} differs from model.embed_tokens.weight;"
+                                              " set tie_word_embeddings=false or drop lm_head.weight")
+                    report.skip(TIED)
+                model.lm_head.weight = embed  # one parameter, as tie_word_embeddings means
                 report.loaded += 1
     finally:
         if bar is not None:
             bar.close()
         reader.close()
 
-    for key in sorted(set(files) - used):
-        m = _EXPERT.match(key)
-        if m and shard_rule is not None and int(m.group(2)) < E:
-            continue  # another process's expert
+    for key in sorted(set(infos) - used):  # preflight accounted for every tensor: these are extras or not ours
         why = known_extra(cfg, key)
-        if why is None:
-            raise CheckpointError(f"unexpected tensor {key} in {files[key]}: it is not part of a "
+        if why is not None:
+            report.skip(why)
+        elif shard_rule is None:
+            raise CheckpointError(f"unexpected tensor {key} in {infos[key].file}: it is not part of a "
                                   f"{cfg.model_type} model with this config (wrong config.json?)")
-        report.skip(why)
     return report
 
 
-def build_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu", parallel=None):
+def build_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu", parallel=None, router_dtype=torch.float32):
     """Construct on the meta device, optionally shard, then allocate once (uninitialised) on `device` in `dtype`.
 
-    Buffers (the routers' correction bias) stay fp32; the loader rounds LongCat's through `dtype`.
+    Buffers (the routers' correction bias) stay fp32. router_dtype (default fp32) is the dtype of LongCat's router
+    weight, as vLLM and SGLang keep it (rounding it to bf16 flips expert choices); None: the model dtype, as
+    transformers does. GLM's router weight follows `dtype` (it is bf16 on disk).
     """
     from ..model.model import CausalLM
 
@@ -308,8 +579,9 @@ def build_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu", parallel=No
         model = CausalLM(cfg)
     if parallel is not None:
         parallel.shard(model)
-    for p in model.parameters():
-        p.data = p.data.to(dtype)  # still on the meta device: no memory
+    for name, p in model.named_parameters():
+        keep = router_dtype is not None and cfg.is_longcat and name.endswith("mlp.router.weight")
+        p.data = p.data.to(router_dtype if keep else dtype)  # still on the meta device: no memory
     model = model.to_empty(device=device)
     for b in model.buffers():
         b.zero_()
@@ -318,33 +590,116 @@ def build_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu", parallel=No
 
 def read_config(path: str) -> ModelConfig:
     """config.json of a checkpoint directory; CheckpointError naming the file if it is missing or invalid."""
+    path = os.fspath(path)
     file = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    if not os.path.exists(file):
+    if not os.path.lexists(file):
         raise CheckpointError(f"{path}: no config.json (is this a checkpoint directory?)")
     try:
+        _regular_file_inside(_confinement_root(path), file, file)
         return load_config(file)
     except ConfigError as e:
         raise CheckpointError(f"{file}: {e}") from None
 
 
-def from_pretrained(path, dtype=torch.bfloat16, device="cpu", parallel=None, progress=None, verbose=False):
-    """Load a LongCat-Flash or GLM-4.7-Flash checkpoint directory -> CausalLM in eval mode.
+# ------------------------------------------------------------------------------------------------- dtype, hub id
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+               "half": torch.float16, "float64": torch.float64, "double": torch.float64}
 
-    dtype: the model dtype (weights are cast while reading). parallel: a parallel context (parallel.py) whose
-    `check(cfg)` validates the plan, `shard(model)` shrinks the meta model and `shard_rule` tells which slice of each
-    tensor this process owns; None loads everything. progress: a tqdm bar (default: loads > 1 GiB on a terminal).
-    The model's `load_report` says what was loaded and skipped.
+
+def resolve_dtype(dtype, device, infos=None, raw_cfg=None) -> torch.dtype:
+    """from_pretrained's dtype argument -> a torch float dtype.
+
+    None: follows the device (float32 on CPU, bfloat16 on CUDA). A torch dtype or its name ("bfloat16", "float32",
+    "torch.float16", ...). "auto": the checkpoint's dtype -- config.json's `dtype` / `torch_dtype`, else the dtype of
+    most of its float tensors (an FP8 checkpoint without either: bfloat16).
+    """
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if name == "auto":
+            raw_cfg = raw_cfg or {}
+            for k in ("dtype", "torch_dtype"):
+                v = raw_cfg.get(k)
+                if isinstance(v, str) and v.removeprefix("torch.") in DTYPE_NAMES:
+                    return DTYPE_NAMES[v.removeprefix("torch.")]
+            counts: dict = {}
+            for info in (infos or {}).values():
+                if info.dtype in FLOAT_DTYPES:
+                    counts[info.dtype] = counts.get(info.dtype, 0) + math.prod(info.shape)
+            return DTYPES[max(counts, key=counts.get)][0] if counts else torch.bfloat16
+        if name not in DTYPE_NAMES:
+            raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_NAMES)} or 'auto'")
+        return DTYPE_NAMES[name]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ValueError(f"dtype must be a torch float dtype (float32, bfloat16, float16, float64), its name, or "
+                         f"'auto'; got {dtype!r}")
+    return dtype
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def resolve_path(path, revision=None, cache_dir=None, local_files_only=None) -> str:
+    """A checkpoint directory, or a Hugging Face hub id ("org/name") -> a local directory.
+
+    A hub id is looked up through huggingface_hub (when installed) in the local HF cache
+    (cache_dir, default $HF_HUB_CACHE); with local_files_only (default: when HF_HUB_OFFLINE is set) nothing is
+    downloaded.
     """
     path = os.fspath(path)
+    if os.path.isdir(path) or not _HUB_ID.match(path) or os.path.exists(path):
+        return path
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise CheckpointError(f"{path}: no such checkpoint directory (a hub id needs huggingface_hub installed)") \
+            from None
+    if local_files_only is None:
+        local_files_only = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    try:
+        return huggingface_hub.snapshot_download(path, revision=revision, cache_dir=cache_dir,
+                                                 local_files_only=local_files_only)
+    except Exception as e:  # noqa: BLE001 -- huggingface_hub's errors, one line with the hub id
+        where = "in the local Hugging Face cache" if local_files_only else "on the Hugging Face hub"
+        raise CheckpointError(f"{path}: not a directory and not found {where} ({type(e).__name__}); download it "
+                              "first (hf download) or pass a checkpoint directory") from None
+
+
+def from_pretrained(path, dtype=None, device="cpu", parallel=None, progress=None, verbose=False, check_finite=True,
+                    router_dtype=torch.float32, revision=None, cache_dir=None, local_files_only=None):
+    """Load a LongCat-Flash or GLM-4.7-Flash checkpoint -> CausalLM in eval mode.
+
+    path: a checkpoint directory, or a Hugging Face hub id resolved from the local HF cache (`resolve_path`;
+    revision / cache_dir / local_files_only as in huggingface_hub).
+    dtype: the model dtype. Default None follows the device: float32 on CPU, bfloat16 on CUDA. Also a torch dtype,
+    its name ("bfloat16", "float32", ...), or "auto" (the checkpoint's own dtype). Weights are cast while reading;
+    FP8 block-scaled weights are dequantized (in fp32) into it.
+    router_dtype: LongCat's router weight and correction bias stay fp32 whatever `dtype` is (as vLLM and SGLang
+    keep them; GLM's correction bias is always fp32). None rounds them through `dtype`, as transformers does.
+    parallel: a parallel context (parallel.py) whose `check(cfg)` validates the plan, `shard(model)` shrinks the meta
+    model and `shard_rule` tells which slice of each tensor this process owns; None loads everything.
+    check_finite: refuse NaN/Inf weights (checked while copying; no second pass over the files).
+    progress: a tqdm bar (default: loads > 1 GiB on a terminal).
+    Everything is checked before memory is allocated (see the module docstring). The model's `load_report` says what
+    was loaded, dequantized and skipped.
+    """
+    path = resolve_path(path, revision, cache_dir, local_files_only)
     cfg = read_config(path)
+    raw_cfg = _raw_config(path)
     if parallel is not None:
         parallel.check(cfg)  # fail before allocating anything
-    index_checkpoint(path)  # fail on missing/corrupt files before allocating anything
-    model = build_empty(cfg, dtype, device, parallel)
+    infos = index_checkpoint(path)  # every header, the index, the paths
+    preflight(cfg, infos, raw_cfg, path)  # every tensor's presence, shape and dtype, every extra
+    dtype = resolve_dtype(dtype, device, infos, raw_cfg)
+    if router_dtype is not None:
+        router_dtype = resolve_dtype(router_dtype, device)
+    model = build_empty(cfg, dtype, device, parallel, router_dtype=router_dtype)
     report = load_weights(model, cfg, path, dtype, shard_rule=None if parallel is None else parallel.shard_rule,
-                          progress=progress)
+                          progress=progress, check_finite=check_finite, router_dtype=router_dtype, infos=infos)
     model.load_report = report
     if verbose:
         print(f"[longcat_ref] {path}: {report.summary()}", file=sys.stderr)
@@ -353,28 +708,39 @@ def from_pretrained(path, dtype=torch.bfloat16, device="cpu", parallel=None, pro
 
 def mtp_tensors(path, dtype=None) -> dict[str, torch.Tensor]:
     """The multi-token-prediction block the loader skips, by checkpoint name (for later use, e.g. speculative
-    decoding): `model.mtp.*` (LongCat) or `model.layers.{num_layers}.*` (GLM). Empty if the checkpoint has none."""
+    decoding): `model.mtp.*` (LongCat) or `model.layers.{num_layers}.*` (GLM). Empty if the checkpoint has none.
+    FP8 tensors come as stored (with their `.weight_scale_inv`)."""
     path = os.fspath(path)
     cfg = read_config(path)
-    files = index_checkpoint(path)
-    reader = _Reader(files)
+    infos = index_checkpoint(path)
+    reader = _Reader(infos)
     out = {}
-    for k in sorted(files):
+    for k in sorted(infos):
         if is_mtp(cfg, k):
             t = reader.slice(k)[:]
-            out[k] = t if dtype is None else t.to(dtype)
+            out[k] = t if dtype is None or not t.is_floating_point() or infos[k].dtype in _fp8.FP8_DTYPES \
+                else t.to(dtype)
     reader.close()
     return out
 
 
 # ------------------------------------------------------------------------------------------------- writer
 def checkpoint_tensors(model, layout: str = "per_expert") -> dict[str, torch.Tensor]:
-    """Our state dict in checkpoint names. layout: 'per_expert' (original / save_pretrained) or 'fused'."""
+    """Our state dict in checkpoint names. layout: 'per_expert' (original / save_pretrained) or 'fused'.
+
+    With tie_word_embeddings, lm_head.weight is not written (it must equal embed_tokens, as the loader ties them).
+    """
     if layout not in ("per_expert", "fused"):
         raise ValueError(f"layout must be 'per_expert' or 'fused', got {layout!r}")
     cfg = model.config
     out = {}
-    for name, t in model.state_dict().items():
+    sd = model.state_dict()
+    if cfg.tie_word_embeddings:
+        head = sd.pop("lm_head.weight")
+        if not torch.equal(head, sd["model.embed_tokens.weight"]):
+            raise ValueError("tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight: "
+                             "tie them (or set tie_word_embeddings=false) before saving")
+    for name, t in sd.items():
         m = _FUSED.match(name)
         if m and layout == "per_expert":
             prefix, which = m.groups()
@@ -391,21 +757,21 @@ def checkpoint_tensors(model, layout: str = "per_expert") -> dict[str, torch.Ten
 
 
 def original_longcat_config(cfg: ModelConfig) -> dict:
-    """config.json as the original LongCat-Flash-Chat remote code writes it: no `model_type`, `num_layers` counts
-    logical layers, legacy `rope_theta`, the remote-code switches (mla_scale_*, zero_expert_type, router_bias, ...).
-
-    Modelled on the remote-code config class (architecture facts 1.1); the real file was not retrievable.
+    """config.json as the published LongCat-Flash-Chat has it: `model_type: longcat_flash`, `num_layers` counting
+    logical layers, legacy `rope_theta`, the remote-code switches (mla_scale_*, zero_expert_type, attention_method,
+    ...), no `rope_parameters` / `head_dim` / `num_key_value_heads` (the key set of the MLX copy of the original;
+    see shared/reference/real-checkpoints.md). `router_bias` and `norm_topk_prob` come from the remote-code class.
     """
     if not cfg.is_longcat:
         raise ValueError("original_longcat_config is for LongCat-Flash configs")
     d = config_to_dict(cfg)
-    d.pop("model_type")
     d.pop("rope_parameters")
     d.pop("num_key_value_heads")
     d.pop("head_dim")
     d.update(architectures=["LongcatFlashForCausalLM"], attention_method="MLA", rope_theta=cfg.rope_theta,
              mla_scale_q_lora=cfg.mla_scale_q_lora, mla_scale_kv_lora=cfg.mla_scale_kv_lora,
-             zero_expert_type="identity", router_bias=False, norm_topk_prob=False,
+             zero_expert_type="identity", router_bias=False, norm_topk_prob=False, attention_dropout=0.0,
+             use_cache=True, auto_map={"AutoConfig": "configuration_longcat_flash.LongcatFlashConfig"},
              num_nextn_predict_layers=cfg.num_nextn_predict_layers or 1, torch_dtype="bfloat16")
     return d
 
@@ -433,25 +799,66 @@ def random_mtp_block(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, std: 
     return out
 
 
+def _quantize_fp8(tensors: dict, block) -> dict:
+    """Every quantizable weight X.weight -> F8_E4M3 X.weight + F32 X.weight_scale_inv (fp8.py)."""
+    out = {}
+    for k, t in tensors.items():
+        if _fp8.quantizable(k, t):
+            out[k], out[_fp8.scale_name(k)] = _fp8.quantize_blockwise(t, block)
+        else:
+            out[k] = t
+    return out
+
+
+def _write_file(path: str, write) -> str:
+    """write(tmp_path) into a temporary file next to `path`, flushed to disk -> the temporary path."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}{TMP_MARK}{os.getpid()}")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def _write_json(obj):
+    def write(p):
+        with open(p, "w") as f:
+            json.dump(obj, f, indent=2)
+    return write
+
+
 def save_checkpoint(model, path, layout: str = "per_expert", max_shard_bytes: int | None = None,
                     original_config: bool = False, mtp: bool = False, dtype=None,
-                    config_overrides: dict | None = None, drop_model_type: bool = False, extra=None):
+                    config_overrides: dict | None = None, drop_model_type: bool = False, extra=None,
+                    quantize: str | None = None, fp8_block=(128, 128)):
     """Write config.json + safetensors (sharded with model.safetensors.index.json when max_shard_bytes is set).
 
     layout: 'per_expert' (the original files) or 'fused' (transformers' in-memory names).
-    original_config: write the original LongCat config.json (no model_type; see `original_longcat_config`).
+    original_config: write the published LongCat-Flash-Chat config.json key set (see `original_longcat_config`).
     mtp: add a random LongCat MTP block `model.mtp.*` with the real names (the loader skips it).
     dtype: the on-disk dtype (default: the model's). extra: more tensors to write as they are.
-    drop_model_type: only remove `model_type` from the transformers-style config.
+    drop_model_type: remove `model_type` from config.json (copies of the LongCat config that lost it still load).
+    quantize="fp8": write an FP8 block-scaled checkpoint as LongCat-Flash-Chat-FP8 is laid out (fp8.py): every
+    attention / FFN / expert Linear weight in F8_E4M3 with an F32 `.weight_scale_inv` per fp8_block (out x in)
+    block, embeddings, lm_head, norms and router unquantized, and a `quantization_config` in config.json.
+
+    The directory ends up holding exactly one checkpoint: the files of an earlier save (index, shards,
+    model.safetensors) are replaced or removed. The write is atomic for readers (module docstring): the old commit
+    file (index / model.safetensors) goes first, the new one comes last.
     """
+    path = os.fspath(path)
+    if quantize not in (None, "fp8"):
+        raise ValueError(f"quantize must be None or 'fp8', got {quantize!r}")
+    if quantize and layout != "per_expert":
+        raise ValueError("FP8 checkpoints use the per-expert layout (2-D weights, one scale grid each)")
     os.makedirs(path, exist_ok=True)
     cfg = model.config
     cfgd = original_longcat_config(cfg) if original_config else config_to_dict(cfg)
     cfgd.update(config_overrides or {})
     if drop_model_type:
         cfgd.pop("model_type", None)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfgd, f, indent=2)
     tensors = checkpoint_tensors(model, layout)
     if mtp:
         if not cfg.is_longcat:
@@ -459,25 +866,59 @@ def save_checkpoint(model, path, layout: str = "per_expert", max_shard_bytes: in
         tensors.update(random_mtp_block(cfg, dtype=next(iter(tensors.values())).dtype))
     if dtype is not None:
         tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
+    if quantize:
+        tensors = _quantize_fp8(tensors, fp8_block)
+        cfgd["quantization_config"] = _fp8.quantization_config(fp8_block)
     tensors.update(extra or {})
+
+    # 1. leftovers of a save that was killed: temporary files only (never a file this save did not name)
+    for f in os.listdir(path):
+        if f.startswith(".") and TMP_MARK in f:
+            os.unlink(os.path.join(path, f))
+    # 2. every new file under a temporary name
     if not max_shard_bytes:
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-        return path
-    shards, cur, size = [], {}, 0
-    for k, t in tensors.items():
-        nb = t.numel() * t.element_size()
-        if cur and size + nb > max_shard_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = t
-        size += nb
-    shards.append(cur)
-    weight_map = {}
-    for i, sh in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(sh, os.path.join(path, fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in sh})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        shards = [(SINGLE, tensors)]
+    else:
+        groups, cur, size = [], {}, 0
+        for k, t in tensors.items():
+            nb = t.numel() * t.element_size()
+            if cur and size + nb > max_shard_bytes:
+                groups.append(cur)
+                cur, size = {}, 0
+            cur[k] = t
+            size += nb
+        groups.append(cur)
+        shards = [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
+    pending = []  # (temporary, final) in rename order; the commit file last
+    for fname, group in shards:
+        tmp = _write_file(os.path.join(path, fname),
+                          lambda p, g=group: save_file(g, p, metadata={"format": "pt"}))
+        pending.append((tmp, fname))
+    pending.append((_write_file(os.path.join(path, "config.json"), _write_json(cfgd)), "config.json"))
+    if max_shard_bytes:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {k: f for f, g in shards for k in g}}
+        pending.append((_write_file(os.path.join(path, INDEX), _write_json(index)), INDEX))
+    else:
+        pending.append(pending.pop(0))  # model.safetensors is the commit file: renamed last
+    # 3. uncommit the old checkpoint: from here until the last rename the directory refuses to load
+    for f in (INDEX, SINGLE):
+        if os.path.lexists(os.path.join(path, f)):
+            os.unlink(os.path.join(path, f))
+    # 4. rename into place, the commit file last
+    for tmp, fname in pending:
+        os.replace(tmp, os.path.join(path, fname))
+    # 5. stale shards of an earlier save (they would make the new index refuse to load)
+    keep = {fname for _, fname in pending}
+    for f in os.listdir(path):
+        if f.endswith(".safetensors") and f not in keep and re.match(r"^model-\d+-of-\d+\.safetensors$", f):
+            os.unlink(os.path.join(path, f))
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # directories cannot be fsynced on every platform
     return path

@@ -10,15 +10,18 @@ configuration, read here from a Hugging Face `config.json`:
     shared experts        none                         1
     MLA LoRA scales       sqrt(H/q_lora), sqrt(H/kv)   none
 
-`load_config(path)` accepts transformers' field names and the original LongCat remote-code keys
-(`mla_scale_q_lora`, `zero_expert_type`, `router_bias`, ...). An unknown field, or values that don't add up,
-raise `ConfigError` naming the field.
+`load_config(path)` accepts transformers' field names, the original LongCat remote-code keys (`mla_scale_q_lora`,
+`zero_expert_type`, `router_bias`, ...) and the keys of the real published config.json files (LongCat-Flash-Chat's,
+which has `model_type: longcat_flash`, and GLM-4.7-Flash's, with a top-level `partial_rotary_factor`). Every field is
+type- and range-checked, and absurd sizes are refused from arithmetic before anything is built. An unknown field, a
+wrong type, or values that don't add up raise a one-line `ConfigError` naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -133,33 +136,74 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Type- and range-check every field, then the sizes, then how the fields fit together.
+
+        Each problem is one `ConfigError` naming the field. The size limits (MAX_LAYERS, MAX_PARAMS) are checked
+        from arithmetic alone, before anything is built: a 10^9-layer config fails here in microseconds.
+        """
         def bad(msg):
             raise ConfigError(msg)
 
         if self.model_type not in MODEL_TYPES:
             bad(f"unknown model_type {self.model_type!r}: expected one of {MODEL_TYPES}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "kv_lora_rank",
-                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "moe_topk", "max_position_embeddings"):
+        for name, kind, lo in _FIELD_SPECS:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                bad(f"{name} must be a positive integer, got {v!r}")
-        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            bad(f"q_lora_rank must be positive or null, got {self.q_lora_rank!r}")
+            if v is None and name in _NULLABLE:
+                continue
+            if kind is bool:
+                if not isinstance(v, bool):
+                    bad(f"{name} must be true or false, got {v!r}")
+            elif kind is int:
+                if not isinstance(v, int) or isinstance(v, bool):
+                    bad(f"{name} must be an integer, got {v!r}")
+                if v < lo:
+                    bad(f"{name} must be >= {lo}, got {v}")
+                if v > MAX_DIM:
+                    bad(f"{name}={v} is larger than {MAX_DIM} (not a model this package can build)")
+            elif kind is float:
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                    bad(f"{name} must be a finite number, got {v!r}")
+                if not v > lo:
+                    bad(f"{name} must be > {lo}, got {v}")
+            elif kind is str:
+                if not isinstance(v, str):
+                    bad(f"{name} must be a string, got {v!r}")
+        if self.num_layers > MAX_LAYERS:
+            bad(f"num_layers={self.num_layers} is more than {MAX_LAYERS} (refused before building anything)")
+        if not self.rms_norm_eps < 1:
+            bad(f"rms_norm_eps must be in (0, 1), got {self.rms_norm_eps}")
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < self.vocab_size):
+                bad(f"{name} must be null or an integer in [0, vocab_size={self.vocab_size}), got {v!r}")
+        eos = self.eos_token_id
+        eos_list = eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+        if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < self.vocab_size for v in eos_list):
+            bad(f"eos_token_id must be null, an integer or a list of integers in [0, vocab_size={self.vocab_size}), "
+                f"got {eos!r}")
         if self.qk_rope_head_dim % 2:
             bad(f"qk_rope_head_dim must be even for rotary pairs, got {self.qk_rope_head_dim}")
         if self.hidden_act != "silu":
             bad(f"hidden_act {self.hidden_act!r} is not supported (only 'silu', as both real checkpoints use)")
         if self.router_type not in ("softmax", "sigmoid"):
             bad(f"router_type must be 'softmax' or 'sigmoid', got {self.router_type!r}")
-        if self.n_routed_experts < 0 or self.zero_expert_num < 0 or self.n_shared_experts < 0:
-            bad("expert counts must be >= 0")
+        if self.mlp_layer_types is not None:
+            if not isinstance(self.mlp_layer_types, list) or \
+                    not all(t in ("dense", "sparse") for t in self.mlp_layer_types):
+                bad(f"mlp_layer_types must be a list of 'dense' / 'sparse', got {self.mlp_layer_types!r}"[:200])
+            if len(self.mlp_layer_types) != self.num_layers:
+                bad(f"mlp_layer_types has {len(self.mlp_layer_types)} entries for {self.num_layers} layers")
+        n = estimate_params(self)
+        if n > MAX_PARAMS:
+            bad(f"this config describes about {n / 1e12:.1f} trillion parameters, more than the {MAX_PARAMS / 1e12:g} "
+                "trillion this package will allocate (refused before building anything)")
         if any(self.layer_is_moe):
             if self.moe_topk > self.num_router_experts:
                 bad(f"moe_topk={self.moe_topk} is larger than the expert pool "
                     f"({self.n_routed_experts} routed + {self.zero_expert_num} zero experts)")
             if self.n_routed_experts == 0:
                 bad("a MoE layer needs n_routed_experts > 0")
-        if self.n_group < 1 or self.num_router_experts % self.n_group:
+        if self.num_router_experts % self.n_group:
             bad(f"n_group={self.n_group} must divide the {self.num_router_experts} experts")
         if not 1 <= self.topk_group <= self.n_group:
             bad(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
@@ -171,13 +215,45 @@ class ModelConfig:
             bad("LongCat-Flash uses the softmax router")
         if not self.is_longcat and self.zero_expert_num:
             bad("zero-computation experts are a LongCat-Flash feature (zero_expert_num must be 0)")
-        if self.mlp_layer_types is not None:
-            if len(self.mlp_layer_types) != self.num_layers:
-                bad(f"mlp_layer_types has {len(self.mlp_layer_types)} entries for {self.num_layers} layers")
-            if set(self.mlp_layer_types) - {"dense", "sparse"}:
-                bad(f"mlp_layer_types entries must be 'dense' or 'sparse', got {sorted(set(self.mlp_layer_types))}")
-        if not self.rope_theta > 0:
-            bad(f"rope_theta must be positive, got {self.rope_theta}")
+
+    def to_dict(self) -> dict:
+        """The config in transformers' field names, as `config.json` holds it (see `config_to_dict`)."""
+        return config_to_dict(self)
+
+
+# Limits checked before anything is allocated (issue 16): LongCat-Flash is 0.56 T parameters and 28 layers.
+MAX_LAYERS = 10_000
+MAX_PARAMS = 5e12
+MAX_DIM = 2**31 - 1
+# (field, type, lower bound): ints are >= bound, floats are finite and > bound. Checked in this order.
+_FIELD_SPECS = [
+    ("vocab_size", int, 1), ("hidden_size", int, 1), ("num_layers", int, 1), ("num_attention_heads", int, 1),
+    ("q_lora_rank", int, 1), ("kv_lora_rank", int, 1), ("qk_nope_head_dim", int, 1), ("qk_rope_head_dim", int, 2),
+    ("v_head_dim", int, 1), ("mla_scale_q_lora", bool, None), ("mla_scale_kv_lora", bool, None),
+    ("attention_bias", bool, None), ("rope_theta", float, 0), ("rope_interleave", bool, None),
+    ("max_position_embeddings", int, 1), ("ffn_hidden_size", int, 1), ("expert_ffn_hidden_size", int, 1),
+    ("hidden_act", str, None), ("n_routed_experts", int, 0), ("zero_expert_num", int, 0),
+    ("n_shared_experts", int, 0), ("moe_topk", int, 1), ("routed_scaling_factor", float, 0),
+    ("router_type", str, None), ("n_group", int, 1), ("topk_group", int, 1), ("norm_topk_prob", bool, None),
+    ("rms_norm_eps", float, 0), ("tie_word_embeddings", bool, None), ("num_nextn_predict_layers", int, 0),
+]
+_NULLABLE = {"q_lora_rank"}
+
+
+def estimate_params(cfg: ModelConfig) -> int:
+    """Parameter count from the sizes alone (no model is built): used to refuse absurd configs early."""
+    H, nh = cfg.hidden_size, cfg.num_attention_heads
+    q = (H * cfg.q_lora_rank + cfg.q_lora_rank * nh * cfg.qk_head_dim) if cfg.q_lora_rank else H * nh * cfg.qk_head_dim
+    attn = q + H * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * nh * (
+        cfg.qk_nope_head_dim + cfg.v_head_dim) + nh * cfg.v_head_dim * H
+    dense, expert = 3 * H * cfg.ffn_hidden_size, 3 * H * cfg.expert_ffn_hidden_size
+    moe = cfg.n_routed_experts * expert + cfg.n_shared_experts * expert + H * cfg.num_router_experts
+    if cfg.is_longcat:
+        layers = cfg.num_layers * (2 * attn + 2 * dense + moe)
+    else:
+        n_moe = sum(1 for t in (cfg.mlp_layer_types or ["sparse"] * cfg.num_layers) if t == "sparse")
+        layers = cfg.num_layers * attn + n_moe * moe + (cfg.num_layers - n_moe) * dense
+    return layers + 2 * cfg.vocab_size * H
 
 
 # ----------------------------------------------------------------------------------------- reading config.json
@@ -193,15 +269,39 @@ _IGNORED = {
     "add_cross_attention", "tf_legacy_loss", "pruned_heads", "torchscript", "finetuning_task",
     "prefix", "decoder_start_token_id", "sep_token_id", "task_specific_params", "is_decoder",
     "cross_attention_hidden_size", "max_length", "use_flash_attn", "norm_eps",
+    # engines' LongCat config classes (params_dtype: the weights' dtype; nextn_use_scmoe: only the MTP block)
+    "params_dtype", "nextn_use_scmoe",
 }
+# Keys whose value changes the math: accepted only with the value this package implements.
+_MUST_BE = {"topk_method": {None, "noaux_tc"}, "moe_layer_freq": {None, 1}}
+_SCORING = {"longcat_flash": {None, "softmax"}, "glm4_moe_lite": {None, "sigmoid"}}
+MAX_CONFIG_BYTES = 16 * 2**20
 
 
 def config_from_dict(d: dict) -> ModelConfig:
     """Build a ModelConfig from a transformers / original-LongCat config dict."""
-    d = dict(d)
+    if not isinstance(d, dict):
+        raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
+    try:
+        return _config_from_dict(dict(d))
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # a wrong type deep in a conversion
+        raise ConfigError(f"config.json has a field of the wrong type ({type(e).__name__}: {e})") from None
+
+
+def _int_field(d: dict, key: str) -> int:
+    v = d[key]
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ConfigError(f"{key} must be a non-negative integer, got {v!r}")
+    return v
+
+
+def _config_from_dict(d: dict) -> ModelConfig:
     model_type = d.pop("model_type", None)
     if model_type is None:
-        # The original LongCat-Flash-Chat config.json has no model_type; recognise it by its fields.
+        # The published LongCat-Flash-Chat config.json has model_type "longcat_flash"; copies that dropped it are
+        # recognised by LongCat's own fields.
         if "zero_expert_num" in d or "expert_ffn_hidden_size" in d or "ffn_hidden_size" in d:
             model_type = LONGCAT
         else:
@@ -212,6 +312,10 @@ def config_from_dict(d: dict) -> ModelConfig:
 
     out: dict = {"model_type": model_type}
     used = {"model_type"}
+    for key, allowed in {**_MUST_BE, "scoring_func": _SCORING[model_type]}.items():
+        if key in d and d[key] not in allowed:
+            raise ConfigError(f"{key}={d[key]!r} is not supported for {model_type} "
+                              f"(only {sorted(a for a in allowed if a is not None)})")
 
     def take(src, dst=None, conv=lambda v: v):
         if src in d:
@@ -219,6 +323,9 @@ def config_from_dict(d: dict) -> ModelConfig:
             used.add(src)
 
     # rope: rope_parameters (transformers 5), or the legacy rope_theta / rope_scaling keys
+    for key in ("rope_parameters", "rope_scaling"):
+        if not isinstance(d.get(key) or {}, dict):
+            raise ConfigError(f"{key} must be an object or null, got {d[key]!r}")
     rp = d.get("rope_parameters") or {}
     used.add("rope_parameters")
     if "rope_theta" in d:
@@ -227,12 +334,16 @@ def config_from_dict(d: dict) -> ModelConfig:
     if d.get("rope_scaling"):
         rp = {**rp, **d["rope_scaling"]}
     used.add("rope_scaling")
+    if "partial_rotary_factor" in d:  # GLM-4.7-Flash's config.json has it at the top level
+        rp = {**rp, "partial_rotary_factor": d["partial_rotary_factor"]}
+        used.add("partial_rotary_factor")
     rope_type = rp.get("rope_type", rp.get("type", "default"))
     if rope_type != "default":
         raise ConfigError(f"rope_type {rope_type!r} is not supported (only 'default' rotary embeddings)")
-    if float(rp.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ConfigError("partial_rotary_factor != 1.0 is not supported")
-    out["rope_theta"] = float(rp.get("rope_theta", 1e7 if model_type == LONGCAT else 1e4))
+    if rp.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"partial_rotary_factor={rp['partial_rotary_factor']!r} is not supported (only 1.0: the "
+                          "rotary part is qk_rope_head_dim, set that instead)")
+    out["rope_theta"] = rp.get("rope_theta", 1e7 if model_type == LONGCAT else 1e4)
 
     common = ["vocab_size", "hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
               "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "attention_bias", "max_position_embeddings",
@@ -244,7 +355,9 @@ def config_from_dict(d: dict) -> ModelConfig:
         take(k)
     if model_type == LONGCAT:
         take("num_layers")
-        take("num_hidden_layers", "num_layers", lambda v: v // 2)  # transformers: 2 sublayers per layer
+        if "num_hidden_layers" in d:  # transformers: 2 sublayers per layer
+            out["num_layers"] = _int_field(d, "num_hidden_layers") // 2
+            used.add("num_hidden_layers")
         if "num_layers" in d:
             out["num_layers"] = d["num_layers"]
         take("ffn_hidden_size")
@@ -255,6 +368,7 @@ def config_from_dict(d: dict) -> ModelConfig:
         take("moe_topk")
         take("num_experts_per_tok", "moe_topk")
         take("num_local_experts", "n_routed_experts")
+        take("num_nextn_layers", "num_nextn_predict_layers")  # the engines' name for it
         if "zero_expert_type" in d:
             used.add("zero_expert_type")
             if d["zero_expert_type"] not in (None, "identity"):
@@ -288,6 +402,10 @@ def config_from_dict(d: dict) -> ModelConfig:
             used.add("head_dim")
             if d["head_dim"] != out.get("qk_rope_head_dim", 64):
                 raise ConfigError(f"head_dim={d['head_dim']} must equal qk_rope_head_dim")
+        if "first_k_dense_replace" in d:
+            _int_field(d, "first_k_dense_replace")
+            if not isinstance(out.get("num_layers"), int):
+                raise ConfigError(f"num_hidden_layers must be an integer, got {out.get('num_layers')!r}")
         if out.get("mlp_layer_types") is None and "first_k_dense_replace" in d:
             k = d["first_k_dense_replace"]
             out["mlp_layer_types"] = ["dense"] * k + ["sparse"] * (out["num_layers"] - k)
@@ -304,25 +422,45 @@ def config_from_dict(d: dict) -> ModelConfig:
     if d.get("num_key_value_heads") not in (None, out.get("num_attention_heads", 64)):
         raise ConfigError("MLA has one latent for all heads: num_key_value_heads must equal num_attention_heads")
 
-    unknown = sorted(set(d) - used - _IGNORED)
+    unknown = sorted(set(d) - used - _IGNORED - set(_MUST_BE) - {"scoring_func"})
     if unknown:
-        raise ConfigError(f"unknown config field(s) {unknown}: longcat_ref does not know what they change; "
-                          "remove them or extend longcat_ref/model/config.py")
+        raise ConfigError(f"unknown config field(s) {unknown} for {model_type}: longcat_ref does not know what "
+                          f"{'they change' if len(unknown) > 1 else 'it changes'}; if it does not affect inference, "
+                          "remove it from config.json (or add it to _IGNORED in longcat_ref/model/config.py)")
     return ModelConfig(**out)
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """Read a ModelConfig from a checkpoint directory or a config.json file."""
+    return config_from_dict(read_json(path))
+
+
+def read_json(path: str | os.PathLike, limit: int = MAX_CONFIG_BYTES):
+    """A small JSON file (a checkpoint directory's config.json, or the file itself) -> its value.
+
+    Only a regular file up to `limit` bytes is read (a FIFO or /dev/stdin would block forever); text that is not
+    UTF-8, not JSON, or nested too deep for Python's parser is a one-line ConfigError.
+    """
     path = os.fspath(path)
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise FileNotFoundError(f"no config.json at {file}")
+    import stat
+
+    st = os.stat(file)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{file} is not a regular file")
+    if st.st_size > limit:
+        raise ConfigError(f"{file} is larger than {limit} bytes: not a config file")
     try:
-        with open(file) as f:
-            d = json.load(f)
+        with open(file, "rb") as f:
+            return json.loads(f.read(limit + 1).decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file} is not valid JSON: {e}") from None
-    return config_from_dict(d)
+    except RecursionError:
+        raise ConfigError(f"{file} is nested too deeply to be a config file") from None
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
