@@ -34,7 +34,7 @@ bench: $(VENV)/.installed-dev
 	$(BIN)/python -m longcat_ref.tools.bench $(ARGS)
 
 train: $(VENV)/.installed-dev
-	$(BIN)/python -m longcat_ref.tools.train --plot docs/training_dynamics.png $(ARGS)
+	$(BIN)/python -m longcat_ref.tools.train --ship --plot docs/training_dynamics.png $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

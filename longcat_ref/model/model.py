@@ -171,17 +171,31 @@ class CausalLM(nn.Module):
     generate = _generate.generate
 
 
-def init_weights(model: CausalLM, seed: int = 0, std: float = 0.02, bias_std: float = 0.0) -> CausalLM:
-    """Random weights for tiny models (normal(0, std); norms near 1; optional random correction bias)."""
+def init_weights(module: nn.Module, seed: int = 0, std: float = 0.02, bias_std: float = 0.0, norm_std: float = 0.1,
+                 per_tensor_seed=None, only=None):
+    """The package's one random initialiser (tiny models, the demo, training, benchmarks' synthetic weights).
+
+    Weights normal(0, std); norm weights 1 + normal(0, norm_std); the routers' correction bias normal(0, bias_std).
+    per_tensor_seed=None draws everything from one CPU generator in parameter order (bitwise reproducible anywhere:
+    what tiny models and the shipped one use). A function name -> int instead draws each tensor on its own device
+    from its own seed (a big model on a GPU never visits the CPU; parallel shards give replicated tensors the same
+    values on every rank). only: a set of parameter names to fill (default: all). Works on any nn.Module.
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-                v = 1.0 + 0.1 * torch.randn(p.shape, generator=g)
+        for name, p in module.named_parameters():
+            if only is not None and name not in only:
+                continue
+            mean, sd = (1.0, norm_std) if name.endswith("norm.weight") else (0.0, std)
+            if per_tensor_seed is None:
+                p.copy_((mean + sd * torch.randn(p.shape, generator=g)).to(p.dtype))
             else:
-                v = std * torch.randn(p.shape, generator=g)
-            p.copy_(v.to(p.dtype))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(bias_std * torch.randn(b.shape, generator=g))
-    return model
+                p.normal_(mean, sd, generator=torch.Generator(device=p.device).manual_seed(per_tensor_seed(name)))
+        for name, b in module.named_buffers():
+            if name.endswith("e_score_correction_bias") and only is None:
+                if per_tensor_seed is None:
+                    b.copy_(bias_std * torch.randn(b.shape, generator=g))
+                else:
+                    b.normal_(0.0, bias_std, generator=torch.Generator(device=b.device).manual_seed(
+                        per_tensor_seed(name))) if bias_std else b.zero_()
+    return module

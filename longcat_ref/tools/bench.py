@@ -34,11 +34,12 @@ import sys
 import tempfile
 import time
 import traceback
+import zlib
 
 import torch
 from torch import nn
 
-from .. import CausalLM, tiny_longcat
+from .. import CausalLM, init_weights, tiny_longcat
 from ..io.checkpoint import checkpoint_name
 from ..model.config import config_to_dict, glm_4_7_flash, longcat_flash_chat
 from ..model.forms import DECODE, PREFILL, REFERENCE, Forms
@@ -112,16 +113,8 @@ def set_param(model: nn.Module, name: str, tensor: torch.Tensor):
 
 
 def synth_(module: nn.Module, std: float = 0.02, seed: int = 0):
-    """Synthetic weights in place: normal(0, std); norms 1 + noise; buffers zero (correction bias)."""
-    g = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.05, generator=g)
-            else:
-                p.normal_(0.0, std, generator=g)
-        for _, b in module.named_buffers():
-            b.zero_()
+    """Synthetic weights in place, on the module's device: the package's initialiser, one seed per tensor."""
+    return init_weights(module, std=std, norm_std=0.05, per_tensor_seed=lambda n: seed * 1_000_003 + zlib.crc32(n.encode()))
 
 
 def ours_sharing(cfg, hf_named: dict, prefix: str, device, dtype) -> CausalLM:
@@ -142,11 +135,7 @@ def ours_sharing(cfg, hf_named: dict, prefix: str, device, dtype) -> CausalLM:
     for name, b in list(model.named_buffers()):
         parent, _, leaf = name.rpartition(".")
         model.get_submodule(parent)._buffers[leaf] = torch.zeros(b.shape, dtype=b.dtype, device=device)
-    g = torch.Generator(device=device).manual_seed(1)
-    with torch.no_grad():
-        for name in fresh:
-            p = model.get_parameter(name)
-            p.normal_(1.0, 0.05, generator=g) if "norm" in name else p.normal_(0.0, 0.02, generator=g)
+    init_weights(model, norm_std=0.05, per_tensor_seed=lambda n: 1 + zlib.crc32(n.encode()), only=set(fresh))
     model.synthetic_tensors = fresh  # names transformers did not provide (embedding/head of the layer bench)
     return model.eval()
 
@@ -633,7 +622,7 @@ def bench_e2e(args, ceil, res) -> dict:
     small = device == "cpu"
     hf, ours, _ = glm_models(device, dtype, small)
     try:
-        hf.set_experts_implementation("batched_mm")
+        hf.set_experts_implementation(args.hf_experts)
     except Exception as e:  # noqa: BLE001 -- older transformers: report what ran
         res["hf_experts_note"] = f"batched_mm not set: {type(e).__name__}: {e}"[:200]
     res["hf_experts_implementation"] = str(getattr(hf.config, "_experts_implementation", None))
@@ -644,9 +633,10 @@ def bench_e2e(args, ceil, res) -> dict:
         for batch in batches:
             ids = torch.randint(4, V, (batch, plen), device=device, generator=torch.Generator(device).manual_seed(0))
             row = dict(batch=batch, prompt=plen, new_tokens=new)
-            variants = [("fast", dict(fast=True)), ("fast_compile", dict(fast=True, compile=True))]
-            if args.tuned:
-                variants.append(("fast_compile_tuned", dict(fast=True, compile="tuned")))
+            variants = [("fast", dict(fast=True)), ("fast_compile", dict(fast=True, compile=True)),
+                        ("fast_compile_tuned", dict(fast=True, compile="tuned"))]
+            want = args.e2e_variants.split(",")
+            variants = [v for v in variants if v[0] in want]
             for name, kw in variants:
                 torch._dynamo.reset()
                 first = wall(lambda: ours.generate(ids, new, **kw), device)  # includes the one-time compile/capture
@@ -666,6 +656,8 @@ def bench_e2e(args, ceil, res) -> dict:
             hkw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                        eos_token_id=None, pad_token_id=0, cache_implementation="static")
             try:
+                if "hf" not in want:
+                    raise RuntimeError("not asked for (--e2e-variants)")
                 torch._dynamo.reset()
                 first = wall(lambda: hf.generate(ids, **hkw), device)
                 t = min(wall(lambda: hf.generate(ids, **hkw), device) for _ in range(2))
@@ -738,11 +730,16 @@ def summary(results: dict) -> str:
         lines.append("GLM-4.7-Flash generate() end to end (tok/s, prompt 128 + 128): batch | ours fast | ours "
                      "fast+compile (first call s) | transformers static+compile (first call s) | roofline")
         for r in e["rows"]:
-            lines.append(f"  {r['batch']:>3} | {r['ours_fast_tok_s']:8,.1f} | {r['ours_fast_compile_tok_s']:8,.1f} "
-                         f"({r['ours_fast_compile_first_call_s']:.0f}) | "
+            nan = float("nan")
+            lines.append(f"  {r['batch']:>3} | {r.get('ours_fast_tok_s', nan):8,.1f} | "
+                         f"{r.get('ours_fast_compile_tok_s', nan):8,.1f} "
+                         f"({r.get('ours_fast_compile_first_call_s', nan):.0f}) | "
                          f"{r.get('hf_static_compile_tok_s', float('nan')):8,.1f} "
                          f"({r.get('hf_static_compile_first_call_s', float('nan')):.0f}) | "
-                         f"{r['roofline_tok_s']:8,.0f}; TTFT ours {r['ours_fast_compile_ttft_s'] * 1e3:.0f} ms")
+                         f"{r['roofline_tok_s']:8,.0f}; TTFT ours {r.get('ours_fast_compile_ttft_s', nan) * 1e3:.0f} ms"
+                         + (f"; tuned {r['ours_fast_compile_tuned_tok_s']:,.1f} tok/s "
+                            f"({r['ours_fast_compile_tuned_first_call_s']:.0f} s)"
+                            if "ours_fast_compile_tuned_tok_s" in r else ""))
     b1 = results.get("b1") if ok("b1") else None
     if b1:
         lines.append("Batch-1 decode: model ctx variant | ms/step | tokens/s | roofline ms | ours/roofline | kernels")
@@ -806,7 +803,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step (layer)")
     ap.add_argument("--b1-layer-only", action="store_true", help="b1: the LongCat layer only (skip the full GLM)")
-    ap.add_argument("--tuned", action="store_true", help="e2e: also time compile='tuned' (coordinate descent)")
+    ap.add_argument("--e2e-variants", default="fast,fast_compile,hf",
+                    help="e2e: which of fast, fast_compile, fast_compile_tuned, hf to time")
+    ap.add_argument("--hf-experts", default="batched_mm",
+                    help="e2e: transformers' experts_implementation (batched_mm: best at batch 1; grouped_mm: batch 32)")
     ap.add_argument("--batches", default=None, help="e2e: comma-separated batch sizes (default 1,32)")
     ap.add_argument("--plot", nargs=2, metavar=("RESULTS_JSON", "PNG"), help="plot a results file and exit")
     args = ap.parse_args(argv)

@@ -37,7 +37,7 @@ from ..model.config import longcat_flash_chat, tiny_longcat
 from ..model.forms import PREFILL, REFERENCE
 from ..model.generate import Decoder
 from ..model.mla import attention_bias
-from ..model.model import CausalLM, LongcatLayer
+from ..model.model import CausalLM, LongcatLayer, init_weights
 from ..runtime.parallel import ParallelContext
 from ..model.rope import rope_cos_sin
 
@@ -53,16 +53,9 @@ def build(cfg, ctx: ParallelContext, dtype, seed: int = 0, std: float = 0.02):
     for p in model.parameters():
         p.data = p.data.to(dtype)
     model = model.to_empty(device=ctx.device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-                continue
-            s = seed * 1_000_003 + zlib.crc32(name.encode()) + (7919 * ctx.rank if name in ctx.plan else 0)
-            g = torch.Generator(device=p.device).manual_seed(s)
-            p.normal_(0.0, std, generator=g)
-        for b in model.buffers():
-            b.zero_()
+    # replicated tensors: the same seed on every rank; sharded ones (in ctx.plan): a per-rank seed
+    init_weights(model, std=std, norm_std=0.0, per_tensor_seed=lambda n: seed * 1_000_003 + zlib.crc32(n.encode())
+                 + (7919 * ctx.rank if n in ctx.plan else 0))
     return model.eval()
 
 

@@ -8,7 +8,7 @@
 Without --model it uses `longcat_ref/assets/tiny-longcat/` if that directory exists (a small trained checkpoint);
 otherwise it builds one on the fly into a temporary directory: random weights for `config.tiny_longcat`, written in
 the *original* LongCat-Flash-Chat layout (per-expert tensors, sharded with an index, the original config.json
-without model_type, an MTP block), plus a byte-level BPE tokenizer trained on `assets/demo_corpus.txt` -- and then
+keys, an MTP block), plus a byte-level BPE tokenizer trained on `assets/demo_corpus.txt` -- and then
 loads it back like any real checkpoint. An untrained model prints gibberish; the point is the machinery.
 
 Bad input (a missing or broken model directory, a bad flag value, a prompt longer than the context) prints one
@@ -48,14 +48,16 @@ class DemoError(Exception):
     """Bad input to the demo: printed as one line, exit status 1."""
 
 
+_CTX = [ParallelContext()]  # world size 1 until main() joins torchrun's group (ParallelContext.from_env)
+
+
 def is_main() -> bool:
     """Rank 0 (or no torchrun at all) prints; other ranks stay quiet."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return _CTX[0].is_main
 
 
 def out(*a, end="\n", file=None):
-    if is_main():
-        print(*a, end=end, file=file or sys.stdout, flush=True)
+    _CTX[0].print(*a, end=end, file=file or sys.stdout, flush=True)
 
 
 # --------------------------------------------------------------------------------------------- the embedded model
@@ -84,7 +86,7 @@ def default_model_dir() -> tuple[str, str]:
     shards = len([f for f in os.listdir(path) if f.endswith(".safetensors")])
     return path, (f"a tiny LongCat-Flash with random weights, built in {time.perf_counter() - t0:.2f} s and written "
                   f"to {path} in the original layout (per-expert tensors in {shards} shards + index, original "
-                  f"config.json without model_type, an MTP block), with a byte-level BPE tokenizer trained on "
+                  f"config.json keys, an MTP block), with a byte-level BPE tokenizer trained on "
                   f"assets/demo_corpus.txt")
 
 
@@ -310,6 +312,7 @@ def main(argv=None) -> int:
         if args.json and args.interactive:
             raise DemoError("--json and --interactive cannot be combined")
         ctx = ParallelContext.from_env()  # under torchrun: join the group, this rank's GPU; else world size 1
+        _CTX[0] = ctx
         if ctx.world_size > 1:
             args.seed = ctx.common_seed(args.seed)  # every rank samples the same tokens from the same logits
         model, tok, info = load_model(args, parallel=ctx if ctx.world_size > 1 else None)
