@@ -82,6 +82,8 @@ def test_quantize_blockwise_partial_blocks():
 
 def test_dequantize_matches_transformers():
     fp8 = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    if not hasattr(fp8, "_dequantize_fp8_weight"):  # transformers < 5.23 (the GPU machines' 5.17) lacks the helper
+        pytest.skip("this transformers has no _dequantize_fp8_weight")
     w = torch.randn(150, 70, generator=torch.Generator().manual_seed(1))
     q, s = quantize_blockwise(w, (64, 32))
     want = fp8._dequantize_fp8_weight(q.clone(), s, [64, 32], torch.float32)
