@@ -196,7 +196,7 @@ def report(model, r: dict):
     out(f"-- {len(r['generated_ids'])} tokens (stopped at {r['stop_reason']}): prefill {len(r['prompt_ids'])} "
         f"tokens in {t['prefill_s'] * 1e3:.1f} ms{dec}")
     if t.get("decode_setup_s") is not None:
-        out(f"-- one-time set-up of the fast decode step (compile + CUDA-graph capture; reused by later turns): "
+        out(f"-- one-time set-up of the fast decode step (compile, and the CUDA-graph capture on a GPU; reused by later turns): "
             f"{t['decode_setup_s']:.1f} s, included in the decode rate above")
     if e:
         c = parameter_counts(cfg)
