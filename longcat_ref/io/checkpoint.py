@@ -385,6 +385,7 @@ class LoadReport:
     dequantized: int = 0  # FP8 checkpoint tensors dequantized
     skipped: dict = field(default_factory=dict)  # reason -> count of checkpoint tensors
     mtp_kept: int = 0  # checkpoint tensors of the MTP block loaded into `model.mtp` (not counted above)
+    mtp_note: str | None = None  # why an incomplete MTP block was skipped
 
     def skip(self, why: str, n: int = 1):
         self.skipped[why] = self.skipped.get(why, 0) + n
@@ -688,7 +689,8 @@ def from_pretrained(path, dtype=None, device="cpu", parallel=None, progress=None
     check_finite: refuse NaN/Inf weights (checked while copying; no second pass over the files).
     progress: a tqdm bar (default: loads > 1 GiB on a terminal).
     mtp: the multi-token-prediction head (model/mtp.py) as `model.mtp`. None (default): kept if the checkpoint has
-    one; True: required (CheckpointError if absent); False: skipped and reported. It is replicated on every rank.
+    a complete one (an incomplete block is skipped, `load_report.mtp_note` says why); True: required
+    (CheckpointError if absent or incomplete); False: skipped and reported. It is replicated on every rank.
     Everything is checked before memory is allocated (see the module docstring). The model's `load_report` says what
     was loaded, dequantized and skipped.
     """
@@ -712,8 +714,13 @@ def from_pretrained(path, dtype=None, device="cpu", parallel=None, progress=None
         raise CheckpointError(f"{path}: mtp=True but the checkpoint has no multi-token-prediction tensors "
                               f"({mtp_prefix(cfg)}*)")
     if has_mtp and mtp is not False:
-        model.mtp = load_mtp(cfg, path, infos, raw_cfg, dtype, device, check_finite)
-        report.mtp_kept = report.skipped.pop(MTP, 0)
+        try:
+            model.mtp = load_mtp(cfg, path, infos, raw_cfg, dtype, device, check_finite)
+            report.mtp_kept = report.skipped.pop(MTP, 0)
+        except MTPIncomplete as e:  # a partial block: kept only on request (then the error is raised)
+            if mtp:
+                raise
+            report.mtp_note = f"MTP block not kept: {e}"
     model.load_report = report
     if verbose:
         print(f"[longcat_ref] {path}: {report.summary()}", file=sys.stderr)
@@ -749,6 +756,10 @@ def mtp_checkpoint_name(cfg: ModelConfig, ours: str) -> str:
     return checkpoint_name(cfg, mtp_prefix(cfg) + ours)
 
 
+class MTPIncomplete(CheckpointError):
+    """The checkpoint has MTP tensors, but not every tensor the head needs (from_pretrained(mtp=None) skips it)."""
+
+
 def load_mtp(cfg: ModelConfig, path: str, infos: dict, raw_cfg: dict, dtype, device="cpu", check_finite=True):
     """Build the MTP head and fill it from the checkpoint's real names (per-expert or fused experts, FP8
     dequantized); every tensor of the head must be present with its exact shape. The correction bias stays fp32."""
@@ -775,7 +786,7 @@ def load_mtp(cfg: ModelConfig, path: str, infos: dict, raw_cfg: dict, dtype, dev
     for name, srcs in plan.items():  # every check before any allocation
         for key, _, shape in srcs:
             if key not in infos:
-                raise CheckpointError(f"{path}: MTP tensor {key} is missing (the head needs it for {name}); "
+                raise MTPIncomplete(f"{path}: MTP tensor {key} is missing (the head needs it for {name}); "
                                       "pass mtp=False to skip the MTP block")
             got = tuple(infos[key].shape)
             if got != shape:
