@@ -353,3 +353,36 @@ def test_cuda_graph_speculative_equals_plain_greedy(kind):
         spec = Speculation(k=k)
         assert torch.equal(m.generate(ids, 24, fast=True, speculative=spec), ref)
         assert spec.accepted > 0
+
+
+# ------------------------------------------------------------------------------------------------- demo, training
+def test_demo_speculative_json_same_tokens(capsys):
+    from longcat_ref.tools import demo
+
+    args = ["--json", "--temperature", "0", "--max-new-tokens", "12"]
+    assert demo.main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert demo.main(args + ["--speculative", "2"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["generated_ids"] == plain["generated_ids"]
+    assert 0.0 <= spec["acceptance_rate"] <= 1.0 and spec["speculative"]["k"] == 2 and "acceptance_rate" not in plain
+
+
+def test_train_head_learns_and_ships_into_a_checkpoint(tmp_path):
+    from longcat_ref.tools.train_mtp import mtp_batch_loss, ship, teacher_forced_acceptance, train_head
+
+    m = L.init_weights(L.CausalLM(L.tiny_longcat(vocab_size=64)), seed=0, std=0.3).eval()
+    rows = torch.randint(4, 64, (16, 17), generator=torch.Generator().manual_seed(0))
+    losses = train_head(m, rows, steps=30, batch=8, lr=1e-2, log=lambda *a: None)
+    assert losses[-1] < losses[0]
+    assert all(not p.requires_grad for p in m.parameters())
+    acc = teacher_forced_acceptance(m, rows)
+    assert 0.0 <= acc["acceptance_greedy_k1"] <= 1.0 and acc["positions"] == 16 * 15
+    head = m.mtp
+    del m.mtp
+    L.save_checkpoint(m, tmp_path)  # a checkpoint without a head, then the head added in place
+    m.mtp = head
+    ship(m, str(tmp_path))
+    back = L.from_pretrained(tmp_path, mtp=True)
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), back.mtp.state_dict().values()))
+    assert torch.isfinite(mtp_batch_loss(back, rows[:2]))

@@ -30,9 +30,10 @@ How `from_pretrained` loads -- everything that can be checked is checked before 
 Peak memory = the model + one checkpoint tensor.
 
 Strict accounting: every tensor of the model must be found with its exact shape. Known extras are reported and
-skipped: the multi-token-prediction block (`model.mtp.*` in LongCat, `model.layers.{num_layers}.*` in GLM; read it
-with `mtp_tensors`), the phantom zero-expert rows transformers 5.x writes, LongCat's unused router bias. Anything
-else is an error. Every problem raises a one-line `CheckpointError` naming the file or tensor; no partial model is
+skipped: the phantom zero-expert rows transformers 5.x writes, LongCat's unused router bias. Anything
+else is an error. The multi-token-prediction block (`model.mtp.*` in LongCat, `model.layers.{num_layers}.*` in GLM)
+is loaded into `model.mtp` (model/mtp.py) when complete, unless `mtp=False` (then reported and skipped; its raw
+tensors: `mtp_tensors`). Every problem raises a one-line `CheckpointError` naming the file or tensor; no partial model is
 returned.
 
 Writing (`save_checkpoint`) is atomic for readers: new files are written under temporary names, the previous

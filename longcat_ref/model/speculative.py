@@ -55,7 +55,8 @@ class Speculation:
     accepted: int = 0  # of which accepted
     accepted_at: list = field(default_factory=list)  # accepted_at[i]: drafts accepted at draft position i + 1
     drafted_at: list = field(default_factory=list)
-    new_tokens: int = 0  # tokens committed (rows still generating only)
+    new_tokens: int = 0  # tokens committed by verify steps (rows still generating only)
+    row_steps: int = 0  # verify steps summed over the rows still generating
 
     def __post_init__(self):
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
@@ -67,7 +68,8 @@ class Speculation:
 
     @property
     def tokens_per_step(self) -> float:
-        return self.new_tokens / self.steps if self.steps else 0.0
+        """Tokens per verify step and row: 1 + accepted drafts (at most k + 1)."""
+        return self.new_tokens / self.row_steps if self.row_steps else 0.0
 
     def as_dict(self) -> dict:
         return {"k": self.k, "steps": self.steps, "drafted": self.drafted, "accepted": self.accepted,
@@ -341,6 +343,7 @@ def generate(model, input_ids, max_new_tokens, temperature, top_p, stops, pad, m
         # statistics over the rows still generating, then commit and roll back
         na = n_acc.tolist()
         spec.steps += 1
+        spec.row_steps += len(active)
         for r in active:
             spec.drafted += k
             spec.accepted += na[r]
