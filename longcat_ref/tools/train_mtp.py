@@ -36,7 +36,7 @@ from ..io.checkpoint import checkpoint_tensors, from_pretrained, save_checkpoint
 from ..io.tokenizer import load_tokenizer
 from ..model.mtp import MTPHead, init_mtp
 from ..model.speculative import Speculation
-from .train import SHIPPED_DIR, deterministic
+from .train import SHIPPED_DIR, deterministic, normal_permissions
 
 DEFAULT_OUT = os.path.join("runs", "tiny-longcat-mtp")
 
@@ -121,6 +121,7 @@ def ship(model, directory: str) -> None:
     tmp = f + ".tmp"
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, f)
+    normal_permissions([f])
 
 
 def main(argv=None) -> int:
@@ -156,6 +157,7 @@ def _main(a) -> int:
         save_checkpoint(model, out)
     with open(os.path.join(out, "mtp_metrics.json"), "w") as f:
         json.dump(res, f)
+    normal_permissions([os.path.join(out, "mtp_metrics.json")])
     print(f"wrote the head to {out}", file=sys.stderr)
     return 0
 
