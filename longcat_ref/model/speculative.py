@@ -287,8 +287,7 @@ def generate(model, input_ids, max_new_tokens, temperature, top_p, stops, pad, m
     last = torch.full((b,), s - 1, dtype=torch.long, device=dev)  # each row's last committed slot's index
 
     out = [[] for _ in range(b)]  # committed tokens per row
-    done = torch.zeros(b, dtype=torch.bool, device=dev)
-    stop_ids = torch.tensor(stops, dtype=torch.long, device=dev)
+    done = [False] * b  # a row that emitted a stop token
 
     def emit(row_tokens):
         """Append each row's tokens up to its stop token / max_new_tokens -> what was appended, per row."""
