@@ -5,14 +5,16 @@ Public API:
     from_pretrained(path_or_hub_id, dtype, device)  -> CausalLM (eval mode); dtype default: fp32 CPU, bf16 CUDA
     model(input_ids, attention_mask=None, cache=None, cache_position=None, forms=REFERENCE)
                                                     -> logits (batch, seq, vocab)
-    model.generate(input_ids, max_new_tokens, ..., fast=False, compile=False)
-                                                    -> ids (batch, seq + new)
+    model.generate(input_ids, max_new_tokens, ..., fast=False, compile=False, speculative=False)
+                                                    -> ids (batch, seq + new); speculative=k drafts with the
+                                                       MTP head (model.mtp, kept by from_pretrained)
     parameter_counts(config)                        -> {"total", "activated_min", "activated_max", ...}
     load_tokenizer(path)                            -> Tokenizer: tok(texts, padding=True, return_tensors="pt"),
                                                        decode / batch_decode, apply_chat_template(messages, ...)
 
 Layout (imports point down this list only; tests/test_layout.py enforces it):
-    model/    the math: config, norm, rope, mla, cache, router, experts, moe, model, generate, counts
+    model/    the math: config, norm, rope, mla, cache, router, experts, moe, model, generate, mtp, speculative,
+              counts
     io/       checkpoints, tokenizer, chat templates
     runtime/  tensor + expert parallelism, the memory planner
     tools/    demo, train, data, bench (nothing in the package imports them)

@@ -68,7 +68,7 @@ def test_original_longcat_layout_config_and_mtp(tmp_path):
                  "model.mtp.layers.0.self_attn.kv_b_proj.weight",
                  "model.mtp.layers.0.transformer_layer.mlp.down_proj.weight", "model.mtp.norm.weight"]:
         assert name in mtp_names
-    back = L.from_pretrained(tmp_path, dtype=torch.float32)
+    back = L.from_pretrained(tmp_path, dtype=torch.float32, mtp=False)  # kept by default: tests/test_mtp.py
     same_model(m, back)
     assert back.config == m.config.replace(num_nextn_predict_layers=1)
     assert back.load_report.skipped == {MTP: len(mtp_names)}
@@ -117,7 +117,7 @@ def test_glm_bias_stays_fp32_and_mtp_layer_is_skipped(tmp_path):
     bf = L.from_pretrained(tmp_path, dtype=torch.bfloat16)
     b = bf.model.layers[1].mlp.router.e_score_correction_bias
     assert b.dtype == torch.float32 and torch.equal(b, m.model.layers[1].mlp.router.e_score_correction_bias)
-    assert bf.load_report.skipped == {MTP: 2}
+    assert bf.load_report.skipped == {MTP: 2} and "missing" in bf.load_report.mtp_note  # an incomplete block
     assert sorted(mtp_tensors(tmp_path)) == sorted(extra)
 
 

@@ -232,5 +232,7 @@ def test_fp8_mtp_block_is_recognised(tmp_path):
     L.save_checkpoint(m, tmp_path, quantize="fp8", fp8_block=(16, 16), mtp=True)
     infos = index_checkpoint(tmp_path)
     assert infos["model.mtp.layers.0.eh_proj.weight"].dtype == "F8_E4M3"
-    got = L.from_pretrained(tmp_path)
+    got = L.from_pretrained(tmp_path, mtp=False)
     assert got.load_report.skipped == {MTP: sum(k.startswith("model.mtp.") for k in infos)}
+    kept = L.from_pretrained(tmp_path)  # kept by default, dequantized (scales counted with their weights)
+    assert kept.load_report.mtp_kept == sum(k.startswith("model.mtp.") for k in infos) and not kept.load_report.skipped

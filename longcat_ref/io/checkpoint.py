@@ -30,9 +30,10 @@ How `from_pretrained` loads -- everything that can be checked is checked before 
 Peak memory = the model + one checkpoint tensor.
 
 Strict accounting: every tensor of the model must be found with its exact shape. Known extras are reported and
-skipped: the multi-token-prediction block (`model.mtp.*` in LongCat, `model.layers.{num_layers}.*` in GLM; read it
-with `mtp_tensors`), the phantom zero-expert rows transformers 5.x writes, LongCat's unused router bias. Anything
-else is an error. Every problem raises a one-line `CheckpointError` naming the file or tensor; no partial model is
+skipped: the phantom zero-expert rows transformers 5.x writes, LongCat's unused router bias. Anything
+else is an error. The multi-token-prediction block (`model.mtp.*` in LongCat, `model.layers.{num_layers}.*` in GLM)
+is loaded into `model.mtp` (model/mtp.py) when complete, unless `mtp=False` (then reported and skipped; its raw
+tensors: `mtp_tensors`). Every problem raises a one-line `CheckpointError` naming the file or tensor; no partial model is
 returned.
 
 Writing (`save_checkpoint`) is atomic for readers: new files are written under temporary names, the previous
@@ -384,6 +385,8 @@ class LoadReport:
     bytes_read: int = 0
     dequantized: int = 0  # FP8 checkpoint tensors dequantized
     skipped: dict = field(default_factory=dict)  # reason -> count of checkpoint tensors
+    mtp_kept: int = 0  # checkpoint tensors of the MTP block loaded into `model.mtp` (not counted above)
+    mtp_note: str | None = None  # why an incomplete MTP block was skipped
 
     def skip(self, why: str, n: int = 1):
         self.skipped[why] = self.skipped.get(why, 0) + n
@@ -392,6 +395,8 @@ class LoadReport:
         s = f"loaded {self.loaded} tensors from {self.read} checkpoint tensors ({self.bytes_read / 2**20:.1f} MiB)"
         if self.dequantized:
             s += f", {self.dequantized} dequantized from FP8"
+        if self.mtp_kept:
+            s += f"; kept {self.mtp_kept} x {MTP}"
         if self.skipped:
             s += "; skipped " + ", ".join(f"{n} x {r}" for r, n in sorted(self.skipped.items()))
         return s
@@ -670,7 +675,7 @@ def resolve_path(path, revision=None, cache_dir=None, local_files_only=None) -> 
 
 
 def from_pretrained(path, dtype=None, device="cpu", parallel=None, progress=None, verbose=False, check_finite=True,
-                    router_dtype=torch.float32, revision=None, cache_dir=None, local_files_only=None):
+                    router_dtype=torch.float32, revision=None, cache_dir=None, local_files_only=None, mtp=None):
     """Load a LongCat-Flash or GLM-4.7-Flash checkpoint -> CausalLM in eval mode.
 
     path: a checkpoint directory, or a Hugging Face hub id resolved from the local HF cache (`resolve_path`;
@@ -684,6 +689,9 @@ def from_pretrained(path, dtype=None, device="cpu", parallel=None, progress=None
     model and `shard_rule` tells which slice of each tensor this process owns; None loads everything.
     check_finite: refuse NaN/Inf weights (checked while copying; no second pass over the files).
     progress: a tqdm bar (default: loads > 1 GiB on a terminal).
+    mtp: the multi-token-prediction head (model/mtp.py) as `model.mtp`. None (default): kept if the checkpoint has
+    a complete one (an incomplete block is skipped, `load_report.mtp_note` says why); True: required
+    (CheckpointError if absent or incomplete); False: skipped and reported. It is replicated on every rank.
     Everything is checked before memory is allocated (see the module docstring). The model's `load_report` says what
     was loaded, dequantized and skipped.
     """
@@ -700,6 +708,20 @@ def from_pretrained(path, dtype=None, device="cpu", parallel=None, progress=None
     model = build_empty(cfg, dtype, device, parallel, router_dtype=router_dtype)
     report = load_weights(model, cfg, path, dtype, shard_rule=None if parallel is None else parallel.shard_rule,
                           progress=progress, check_finite=check_finite, router_dtype=router_dtype, infos=infos)
+    if mtp not in (None, True, False):
+        raise ValueError(f"mtp must be None (keep if present), True or False, got {mtp!r}")
+    has_mtp = any(is_mtp(cfg, k) for k in infos)
+    if mtp and not has_mtp:
+        raise CheckpointError(f"{path}: mtp=True but the checkpoint has no multi-token-prediction tensors "
+                              f"({mtp_prefix(cfg)}*)")
+    if has_mtp and mtp is not False:
+        try:
+            model.mtp = load_mtp(cfg, path, infos, raw_cfg, dtype, device, check_finite)
+            report.mtp_kept = report.skipped.pop(MTP, 0)
+        except MTPIncomplete as e:  # a partial block: kept only on request (then the error is raised)
+            if mtp:
+                raise
+            report.mtp_note = f"MTP block not kept: {e}"
     model.load_report = report
     if verbose:
         print(f"[longcat_ref] {path}: {report.summary()}", file=sys.stderr)
@@ -724,6 +746,81 @@ def mtp_tensors(path, dtype=None) -> dict[str, torch.Tensor]:
     return out
 
 
+def mtp_prefix(cfg: ModelConfig) -> str:
+    """Where the MTP head lives in a checkpoint: `model.mtp.` (LongCat) or `model.layers.{num_layers}.` (GLM)."""
+    return "model.mtp." if cfg.is_longcat else f"model.layers.{cfg.num_layers}."
+
+
+def mtp_checkpoint_name(cfg: ModelConfig, ours: str) -> str:
+    """A parameter name of `MTPHead` (model/mtp.py; `model.mtp.<ours>` in the model) -> the checkpoint's name.
+    GLM's router is `mlp.gate` there, as in the main layers; fused expert names are split by the caller."""
+    return checkpoint_name(cfg, mtp_prefix(cfg) + ours)
+
+
+class MTPIncomplete(CheckpointError):
+    """The checkpoint has MTP tensors, but not every tensor the head needs (from_pretrained(mtp=None) skips it)."""
+
+
+def load_mtp(cfg: ModelConfig, path: str, infos: dict, raw_cfg: dict, dtype, device="cpu", check_finite=True):
+    """Build the MTP head and fill it from the checkpoint's real names (per-expert or fused experts, FP8
+    dequantized); every tensor of the head must be present with its exact shape. The correction bias stays fp32."""
+    from ..model.mtp import MTPHead
+
+    with torch.device("meta"):
+        head = MTPHead(cfg)
+    targets = dict(head.named_parameters())
+    targets.update({n: b for n, b in head.named_buffers() if n.endswith("e_score_correction_bias")})
+    E, I = cfg.n_routed_experts, cfg.expert_ffn_hidden_size
+
+    def sources(name, shape):  # -> [(checkpoint key, rows of the target it fills or None, expected shape)]
+        key = mtp_checkpoint_name(cfg, name)
+        m = _FUSED.match(key)
+        if key in infos or not m:
+            return [(key, None, tuple(shape))]
+        prefix, which = m.groups()
+        if which == "gate_up_proj":
+            return [(f"{prefix}.{e}.{w}.weight", (e, slice(j * I, (j + 1) * I)), (I, shape[2]))
+                    for e in range(E) for j, w in enumerate(("gate_proj", "up_proj"))]
+        return [(f"{prefix}.{e}.down_proj.weight", (e, slice(None)), tuple(shape[1:])) for e in range(E)]
+
+    plan = {n: sources(n, t.shape) for n, t in targets.items()}
+    for name, srcs in plan.items():  # every check before any allocation
+        for key, _, shape in srcs:
+            if key not in infos:
+                raise MTPIncomplete(f"{path}: MTP tensor {key} is missing (the head needs it for {name}); "
+                                      "pass mtp=False to skip the MTP block")
+            got = tuple(infos[key].shape)
+            if got != shape:
+                raise CheckpointError(f"MTP tensor {key} in {infos[key].file} has shape {list(got)}, "
+                                      f"expected {list(shape)}")
+    head = head.to_empty(device=device)
+    for n, p in head.named_parameters():
+        p.data = p.data.to(dtype)
+    block = _quant_block(raw_cfg, path)
+    reader = _Reader(infos)
+    try:
+        with torch.no_grad():
+            for name, srcs in plan.items():
+                target = head.get_buffer(name) if name.endswith("correction_bias") else head.get_parameter(name)
+                for key, where, shape in srcs:
+                    info = infos[key]
+                    if info.dtype in _fp8.FP8_DTYPES:
+                        t = _fp8.read_dequantized(reader.slice(key), reader.slice(_fp8.scale_name(key)), info.shape,
+                                                  block, None, dtype)
+                    else:
+                        t = reader.slice(key)[:]
+                    dst = target if where is None else target[where[0], where[1]]
+                    dst.copy_(t)
+                    if check_finite and not bool(torch.isfinite(dst).all()):
+                        raise CheckpointError(f"MTP tensor {key} in {info.file} has non-finite values (NaN/Inf)")
+    finally:
+        reader.close()
+    for n, b in head.named_buffers():
+        if n.endswith("e_score_correction_bias"):
+            b.data = b.data.float()
+    return head.eval()
+
+
 # ------------------------------------------------------------------------------------------------- writer
 def checkpoint_tensors(model, layout: str = "per_expert") -> dict[str, torch.Tensor]:
     """Our state dict in checkpoint names. layout: 'per_expert' (original / save_pretrained) or 'fused'.
@@ -740,6 +837,8 @@ def checkpoint_tensors(model, layout: str = "per_expert") -> dict[str, torch.Ten
         if not torch.equal(head, sd["model.embed_tokens.weight"]):
             raise ValueError("tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight: "
                              "tie them (or set tie_word_embeddings=false) before saving")
+    for name in [n for n in sd if n.startswith("mtp.")]:  # the MTP head (model/mtp.py) under its real names
+        sd[mtp_prefix(cfg) + name.removeprefix("mtp.")] = sd.pop(name)
     for name, t in sd.items():
         m = _FUSED.match(name)
         if m and layout == "per_expert":
@@ -799,6 +898,32 @@ def random_mtp_block(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, std: 
     return out
 
 
+def random_glm_mtp_layer(cfg: ModelConfig, layout: str = "per_expert", seed: int = 0, dtype=torch.float32) -> dict:
+    """A random GLM MTP layer `model.layers.{num_layers}.*` with the real names (MoE block, own embed_tokens and
+    shared_head), written as `checkpoint_tensors` writes a model's own head."""
+    from ..model.model import CausalLM
+    from ..model.mtp import MTPHead, init_mtp
+
+    with torch.device("meta"):
+        shell = CausalLM(cfg)
+    shell.mtp = init_mtp(MTPHead(cfg), seed=seed)
+    return {k: t.to(dtype) if t.is_floating_point() and "correction_bias" not in k else t
+            for k, t in checkpoint_tensors(_OnlyMTP(shell), layout).items()}
+
+
+class _OnlyMTP:
+    """A model view whose state dict is only its MTP head (for `random_glm_mtp_layer`)."""
+
+    def __init__(self, model):
+        import dataclasses
+
+        self.config = dataclasses.replace(model.config, tie_word_embeddings=False)
+        self._mtp = model.mtp
+
+    def state_dict(self):
+        return {f"mtp.{k}": v for k, v in self._mtp.state_dict().items()}
+
+
 def _quantize_fp8(tensors: dict, block) -> dict:
     """Every quantizable weight X.weight -> F8_E4M3 X.weight + F32 X.weight_scale_inv (fp8.py)."""
     out = {}
@@ -837,7 +962,8 @@ def save_checkpoint(model, path, layout: str = "per_expert", max_shard_bytes: in
 
     layout: 'per_expert' (the original files) or 'fused' (transformers' in-memory names).
     original_config: write the published LongCat-Flash-Chat config.json key set (see `original_longcat_config`).
-    mtp: add a random LongCat MTP block `model.mtp.*` with the real names (the loader skips it).
+    mtp: add a random MTP block with the real names (LongCat `model.mtp.*`, GLM `model.layers.{num_layers}.*`)
+    when the model has no head of its own; a model with `model.mtp` always writes that head.
     dtype: the on-disk dtype (default: the model's). extra: more tensors to write as they are.
     drop_model_type: remove `model_type` from config.json (copies of the LongCat config that lost it still load).
     quantize="fp8": write an FP8 block-scaled checkpoint as LongCat-Flash-Chat-FP8 is laid out (fp8.py): every
@@ -860,10 +986,12 @@ def save_checkpoint(model, path, layout: str = "per_expert", max_shard_bytes: in
     if drop_model_type:
         cfgd.pop("model_type", None)
     tensors = checkpoint_tensors(model, layout)
-    if mtp:
-        if not cfg.is_longcat:
-            raise ValueError("mtp=True writes LongCat's model.mtp.* block; GLM's MTP is one more decoder layer")
-        tensors.update(random_mtp_block(cfg, dtype=next(iter(tensors.values())).dtype))
+    if mtp and getattr(model, "mtp", None) is None:
+        dt = next(iter(tensors.values())).dtype
+        if cfg.is_longcat:
+            tensors.update(random_mtp_block(cfg, dtype=dt))
+        else:
+            tensors.update(random_glm_mtp_layer(cfg, layout, dtype=dt))
     if dtype is not None:
         tensors = {k: (t.to(dtype) if t.is_floating_point() else t) for k, t in tensors.items()}
     if quantize:

@@ -58,6 +58,11 @@ class DynamicCache:
         self.latent[layer], self.k_rope[layer] = latent, k_rope
         return latent, k_rope
 
+    def crop(self, length: int) -> None:
+        """Keep the first `length` tokens (speculative decoding rolls back rejected drafts this way)."""
+        self.latent = [None if t is None else t[:, :length] for t in self.latent]
+        self.k_rope = [None if t is None else t[:, :length] for t in self.k_rope]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.latent + self.k_rope if t is not None)
 

@@ -30,6 +30,7 @@ import torch
 
 from .cache import DynamicCache, StaticCache
 from .forms import DECODE, PREFILL
+from . import speculative as _speculative
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -79,7 +80,8 @@ def _stop_ids(eos_token_id) -> list[int]:
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              eos_token_id=None, seed: int | None = None, attention_mask: torch.Tensor | None = None,
-             on_token=None, fast: bool = False, compile: bool = False, cache_len: int | None = None) -> torch.Tensor:
+             on_token=None, fast: bool = False, compile: bool = False, cache_len: int | None = None,
+             speculative=False) -> torch.Tensor:
     """input_ids (b, s) -> (b, s + n) with n <= max_new_tokens (fewer only if every row stopped).
 
     eos_token_id: None never stops early; an int or a list of ints stops a row. attention_mask (b, s) marks left
@@ -98,6 +100,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (stops[0] if stops else 0)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    if (spec := _speculative.as_speculation(speculative)) is not None:
+        return _speculative.generate(model, input_ids, max_new_tokens, temperature, top_p, stops, pad, mask, gen,
+                                     spec, on_token, fast, cache_len, compile)
 
     if fast:
         dec = Decoder.get(model, b, cache_len or bucket_len(s + max_new_tokens, cfg), compile=compile)

@@ -33,6 +33,7 @@ from ..io.checkpoint import CheckpointError, from_pretrained, read_config, save_
 from ..model.config import LONGCAT, ConfigError, tiny_longcat
 from ..model.counts import activated_for, parameter_counts
 from ..model.model import CausalLM, init_weights
+from ..model.speculative import Speculation
 from ..runtime.parallel import ParallelContext, ParallelError
 from ..io.tokenizer import TokenizerError, load_tokenizer, save_generation_config, save_tokenizer, train_tokenizer
 
@@ -160,11 +161,13 @@ def run_turn(model, tok, prompt: str, args, stream: bool) -> dict:
             out(piece, end="")
 
     fast, compile = getattr(args, "fast", False), getattr(args, "compile", False)
+    k = getattr(args, "speculative", None)
+    spec = Speculation(k=k) if k else False  # MTP drafts verified k + 1 per forward (model/speculative.py)
     fresh = {k for k, d in model.__dict__.get("_decoders", {}).items() if d.setup_s is not None}
     t0 = time.perf_counter()
     ids = model.generate(torch.tensor([prompt_ids], device=model.device), max_new, temperature=args.temperature,
                          top_p=args.top_p, eos_token_id=eos or None, seed=args.seed, on_token=on_token,
-                         fast=fast or compile, compile=compile)
+                         fast=fast or compile, compile=compile, speculative=spec)
     setup = [d.setup_s for k, d in model.__dict__.get("_decoders", {}).items()
              if d.setup_s is not None and k not in fresh]  # a decode step set up (compiled, captured) this turn
     rest = dec.flush()
@@ -186,6 +189,7 @@ def run_turn(model, tok, prompt: str, args, stream: bool) -> dict:
         "kv_cache": {"bytes_per_token": cfg.kv_cache_bytes_per_token(el), "tokens": n + len(gen),
                      "bytes_used": cfg.kv_cache_bytes_per_token(el) * (n + len(gen)),
                      "bytes_allocated": cfg.kv_cache_bytes_per_token(el) * (n + max_new)},
+        **({"acceptance_rate": spec.acceptance_rate, "speculative": spec.as_dict()} if spec else {}),
     }
 
 
@@ -198,6 +202,10 @@ def report(model, r: dict):
     if t.get("decode_setup_s") is not None:
         out(f"-- one-time set-up of the fast decode step (compile, and the CUDA-graph capture on a GPU; reused by later turns): "
             f"{t['decode_setup_s']:.1f} s, included in the decode rate above")
+    if "speculative" in r:
+        sp = r["speculative"]
+        out(f"-- speculative (MTP head, k={sp['k']}): acceptance {sp['acceptance_rate']:.2f}, "
+            f"{sp['tokens_per_step']:.2f} tokens per verify step")
     if e:
         c = parameter_counts(cfg)
         zero = f", {e['zero_mean']:.2f} to zero (identity) experts" if cfg.zero_expert_num else ""
@@ -278,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "greedy tokens)")
     p.add_argument("--compile", action="store_true", help="with the fast path, also torch.compile the decode step "
                    "(a one-time compile, printed; later prompts and turns reuse it)")
+    p.add_argument("--speculative", type=_positive_int, nargs="?", const=1, default=None, metavar="K",
+                   help="self-speculative decoding with the checkpoint's MTP head: draft K tokens (default 1), "
+                   "verify them in one forward; greedy tokens unchanged")
     p.add_argument("--json", action="store_true", help="print one JSON object (prompt_ids, generated_ids, text, "
                    "timings, statistics) instead of streaming")
     return p
