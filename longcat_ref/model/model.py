@@ -186,7 +186,7 @@ def init_weights(module: nn.Module, seed: int = 0, std: float = 0.02, bias_std: 
         for name, p in module.named_parameters():
             if only is not None and name not in only:
                 continue
-            mean, sd = (1.0, norm_std) if name.endswith("norm.weight") else (0.0, std)
+            mean, sd = (1.0, norm_std) if name.endswith(("norm.weight", "norm.m.weight")) else (0.0, std)
             if per_tensor_seed is None:
                 p.copy_((mean + sd * torch.randn(p.shape, generator=g)).to(p.dtype))
             else:

@@ -145,11 +145,7 @@ class MTPHead(nn.Module):
 
 
 def init_mtp(head: MTPHead, seed: int = 0, std: float = 0.02) -> MTPHead:
-    """Random weights for a tiny head (normal(0, std); norms near 1), like model.init_weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in head.named_parameters():
-            is_norm = name.endswith("norm.weight") or name.endswith("norm.m.weight") or name.endswith("layernorm.weight")
-            v = 1.0 + 0.1 * torch.randn(p.shape, generator=g) if is_norm else std * torch.randn(p.shape, generator=g)
-            p.copy_(v.to(p.dtype))
-    return head
+    """Random weights for a tiny head: the package's one initialiser (model.init_weights)."""
+    from .model import init_weights
+
+    return init_weights(head, seed=seed, std=std)

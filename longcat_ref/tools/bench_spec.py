@@ -33,21 +33,8 @@ from ..model.config import glm_4_7_flash
 from ..model.model import CausalLM
 from ..model.mtp import MTPHead
 from ..model.speculative import Speculation, _Graph
-from .bench import timed
+from .bench import synth_, timed
 from .train import SHIPPED_DIR
-
-
-def synthetic(module, std=0.02, seed=0):
-    g = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for n, p in module.named_parameters():
-            if n.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, std, generator=g)
-        for n, b in module.named_buffers():
-            b.zero_()
-    return module
 
 
 def bench_verify(args) -> dict:
@@ -57,8 +44,8 @@ def bench_verify(args) -> dict:
     cfg = glm_4_7_flash()
     with torch.device("meta"):
         model, head = CausalLM(cfg), MTPHead(cfg)
-    model = synthetic(model.to(dt).to_empty(device=dev)).eval()
-    head = synthetic(head.to(dt).to_empty(device=dev)).eval()
+    model = synth_(model.to(dt).to_empty(device=dev)).eval()
+    head = synth_(head.to(dt).to_empty(device=dev)).eval()
     for m in (model, head):
         for n, b in m.named_buffers():
             if n.endswith("e_score_correction_bias"):
