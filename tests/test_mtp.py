@@ -355,7 +355,7 @@ def test_cuda_graph_speculative_equals_plain_greedy(kind):
         new = ref[:, 7:]
         if not bool((new[:, 1:] == new[:, :-1]).any()):  # the head drafts "repeat": no repeat, nothing to accept
             assert spec.accepted == 0, spec
-        elif kind == "longcat":  # (seen on an H200: tiny GLM's fp32 greedy tokens here did not repeat)
+        elif kind == "longcat":  # (an H200 run: tiny GLM accepted 0 of 46 drafts here, tokens equal)
             assert spec.accepted > 0, spec
 
 
