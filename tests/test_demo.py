@@ -195,3 +195,22 @@ def test_fast_flag_gives_the_same_greedy_reply(capsys, ckpt):
     rc2, fast, _ = run_main(capsys, *args, "--fast")
     assert rc == rc2 == 0
     assert json.loads(plain)["generated_ids"] == json.loads(fast)["generated_ids"]
+
+
+def test_show_routing_counts_each_generated_token(capsys, ckpt):
+    """--show-routing: each generated token's real-expert count (summed over MoE layers) = an independent forward
+    of prompt + reply; the last token is never fed back (None); the text is coloured and a legend printed."""
+    args = ("--model", ckpt, "--temperature", "0", "--max-new-tokens", "6", "--show-routing")
+    rc, js, err = run_main(capsys, *args, "--json")
+    assert rc == 0, err
+    r = json.loads(js)
+    model = L.from_pretrained(ckpt, dtype=torch.float32)
+    ids = torch.tensor([r["prompt_ids"] + r["generated_ids"]])
+    with torch.no_grad():
+        model(ids)
+    real = sum((m.last_idx < model.config.n_routed_experts).sum(-1) for m in model.moe_blocks())  # (tokens,)
+    n, g = len(r["prompt_ids"]), len(r["generated_ids"])
+    assert r["routing"] == real[n:n + g - 1].tolist() + [None]
+    rc, out, err = run_main(capsys, *args)
+    assert rc == 0, err
+    assert "\x1b[" in out and "-- routing: real FFN experts per token" in out

@@ -125,12 +125,22 @@ class ExpertStats:
         self.blocks = model.moe_blocks()
         self.n_routed = model.config.n_routed_experts
         self.real = []  # one tensor of per-(token, layer) real-expert counts per forward
+        self.steps = []  # per forward: (tokens,) real experts summed over the MoE layers, or None (not recorded)
 
     def collect(self):
+        step = []
         for m in self.blocks:
             if m.last_idx is not None:
                 self.real.append((m.last_idx < self.n_routed).sum(-1).flatten().cpu())  # (tokens,)
+                step.append(self.real[-1])
                 m.last_idx = None
+        self.steps.append(torch.stack(step).sum(0) if step and len(step) == len(self.blocks) else None)
+
+    def per_generated(self, n_gen: int) -> list:
+        """Real FFN experts (summed over layers) each generated token used when it was fed back in; None where
+        not recorded (the last token is never fed back; a replayed CUDA graph records nothing)."""
+        counts = [int(s[-1]) if s is not None else None for s in self.steps[1:]][:n_gen]
+        return counts + [None] * (n_gen - len(counts))
 
     def summary(self, k: int) -> dict:
         if not self.real:
@@ -138,6 +148,21 @@ class ExpertStats:
         r = torch.cat(self.real).float()
         return {"top_k": k, "real_mean": r.mean().item(), "real_min": int(r.min()), "real_max": int(r.max()),
                 "zero_mean": k - r.mean().item(), "token_layer_samples": r.numel()}
+
+
+ROUTING_COLOURS = (34, 36, 32, 33, 31)  # ANSI blue, cyan, green, yellow, red: few -> many real experts
+
+
+def routing_line(pieces: list, counts: list, most: int) -> str:
+    """Each generated token (its text piece) coloured by its real-expert count (of `most`), then a legend."""
+    def colour(c):
+        return ROUTING_COLOURS[min(len(ROUTING_COLOURS) - 1, c * len(ROUTING_COLOURS) // (most + 1))]
+    text = "".join(p if c is None else f"\x1b[{colour(c)}m{p}\x1b[0m" for p, c in zip(pieces, counts))
+    bins = [(lo, hi) for lo, hi in ((-(-(most + 1) * i // 5), -(-(most + 1) * (i + 1) // 5) - 1) for i in range(5))
+            if lo <= hi]
+    legend = "  ".join(f"\x1b[{colour(lo)}m{lo}-{hi}\x1b[0m" for lo, hi in bins)
+    return (f"{text}\n-- routing: real FFN experts per token, summed over the MoE layers (of {most}): {legend}; "
+            "plain: not recorded")
 
 
 def run_turn(model, tok, prompt: str, args, stream: bool) -> dict:
@@ -186,6 +211,8 @@ def run_turn(model, tok, prompt: str, args, stream: bool) -> dict:
                     "decode_setup_s": setup[0] if setup else None,
                     "decode_tokens_per_s": (len(gen) - 1) / decode if len(gen) > 1 and decode > 0 else None},
         "experts": stats.summary(cfg.moe_topk),
+        **({"routing": stats.per_generated(len(gen)), "routing_pieces": [tok.decode([t]) for t in gen]}
+           if getattr(args, "show_routing", False) else {}),
         "kv_cache": {"bytes_per_token": cfg.kv_cache_bytes_per_token(el), "tokens": n + len(gen),
                      "bytes_used": cfg.kv_cache_bytes_per_token(el) * (n + len(gen)),
                      "bytes_allocated": cfg.kv_cache_bytes_per_token(el) * (n + max_new)},
@@ -213,6 +240,8 @@ def report(model, r: dict):
             f"experts (min {e['real_min']}, max {e['real_max']}){zero}")
         out(f"-- activated parameters per token: {activated_for(cfg, e['real_mean']):,.0f} on average "
             f"(possible range {c['activated_min']:,} - {c['activated_max']:,}, of {c['total']:,})")
+    if "routing" in r and r["generated_ids"]:
+        out(routing_line(r["routing_pieces"], r["routing"], cfg.moe_topk * len(model.moe_blocks())))
     out(f"-- KV cache: {kv['bytes_per_token']:,} bytes/token (latent {cfg.kv_lora_rank} + rope key "
         f"{cfg.qk_rope_head_dim} values x {cfg.num_attn_sublayers} attention sublayers); {kv['bytes_used']:,} bytes "
         f"for these {kv['tokens']} tokens")
@@ -289,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", type=_positive_int, nargs="?", const=1, default=None, metavar="K",
                    help="self-speculative decoding with the checkpoint's MTP head: draft K tokens (default 1), "
                    "verify them in one forward; greedy tokens unchanged")
+    p.add_argument("--show-routing", action="store_true", help="after the reply, print it again with each token "
+                   "coloured by how many real FFN experts it used (terminal colours, with a legend)")
     p.add_argument("--json", action="store_true", help="print one JSON object (prompt_ids, generated_ids, text, "
                    "timings, statistics) instead of streaming")
     return p
