@@ -21,6 +21,7 @@ Layout (imports point down this list only; tests/test_layout.py enforces it):
 """
 
 from .io.checkpoint import CheckpointError, from_pretrained, save_checkpoint
+from .io.streaming import TextIteratorStreamer, TextStreamer, stream
 from .io.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 from .model.config import ConfigError, ModelConfig, glm_4_7_flash, load_config, longcat_flash_chat, tiny_glm, tiny_longcat
 from .model.counts import parameter_counts
@@ -30,5 +31,5 @@ from .model.model import CausalLM, init_weights
 
 __all__ = ["load_config", "from_pretrained", "save_checkpoint", "parameter_counts", "CausalLM", "ModelConfig",
            "ConfigError", "CheckpointError", "init_weights", "longcat_flash_chat", "glm_4_7_flash", "tiny_longcat",
-           "tiny_glm", "Forms", "REFERENCE", "PREFILL", "DECODE", "DynamicCache", "StaticCache", "load_tokenizer",
+           "tiny_glm", "Forms", "REFERENCE", "PREFILL", "DECODE", "DynamicCache", "StaticCache", "load_tokenizer", "TextIteratorStreamer", "TextStreamer", "stream",
            "Tokenizer", "TokenizerError"]

@@ -69,5 +69,5 @@ def check_parity(oracle, ours, ids, pad_token_id, max_new_tokens=8, msg=""):
                                        msg=f"{msg} attention={attention}")
         want = oracle.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
                                pad_token_id=pad_token_id, attention_mask=torch.ones_like(ids))
-    got = ours.generate(ids, max_new_tokens=max_new_tokens)
+    got = ours.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=[])  # HF: eos_token_id=None, never stops
     assert torch.equal(got, want), f"{msg}: {got.tolist()} != {want.tolist()}"

@@ -108,9 +108,9 @@ def test_interactive_keeps_history(capsys, ckpt, monkeypatch):
     prompts = []
     real = demo.run_turn
 
-    def spy(model, tok, prompt, args, stream):
+    def spy(model, tok, prompt, args, stream, **kw):
         prompts.append(prompt)
-        return real(model, tok, prompt, args, stream)
+        return real(model, tok, prompt, args, stream, **kw)
 
     monkeypatch.setattr(demo, "run_turn", spy)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\nAnd the fox?\n\n"))

@@ -614,6 +614,30 @@ DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.f
                "half": torch.float16, "float64": torch.float64, "double": torch.float64}
 
 
+def read_generation_config(path: str, cfg: ModelConfig) -> dict:
+    """generation_config.json (where transformers' generate reads its defaults) -> a dict, {} if the file is absent.
+
+    Its bos / eos / pad token ids are checked (ints in [0, vocab_size); eos may be a list); generate() takes eos and
+    pad from it by default. Other keys (temperature, top_p, ...) are kept for reference but not applied: generate's
+    own defaults stay greedy unless asked (model/generate.py)."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.exists(file):
+        return {}
+    try:
+        d = read_json(file)
+    except (ConfigError, OSError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(d).__name__}")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = d.get(key)
+        ids = v if isinstance(v, list) and key == "eos_token_id" else [] if v is None else [v]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < cfg.vocab_size for i in ids):
+            raise CheckpointError(f"{file}: {key} must be null or an integer in [0, vocab_size={cfg.vocab_size})"
+                                  f"{' or a list of them' if key == 'eos_token_id' else ''}, got {v!r}")
+    return d
+
+
 def resolve_dtype(dtype, device, infos=None, raw_cfg=None) -> torch.dtype:
     """from_pretrained's dtype argument -> a torch float dtype.
 
@@ -693,11 +717,12 @@ def from_pretrained(path, dtype=None, device="cpu", parallel=None, progress=None
     a complete one (an incomplete block is skipped, `load_report.mtp_note` says why); True: required
     (CheckpointError if absent or incomplete); False: skipped and reported. It is replicated on every rank.
     Everything is checked before memory is allocated (see the module docstring). The model's `load_report` says what
-    was loaded, dequantized and skipped.
+    was loaded, dequantized and skipped; `model.generation_config` is generation_config.json as a dict ({} if none).
     """
     path = resolve_path(path, revision, cache_dir, local_files_only)
     cfg = read_config(path)
     raw_cfg = _raw_config(path)
+    gen_cfg = read_generation_config(path, cfg)
     if parallel is not None:
         parallel.check(cfg)  # fail before allocating anything
     infos = index_checkpoint(path)  # every header, the index, the paths
@@ -723,6 +748,7 @@ def from_pretrained(path, dtype=None, device="cpu", parallel=None, progress=None
                 raise
             report.mtp_note = f"MTP block not kept: {e}"
     model.load_report = report
+    model.generation_config = gen_cfg  # generate() takes its eos / pad ids by default
     if verbose:
         print(f"[longcat_ref] {path}: {report.summary()}", file=sys.stderr)
     return model.eval()

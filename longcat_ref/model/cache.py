@@ -58,10 +58,14 @@ class DynamicCache:
         self.latent[layer], self.k_rope[layer] = latent, k_rope
         return latent, k_rope
 
-    def crop(self, length: int) -> None:
-        """Keep the first `length` tokens (speculative decoding rolls back rejected drafts this way)."""
-        self.latent = [None if t is None else t[:, :length] for t in self.latent]
-        self.k_rope = [None if t is None else t[:, :length] for t in self.k_rope]
+    def crop(self, n: int) -> "DynamicCache":
+        """Keep the first n tokens (speculative decoding's roll-back; a chat turn that re-renders differently after n shared tokens); -> self."""
+        if n <= 0:
+            self.latent, self.k_rope = [None] * len(self.latent), [None] * len(self.k_rope)
+        elif n < self.length:
+            self.latent = [t[:, :n] for t in self.latent]
+            self.k_rope = [t[:, :n] for t in self.k_rope]
+        return self
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.latent + self.k_rope if t is not None)

@@ -1,4 +1,4 @@
-"""Autoregressive generation: greedy or temperature / top-p sampling, on the model's one forward.
+"""Autoregressive generation: greedy, or sampling with temperature / top-k / top-p, on the model's one forward.
 
 One prefill forward over the (left-padded) prompts fills the cache; then one token per step. Two ways to run the
 same forward (tests prove them equal):
@@ -16,14 +16,19 @@ same forward (tests prove them equal):
   attention, gathered / gemv experts). Under torchrun the sharded model's collectives are inside that same step,
   so they are captured with it.
 
-Sampling is seeded through a private torch.Generator, so the same seed gives the same tokens. A row that emits a
-stop token is finished: it keeps receiving the pad token (or the stop token if the config has no pad) until every
-row is done.
+Choosing the next token happens outside the forward (`next_token`), so every option below works the same on both
+paths: repetition penalty on the logits, then greedy argmax, or temperature -> top-k -> top-p -> a draw (the order
+transformers applies them). Sampling is seeded through a private torch.Generator, so the same seed gives the same
+tokens. A row that emits a stop token (or whose text reaches a stop string) is finished: it keeps receiving the pad
+token until every row is done.
+
+The arguments take transformers' names and meanings (`generate` docstring); what differs is written there.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 
 import torch
@@ -33,11 +38,18 @@ from .forms import DECODE, PREFILL
 from . import speculative as _speculative
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """logits (b, vocab) -> next ids (b,). temperature 0 is greedy (argmax)."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None,
+                top_k: int | None = None) -> torch.Tensor:
+    """logits (b, vocab) -> next ids (b,). temperature <= 0 is greedy (argmax); else temperature, then top_k (keep the
+    k largest logits; None or 0 keeps all), then top_p (the smallest set of tokens holding mass >= top_p), then a
+    draw from what is left."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (b, vocab) fp32
+    logits = logits.float() / temperature  # (b, vocab) fp32
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (b, 1): the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # (b, vocab)
     if top_p < 1.0:
         p_sorted, order = probs.sort(dim=-1, descending=True)
         # drop a token when the mass before it already reaches top_p (the top token always survives)
@@ -47,15 +59,42 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_args(cfg, input_ids, max_new_tokens, temperature, top_p):
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+def repetition_penalized(logits: torch.Tensor, seq: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty, as transformers applies it: every id already in seq (b, L) -- prompt included, pad
+    ids too -- has its logit divided by `penalty` if positive, multiplied if negative. logits (b, vocab) -> same."""
+    if penalty == 1.0:
+        return logits
+    score = logits.gather(1, seq)  # (b, L)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, seq, score)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_args(cfg, input_ids, max_new_tokens, temperature, top_p, *, top_k=None, repetition_penalty=1.0,
+                attention_mask=None):
+    """Every argument checked before any work, each error naming the argument (ValueError, TypeError for a
+    non-tensor input_ids)."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+    if temperature is not None and not (_is_number(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {tuple(input_ids.shape)} "
+    if not (_is_number(top_p) and 0.0 < top_p <= 1.0):  # NaN and inf fail the comparison
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if top_k is not None and not (_is_int(top_k) and top_k >= 0):
+        raise ValueError(f"top_k must be None or an int >= 0 (0 = no top-k), got {top_k!r}")
+    if not (_is_number(repetition_penalty) and math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1.0 = none), got {repetition_penalty!r}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, seq) integer tensor, got {tuple(input_ids.shape)} "
                          f"{input_ids.dtype}")
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
         raise ValueError(f"input_ids hold ids outside [0, vocab_size={cfg.vocab_size}): "
@@ -64,44 +103,156 @@ def _check_args(cfg, input_ids, max_new_tokens, temperature, top_p):
     if total > cfg.max_position_embeddings:
         raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} tokens "
                          f"exceeds max_position_embeddings={cfg.max_position_embeddings}")
+    if attention_mask is not None:
+        m = attention_mask
+        if not isinstance(m, torch.Tensor) or m.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (a real token)")
+        m = m.long()
+        if bool((m.sum(1) == 0).any()):
+            raise ValueError("attention_mask has a row with no real token")
+        if bool((m[:, -1] == 0).any()):  # a 0 in the middle is only a masked token; at the end it is right padding
+            raise ValueError("attention_mask has right padding (a row ending in 0): generate needs left padding, the "
+                             "new tokens follow the last column (tokenize with padding_side='left')")
 
 
-def _stop_ids(eos_token_id) -> list[int]:
-    """None -> []; an int, a 0-d tensor / numpy int, or a list of them -> a list of ints."""
+def _token_ids(value, name: str, vocab_size: int) -> list[int]:
+    """An int, a numpy integer, a 0-d or 1-d tensor / array, or a list of them -> a list of ids in [0, vocab)."""
+    if hasattr(value, "tolist") and not _is_int(value):  # tensor or numpy array (a numpy scalar is an Integral)
+        value = value.tolist()
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    if not all(_is_int(e) for e in items):
+        raise ValueError(f"{name} must be an int or a list of ints, got {value!r}")
+    ids = [int(e) for e in items]
+    bad = [e for e in ids if not 0 <= e < vocab_size]
+    if bad:
+        raise ValueError(f"{name} {bad[0]} is outside [0, vocab_size={vocab_size})")
+    return ids
+
+
+def _stop_ids(eos_token_id, model=None) -> list[int]:
+    """eos_token_id as given (any of `_token_ids`' forms); None -> the model's default: its generation_config.json
+    eos_token_id where the loader read one (`model.generation_config`), else config.eos_token_id; [] never stops."""
+    vocab = model.config.vocab_size if model is not None else 1 << 62
     if eos_token_id is None:
-        return []
-    if isinstance(eos_token_id, torch.Tensor):
-        eos_token_id = eos_token_id.tolist()
-    if not isinstance(eos_token_id, list | tuple):
-        eos_token_id = [eos_token_id]
-    return [int(e) for e in eos_token_id]
+        if model is None:
+            return []
+        gcfg = getattr(model, "generation_config", None) or {}
+        eos_token_id = gcfg.get("eos_token_id", model.config.eos_ids)
+        if eos_token_id is None:
+            return []
+    return _token_ids(eos_token_id, "eos_token_id", vocab)
+
+
+def _stopped_by_strings(tokenizer, stop_strings, rows: list[list[int]], done: torch.Tensor) -> torch.Tensor:
+    """(b,) bool: the rows whose generated text (decoded with `tokenizer`) now contains one of stop_strings."""
+    hit = [not bool(d) and any(s in tokenizer.decode(r) for s in stop_strings) for r, d in zip(rows, done.tolist())]
+    return torch.tensor(hit, dtype=torch.bool, device=done.device)
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             eos_token_id=None, seed: int | None = None, attention_mask: torch.Tensor | None = None,
-             on_token=None, fast: bool = False, compile: bool = False, cache_len: int | None = None,
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, temperature: float | None = None,
+             top_p: float = 1.0, eos_token_id=None, seed: int | None = None,
+             attention_mask: torch.Tensor | None = None, on_token=None, fast: bool = False, compile: bool = False,
+             cache_len: int | None = None, *, do_sample: bool | None = None, top_k: int | None = None,
+             repetition_penalty: float = 1.0, stop_strings=None, tokenizer=None, pad_token_id=None,
+             max_length: int | None = None, streamer=None, past_key_values: DynamicCache | None = None,
              speculative=False) -> torch.Tensor:
     """input_ids (b, s) -> (b, s + n) with n <= max_new_tokens (fewer only if every row stopped).
 
-    eos_token_id: None never stops early; an int or a list of ints stops a row. attention_mask (b, s) marks left
-    padding. on_token(ids (b,)) is called after each step (streaming). fast=True: static cache, fixed-shape decode
-    step, a CUDA graph on GPU (module docstring); compile=True (with fast) also torch.compiles that step, once per
-    model and bucket ("tuned": with inductor's coordinate-descent tuning, a longer compile). cache_len (fast only): the static cache's size (default: a bucket, `bucket_len`).
+    Length: max_new_tokens new tokens, or max_length = prompt + new tokens in total (max_new_tokens wins when both
+    are given, as in transformers); one of them is required.
+    Choosing tokens (transformers' semantics):
+      do_sample: False = greedy (argmax) whatever temperature / top_k / top_p say; True = sample (temperature None
+        means 1.0; 0 is refused). None (the default, this package's older convention kept): sample iff a
+        temperature > 0 is given -- so `generate(ids, n)` is greedy and `generate(ids, n, temperature=0.7)` samples.
+      temperature, top_k (None or 0: off; top_k=1 is greedy), top_p (1.0: off): applied in that order when sampling.
+      repetition_penalty (1.0: off): CTRL's penalty on every id already in the sequence, prompt included, applied to
+        the logits in greedy and sampling alike (`repetition_penalized`).
+      seed: a private torch.Generator, so the same seed gives the same tokens (None: the global RNG).
+    Stopping:
+      eos_token_id: None (default) = the model's own stop ids -- generation_config.json's eos_token_id where the
+        loader found one (`model.generation_config`), else config.json's; an int, numpy int, tensor or list of them
+        stops a row; [] never stops.
+      stop_strings: a string or list of strings; a row stops once its generated text (decoded by `tokenizer`, any
+        object with decode(ids) -> str, required with stop_strings) contains one. The tokens that made the string
+        are kept in the output (as transformers does); a string reaching back into the prompt does not count.
+      pad_token_id: what finished rows receive until every row is done (default: generation_config.json's
+        pad_token_id, else config.pad_token_id, else the first stop id, else 0).
+    Inputs: attention_mask (b, s) of 0/1 marks LEFT padding (a 0 between 1s just masks that token); right padding
+      (a row ending in 0) is refused with a ValueError. Ids outside [0, vocab_size) and every bad argument are refused by name before any work.
+    Streaming: on_token(ids (b,)) is called after each step; streamer is any object with put() / end() (transformers'
+      BaseStreamer protocol: put(prompt ids (b, s)) once, put(new ids (b,)) per step, end() at the end) -- e.g.
+      `io.streaming.TextIteratorStreamer`.
+    past_key_values (plain path only): a DynamicCache that already holds the first L < s tokens of input_ids (from
+      an earlier call on the same sequence); only input_ids[:, L:] are prefilled, and the cache is extended in place
+      (afterwards it holds every returned token but the last) -- how a chat keeps its history between turns.
+    fast=True: static cache, fixed-shape decode step, a CUDA graph on GPU (module docstring); compile=True (with
+    fast) also torch.compiles that step, once per model and bucket ("tuned": with inductor's coordinate-descent
+    tuning, a longer compile). cache_len (fast only): the static cache's size (default: a bucket, `bucket_len`).
+    Every option above gives the same tokens with fast=True as without (tests/test_generate.py).
     """
     cfg = model.config
-    _check_args(cfg, input_ids, max_new_tokens, temperature, top_p)
+    if max_new_tokens is None:
+        if max_length is None:
+            raise ValueError("pass max_new_tokens (new tokens) or max_length (prompt + new tokens)")
+        if not _is_int(max_length) or max_length <= input_ids.shape[-1]:
+            raise ValueError(f"max_length must be an int > the prompt length {input_ids.shape[-1]}, got "
+                             f"{max_length!r}")
+        max_new_tokens = int(max_length) - input_ids.shape[-1]
+    _check_args(cfg, input_ids, max_new_tokens, temperature, top_p, top_k=top_k,
+                repetition_penalty=repetition_penalty, attention_mask=attention_mask)
+    max_new_tokens = int(max_new_tokens)
+    if do_sample not in (None, True, False):
+        raise ValueError(f"do_sample must be None, True or False, got {do_sample!r}")
+    if do_sample is None:
+        do_sample = temperature is not None and temperature > 0
+    if do_sample and temperature == 0:
+        raise ValueError("temperature must be > 0 with do_sample=True (do_sample=False is greedy)")
+    temp = (1.0 if temperature is None else float(temperature)) if do_sample else 0.0
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    if stop_strings is not None:
+        if not stop_strings or not all(isinstance(s, str) and s for s in stop_strings):
+            raise ValueError(f"stop_strings must be a non-empty string or list of them, got {stop_strings!r}")
+        if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
+            raise ValueError("stop_strings needs tokenizer= (an object with decode(ids) -> str)")
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and
+                                     callable(getattr(streamer, "end", None))):
+        raise ValueError("streamer must have put() and end() methods (transformers' BaseStreamer protocol)")
     if compile and not fast:
         raise ValueError("compile=True compiles the fast decode step: pass fast=True as well")
     b, s = input_ids.shape
+    if past_key_values is not None:
+        if fast:
+            raise ValueError("past_key_values works with the plain path only (fast=True keeps its own static cache)")
+        if not isinstance(past_key_values, DynamicCache) or past_key_values.length >= s or (
+                past_key_values.length and past_key_values.latent[0].shape[0] != b):
+            raise ValueError(f"past_key_values must be a DynamicCache of batch {b} holding fewer than the {s} "
+                             f"tokens of input_ids")
     device = input_ids.device
+    input_ids = input_ids.long()
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
-    stops = _stop_ids(eos_token_id)
+    stops = _stop_ids(eos_token_id, model)
     stop_ids = torch.tensor(stops, dtype=torch.long, device=device)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (stops[0] if stops else 0)
+    if pad_token_id is None:
+        gcfg = getattr(model, "generation_config", None) or {}
+        pad_token_id = next((p for p in (gcfg.get("pad_token_id"), cfg.pad_token_id) if p is not None),
+                            stops[0] if stops else 0)
+    pad = _token_ids(pad_token_id, "pad_token_id", cfg.vocab_size)
+    if len(pad) != 1:
+        raise ValueError(f"pad_token_id must be one id, got {pad_token_id!r}")
+    pad = pad[0]
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     if (spec := _speculative.as_speculation(speculative)) is not None:
-        return _speculative.generate(model, input_ids, max_new_tokens, temperature, top_p, stops, pad, mask, gen,
+        extras = dict(top_k=top_k, stop_strings=stop_strings, streamer=streamer, past_key_values=past_key_values)
+        unsupported = [k for k, v in extras.items() if v] + (["repetition_penalty"] if repetition_penalty != 1.0 else [])
+        if unsupported:
+            raise ValueError(f"speculative decoding does not support {', '.join(unsupported)} yet: drop "
+                             f"{'it' if len(unsupported) == 1 else 'them'} or speculative=")
+        return _speculative.generate(model, input_ids, max_new_tokens, temp, top_p, stops, pad, mask, gen,
                                      spec, on_token, fast, cache_len, compile)
 
     if fast:
@@ -109,28 +260,44 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         logits = dec.prefill(input_ids, mask)  # (b, vocab)
         step_fn = dec.step  # nxt (b,) -> (b, vocab): one fixed-shape step
     else:
-        cache = DynamicCache.for_model(cfg)
-        logits = model(input_ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]  # prefill: (b, vocab)
+        cache = DynamicCache.for_model(cfg) if past_key_values is None else past_key_values
+        new = input_ids[:, cache.length:]  # the tokens not in the cache yet: all of them unless past_key_values
+        logits = model(new, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]  # prefill: (b, vocab)
 
         def step_fn(nxt):
             nonlocal mask
             mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype, device=device)], dim=1)  # (b, s + 1)
             return model(nxt[:, None], attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]  # one step
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
     out = [input_ids]
+    seq = input_ids  # (b, s + t): what the repetition penalty looks at
+    rows = [[] for _ in range(b)]  # the generated ids per row, for stop_strings
     done = torch.zeros(b, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, gen)  # (b,)
+        logits = repetition_penalized(logits, seq, repetition_penalty)
+        nxt = sample_next(logits, temp, top_p, gen, top_k)  # (b,)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         out.append(nxt[:, None])
+        if repetition_penalty != 1.0:
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
         if on_token is not None:
             on_token(nxt)
+        if streamer is not None:
+            streamer.put(nxt.cpu())
         if len(stops):
             done = done | torch.isin(nxt, stop_ids)
-            if bool(done.all()):
-                break
+        if stop_strings is not None:
+            for r, t in zip(rows, nxt.tolist()):
+                r.append(t)
+            done = done | _stopped_by_strings(tokenizer, stop_strings, rows, done)
+        if (len(stops) or stop_strings is not None) and bool(done.all()):
+            break
         if step + 1 == max_new_tokens:
             break
         logits = step_fn(nxt)
+    if streamer is not None:
+        streamer.end()
     return torch.cat(out, dim=1)
 
 

@@ -79,11 +79,20 @@ class RowParallelLinear(nn.Linear):
 class VocabParallelEmbedding(nn.Embedding):
     """Rows [start, start + n) of the embedding table; ids outside are looked up elsewhere and summed in."""
 
-    def __init__(self, n_local: int, dim: int, start: int, group, device=None, dtype=None):
+    def __init__(self, n_local: int, dim: int, start: int, group, device=None, dtype=None, vocab_size=None):
         super().__init__(n_local, dim, device=device, dtype=dtype)
-        self.start, self.group = start, group
+        self.start, self.group, self.vocab_size = start, group, vocab_size
 
     def forward(self, ids):  # ids (b, t) -> (b, t, H)
+        # An id outside the whole vocabulary would be owned by no rank and silently become a zero vector: refuse it,
+        # as nn.Embedding does in one process. The check costs one host sync per forward, so it is skipped while a
+        # CUDA graph is captured or torch.compile traces (the fast decode step: its ids come from generate, which
+        # checked the prompt and only produces ids < vocab_size).
+        if self.vocab_size is not None and ids.numel() and not torch.compiler.is_compiling() and not (
+                ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"input_ids hold ids outside [0, vocab_size={self.vocab_size}): min {lo}, max {hi}")
         local = ids - self.start  # (b, t)
         mine = (local >= 0) & (local < self.num_embeddings)  # (b, t)
         x = F.embedding(local.clamp(0, self.num_embeddings - 1), self.weight)  # (b, t, H)
@@ -236,7 +245,7 @@ class ParallelContext:
             row(m, "down_proj", prefix, group, reduce)
 
         V = cfg.vocab_size // W
-        model.model.embed_tokens = VocabParallelEmbedding(V, cfg.hidden_size, r * V, g, **kw)
+        model.model.embed_tokens = VocabParallelEmbedding(V, cfg.hidden_size, r * V, g, vocab_size=cfg.vocab_size, **kw)
         model.lm_head = VocabParallelHead(cfg.hidden_size, V, g, W, **kw)
         self.plan["model.embed_tokens.weight"] = self.plan["lm_head.weight"] = 0
         for name, m in list(model.named_modules()):

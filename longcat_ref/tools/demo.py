@@ -11,8 +11,14 @@ the *original* LongCat-Flash-Chat layout (per-expert tensors, sharded with an in
 keys, an MTP block), plus a byte-level BPE tokenizer trained on `assets/demo_corpus.txt` -- and then
 loads it back like any real checkpoint. An untrained model prints gibberish; the point is the machinery.
 
-Bad input (a missing or broken model directory, a bad flag value, a prompt longer than the context) prints one
-line on stderr and exits non-zero. Model loading lives in `load_model(args, parallel=None)`, and only rank 0 prints,
+Bad input (a missing or broken model directory, a bad flag value, an unavailable --device, a prompt that is not
+valid UTF-8 or longer than the context, a closed stdin in --interactive, a malformed RANK, ids out of the vocabulary)
+prints one line on stderr and exits non-zero -- never a traceback (an unexpected exception is printed as one line
+with its type). The demo writes no files, so it has no output paths to check.
+
+--interactive edits lines with readline where Python has it (arrows, history), and keeps the KV cache between turns:
+each turn prefills only the tokens after the longest prefix it shares with the previous turn's prompt + reply
+(the plain path; --fast rebuilds its static cache each turn). Model loading lives in `load_model(args, parallel=None)`, and only rank 0 prints,
 so the same command can run under torchrun with a parallel plan.
 """
 
@@ -31,6 +37,7 @@ import torch
 from ..io.chat import LONGCAT_CHAT_TEMPLATE, default_chat_template
 from ..io.checkpoint import CheckpointError, from_pretrained, read_config, save_checkpoint
 from ..model.config import LONGCAT, ConfigError, tiny_longcat
+from ..model.cache import DynamicCache
 from ..model.counts import activated_for, parameter_counts
 from ..model.model import CausalLM, init_weights
 from ..model.speculative import Speculation
@@ -52,13 +59,22 @@ class DemoError(Exception):
 _CTX = [ParallelContext()]  # world size 1 until main() joins torchrun's group (ParallelContext.from_env)
 
 
+def env_rank() -> int | None:
+    """RANK as an int (0 without torchrun); None if it is set but not an integer (reported by main)."""
+    v = os.environ.get("RANK", "0").strip() or "0"
+    return int(v) if v.isdigit() else None
+
+
 def is_main() -> bool:
     """Rank 0 (or no torchrun at all) prints; other ranks stay quiet."""
-    return _CTX[0].is_main
+    if _CTX[0].world_size > 1:
+        return _CTX[0].is_main
+    return env_rank() in (0, None)
 
 
 def out(*a, end="\n", file=None):
-    _CTX[0].print(*a, end=end, file=file or sys.stdout, flush=True)
+    if is_main():
+        print(*a, end=end, file=file or sys.stdout, flush=True)
 
 
 # --------------------------------------------------------------------------------------------- the embedded model
@@ -165,8 +181,22 @@ def routing_line(pieces: list, counts: list, most: int) -> str:
             "plain: not recorded")
 
 
-def run_turn(model, tok, prompt: str, args, stream: bool) -> dict:
-    """Encode, generate (streaming to stdout if `stream`), decode; -> ids, text, timings and statistics."""
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def run_turn(model, tok, prompt: str, args, stream: bool, session: dict | None = None) -> dict:
+    """Encode, generate (streaming to stdout if `stream`), decode; -> ids, text, timings and statistics.
+
+    session (a dict kept by the caller between chat turns; plain path only): holds the last turn's ids and its
+    DynamicCache. The cache is cut back to the longest prefix the new prompt shares with them (a reply re-tokenized
+    by the template may differ from the generated ids), and only the rest of the prompt is prefilled. The result's
+    "prefill_tokens" says how many tokens were prefilled, "cached_tokens" how many were reused."""
     cfg = model.config
     prompt_ids = getattr(prompt, "ids", None) or tok.encode_prompt(prompt)  # a Prompt carries its ids
     n, maxpos = len(prompt_ids), cfg.max_position_embeddings
@@ -188,11 +218,19 @@ def run_turn(model, tok, prompt: str, args, stream: bool) -> dict:
     fast, compile = getattr(args, "fast", False), getattr(args, "compile", False)
     k = getattr(args, "speculative", None)
     spec = Speculation(k=k) if k else False  # MTP drafts verified k + 1 per forward (model/speculative.py)
+    cache, cached = None, 0
+    if session is not None and not (fast or compile or spec):
+        cache = session.get("cache") or DynamicCache.for_model(cfg)
+        kept = session.get("ids", [])[:cache.length]  # the cache holds these (a reply's last id is never forwarded)
+        cached = min(_shared_prefix(kept, prompt_ids), n - 1)  # at least one token to prefill
+        cache.crop(cached)
     fresh = {k for k, d in model.__dict__.get("_decoders", {}).items() if d.setup_s is not None}
     t0 = time.perf_counter()
     ids = model.generate(torch.tensor([prompt_ids], device=model.device), max_new, temperature=args.temperature,
-                         top_p=args.top_p, eos_token_id=eos or None, seed=args.seed, on_token=on_token,
-                         fast=fast or compile, compile=compile, speculative=spec)
+                         top_p=args.top_p, eos_token_id=eos, seed=args.seed, on_token=on_token,
+                         fast=fast or compile, compile=compile, past_key_values=cache, speculative=spec)
+    if session is not None:
+        session.update(ids=ids[0].tolist(), cache=cache)
     setup = [d.setup_s for k, d in model.__dict__.get("_decoders", {}).items()
              if d.setup_s is not None and k not in fresh]  # a decode step set up (compiled, captured) this turn
     rest = dec.flush()
@@ -206,7 +244,7 @@ def run_turn(model, tok, prompt: str, args, stream: bool) -> dict:
     return {
         "prompt": prompt, "prompt_ids": prompt_ids, "generated_ids": gen,
         "text": tok.decode(gen), "stop_reason": "eos" if stopped else "max_new_tokens",
-        "max_new_tokens": max_new,
+        "max_new_tokens": max_new, "prefill_tokens": n - cached, "cached_tokens": cached,
         "timings": {"prefill_s": prefill, "decode_s": decode, "prefill_tokens_per_s": n / prefill,
                     "decode_setup_s": setup[0] if setup else None,
                     "decode_tokens_per_s": (len(gen) - 1) / decode if len(gen) > 1 and decode > 0 else None},
@@ -224,8 +262,9 @@ def report(model, r: dict):
     cfg = model.config
     t, e, kv = r["timings"], r["experts"], r["kv_cache"]
     dec = f", decode {t['decode_tokens_per_s']:.1f} tokens/s" if t["decode_tokens_per_s"] else ""
-    out(f"-- {len(r['generated_ids'])} tokens (stopped at {r['stop_reason']}): prefill {len(r['prompt_ids'])} "
-        f"tokens in {t['prefill_s'] * 1e3:.1f} ms{dec}")
+    reused = f" (+ {r['cached_tokens']} kept in the cache)" if r.get("cached_tokens") else ""
+    out(f"-- {len(r['generated_ids'])} tokens (stopped at {r['stop_reason']}): prefill {r['prefill_tokens']} "
+        f"tokens{reused} in {t['prefill_s'] * 1e3:.1f} ms{dec}")
     if t.get("decode_setup_s") is not None:
         out(f"-- one-time set-up of the fast decode step (compile, and the CUDA-graph capture on a GPU; reused by later turns): "
             f"{t['decode_setup_s']:.1f} s, included in the decode rate above")
@@ -277,10 +316,13 @@ def _device(s):
         d = torch.device(s)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"not a torch device: {s!r} (try cpu or cuda)") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{s!r}: CUDA is not available on this machine")
     if d.type not in ("cpu", "cuda", "mps", "xpu"):
         raise argparse.ArgumentTypeError(f"unsupported device {s!r} (try cpu or cuda)")
+    backend = getattr(torch, d.type) if d.type != "mps" else torch.backends.mps
+    if d.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
+        raise argparse.ArgumentTypeError(f"{s!r}: {d.type} is not available on this machine (try cpu)")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{s!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return s
 
 
@@ -347,12 +389,45 @@ def chat_once(model, tok, args, messages, stream: bool) -> dict:
     return run_turn(model, tok, prompt, args, stream)
 
 
+def _valid_utf8(text: str | None, what: str) -> None:
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates: refuse them by name."""
+    if text is not None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DemoError(f"{what} is not valid UTF-8 text") from None
+
+
+def read_user_turn() -> str:
+    """One line from stdin ('' at EOF), with readline's editing and history when stdin is a terminal."""
+    if sys.stdin is None or sys.stdin.closed:
+        raise DemoError("--interactive reads the user's turns from stdin, which is closed")
+    try:
+        if sys.stdin.isatty():
+            return input("USER> ") + "\n"  # readline (imported in main) edits this line
+        print("USER> ", end="", flush=True)
+        return sys.stdin.readline()
+    except EOFError:
+        return ""
+    except UnicodeDecodeError:
+        raise DemoError("stdin is not valid UTF-8 text") from None
+    except (OSError, ValueError) as e:
+        raise DemoError(f"cannot read stdin: {e}") from None
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     ctx = None
     try:
+        if env_rank() is None:
+            raise DemoError(f"the environment variable RANK={os.environ.get('RANK')!r} is not a process rank "
+                            "(an integer >= 0)")
         if args.json and args.interactive:
             raise DemoError("--json and --interactive cannot be combined")
+        _valid_utf8(args.prompt, "--prompt")
+        _valid_utf8(args.system, "--system")
+        if args.interactive and (sys.stdin is None or sys.stdin.closed):
+            raise DemoError("--interactive reads the user's turns from stdin, which is closed")
         ctx = ParallelContext.from_env()  # under torchrun: join the group, this rank's GPU; else world size 1
         _CTX[0] = ctx
         if ctx.world_size > 1:
@@ -389,32 +464,50 @@ def main(argv=None) -> int:
         if not args.interactive:
             report(model, chat_once(model, tok, args, system + [{"role": "user", "content": args.prompt}], True))
             return 0
-        history = []
+        if is_main() and sys.stdin.isatty():
+            try:
+                import readline  # noqa: F401 -- line editing and history for input()
+            except ImportError:  # not on every platform (Windows)
+                pass
+        history, session = [], {}  # the chat so far; the last turn's ids and KV cache
         while True:
-            if is_main():
-                print("USER> ", end="", flush=True)
-            line = ctx.broadcast_object(sys.stdin.readline() if is_main() else None)  # rank 0 reads for all
+            line = ctx.broadcast_object(read_user_turn() if is_main() else None)  # rank 0 reads for all
             if not line.strip():
                 return 0
             msgs = system + history + [{"role": "user", "content": line.strip()}]
             try:
+                _valid_utf8(line, "the input line")
                 out("ASSISTANT: ", end="")
-                r = run_turn(model, tok, chat_prompt(tok, cfg.model_type, msgs), args, stream=True)
+                r = run_turn(model, tok, chat_prompt(tok, cfg.model_type, msgs), args, stream=True, session=session)
             except DemoError as e:
                 out(f"\nerror: {e}; starting a new conversation", file=sys.stderr)
-                history = []
+                history, session = [], {}
                 continue
             report(model, r)
             history = msgs[len(system):] + [{"role": "assistant", "content": r["text"]}]
     except (DemoError, CheckpointError, ConfigError, TokenizerError, ParallelError, ValueError, OSError) as e:
-        rank = f"[rank {os.environ.get('RANK', '?')}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
-        print(f"{rank}error: {e}", file=sys.stderr)  # every rank: an error may be one rank's alone
+        print(f"{_rank_prefix()}error: {_one_line(e)}", file=sys.stderr)  # every rank: an error may be one rank's
+        return 1
+    except Exception as e:  # noqa: BLE001 -- the contract: one line, never a traceback
+        print(f"{_rank_prefix()}error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     finally:
         if ctx is not None:
             ctx.close()
+
+
+def _rank_prefix() -> str:
+    """'[rank N] ' under a multi-process launch, else ''. Reads the environment with defaults only: the error
+    handler must not raise (a missing RANK once raised KeyError here)."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        return ""
+    return f"[rank {os.environ.get('RANK', '?')}] "
+
+
+def _one_line(e: BaseException) -> str:
+    return " | ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 if __name__ == "__main__":
