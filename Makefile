@@ -35,6 +35,7 @@ bench: $(VENV)/.installed-dev
 
 train: $(VENV)/.installed-dev
 	$(BIN)/python -m longcat_ref.tools.train --ship --plot docs/training_dynamics.png $(ARGS)
+	$(BIN)/python -m longcat_ref.tools.train_mtp --ship  # then the MTP head on top (the model frozen)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
