@@ -227,14 +227,14 @@ def bench_cpu(args) -> dict:
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
               pad_token_id=cfg.pad_token_id, attention_mask=torch.ones_like(prompt))
     with torch.no_grad():
-        res["ours_plain_decode_tok_s"] = new / timed(lambda: ours.generate(prompt, max_new_tokens=new), dev, reps=3)
-        res["ours_fast_decode_tok_s"] = new / timed(lambda: ours.generate(prompt, max_new_tokens=new, fast=True),
+        res["ours_plain_decode_tok_s"] = new / timed(lambda: ours.generate(prompt, max_new_tokens=new, eos_token_id=[]), dev, reps=3)
+        res["ours_fast_decode_tok_s"] = new / timed(lambda: ours.generate(prompt, max_new_tokens=new, eos_token_id=[], fast=True),
                                                     dev, reps=3)
         t0 = time.perf_counter()
-        ours.generate(prompt, max_new_tokens=new, fast=True, compile=True)  # first call compiles the step
+        ours.generate(prompt, max_new_tokens=new, eos_token_id=[], fast=True, compile=True)  # first call compiles the step
         res["ours_compile_s"] = time.perf_counter() - t0
         res["ours_fast_compiled_decode_tok_s"] = new / timed(
-            lambda: ours.generate(prompt, max_new_tokens=new, fast=True, compile=True), dev, reps=3, warmup=0)
+            lambda: ours.generate(prompt, max_new_tokens=new, eos_token_id=[], fast=True, compile=True), dev, reps=3, warmup=0)
         res["hf_decode_tok_s"] = new / timed(lambda: hf.generate(prompt, **kw), dev, reps=3)
         res["prefill_tokens"] = plen
         res["ours_plain_prefill_s"] = timed(lambda: ours(long_prompt), dev, reps=5)
@@ -242,10 +242,10 @@ def bench_cpu(args) -> dict:
         res["ours_fast_prefill_s"] = timed(lambda: dec.prefill(long_prompt), dev, reps=5)
         res["hf_prefill_s"] = timed(lambda: hf(long_prompt, use_cache=False), dev, reps=5)
         g_hf = hf.generate(prompt, **kw)
-        res["plain_equals_hf_tokens"] = bool(torch.equal(ours.generate(prompt, max_new_tokens=new), g_hf))
-        res["fast_equals_hf_tokens"] = bool(torch.equal(ours.generate(prompt, max_new_tokens=new, fast=True), g_hf))
+        res["plain_equals_hf_tokens"] = bool(torch.equal(ours.generate(prompt, max_new_tokens=new, eos_token_id=[]), g_hf))
+        res["fast_equals_hf_tokens"] = bool(torch.equal(ours.generate(prompt, max_new_tokens=new, eos_token_id=[], fast=True), g_hf))
         res["fast_compiled_equals_hf_tokens"] = bool(torch.equal(
-            ours.generate(prompt, max_new_tokens=new, fast=True, compile=True), g_hf))
+            ours.generate(prompt, max_new_tokens=new, eos_token_id=[], fast=True, compile=True), g_hf))
     torch.set_num_threads(threads)
     res["decode_speedup_vs_hf"] = max(res["ours_fast_decode_tok_s"],
                                       res["ours_fast_compiled_decode_tok_s"]) / res["hf_decode_tok_s"]
@@ -635,6 +635,7 @@ def bench_e2e(args, ceil, res) -> dict:
             row = dict(batch=batch, prompt=plen, new_tokens=new)
             variants = [("fast", dict(fast=True)), ("fast_compile", dict(fast=True, compile=True)),
                         ("fast_compile_tuned", dict(fast=True, compile="tuned"))]
+            variants = [(n, dict(kw, eos_token_id=[])) for n, kw in variants]  # exactly `new` tokens, as transformers
             want = args.e2e_variants.split(",")
             variants = [v for v in variants if v[0] in want]
             for name, kw in variants:
@@ -644,10 +645,10 @@ def bench_e2e(args, ceil, res) -> dict:
                 ttft = min(wall(lambda: ours.generate(ids, 1, **kw), device) for _ in range(2))
                 row[f"ours_{name}_tok_s"], row[f"ours_{name}_first_call_s"] = batch * new / t, first
                 row[f"ours_{name}_ttft_s"] = ttft
-                other = ids[:, : plen - 28]  # a new prompt length and max_new_tokens: same bucket, nothing recompiles
-                row[f"ours_{name}_other_prompt_s"] = wall(lambda: ours.generate(other, new - 28, **kw), device)
+                other, other_new = ids[:, : plen - 28], max(1, new - 28)  # new lengths, same bucket: no recompile
+                row[f"ours_{name}_other_prompt_s"] = wall(lambda: ours.generate(other, other_new, **kw), device)
                 print(f"  e2e b={batch} ours {name}: {batch * new / t:,.1f} tok/s end to end, first call "
-                      f"{first:.1f} s, TTFT {ttft * 1e3:.1f} ms; prompt {plen - 28} + {new - 28} new (no "
+                      f"{first:.1f} s, TTFT {ttft * 1e3:.1f} ms; prompt {plen - 28} + {max(1, new - 28)} new (no "
                       f"recompile): {row[f'ours_{name}_other_prompt_s']:.2f} s", flush=True)
                 checkpoint()
             ours(ids[:, -1:], forms=DECODE)  # one token per row, eagerly: the experts a decode step touches

@@ -112,13 +112,13 @@ def bench_tiny(args) -> dict:
     n = args.new_tokens
     res = {"model": "shipped tiny LongCat-Flash + trained MTP head", "device": dev, "new_tokens": n, "rows": []}
     for fast in (False, True):
-        ref = model.generate(ids, n, fast=fast)
-        base = timed(lambda: model.generate(ids, n, fast=fast), dev, reps=args.reps)
+        ref = model.generate(ids, n, eos_token_id=[], fast=fast)
+        base = timed(lambda: model.generate(ids, n, eos_token_id=[], fast=fast), dev, reps=args.reps)
         row = {"fast": fast, "plain_tokens_per_s": n / base}
         for k in args.k:
             spec = Speculation(k=k)
-            assert torch.equal(model.generate(ids, n, fast=fast, speculative=spec), ref)
-            t = timed(lambda: model.generate(ids, n, fast=fast, speculative=k), dev, reps=args.reps)
+            assert torch.equal(model.generate(ids, n, eos_token_id=[], fast=fast, speculative=spec), ref)
+            t = timed(lambda: model.generate(ids, n, eos_token_id=[], fast=fast, speculative=k), dev, reps=args.reps)
             row[f"k{k}"] = {"tokens_per_s": n / t, "acceptance_rate": spec.acceptance_rate,
                             "tokens_per_step": spec.tokens_per_step, "speedup": base / t}
         res["rows"].append(row)
