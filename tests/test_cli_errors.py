@@ -13,26 +13,9 @@ import torch
 
 import longcat_ref as L
 from longcat_ref.tools import demo
+from test_demo import ckpt, keep_torch_threads, run_main  # noqa: F401 (shared fixtures and helper)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return demo.build_tiny_checkpoint(tmp_path_factory.mktemp("demo") / "tiny")
-
-
-def run_main(capsys, *argv):
-    rc = demo.main(list(argv))
-    o = capsys.readouterr()
-    return rc, o.out, o.err
 
 
 def one_line_error(rc, err, *words):
