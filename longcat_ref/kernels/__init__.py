@@ -1,0 +1,14 @@
+"""Fused GPU kernels (Triton), each beside the plain-PyTorch reference it is tested equal to.
+
+The package's readable forms (model/) are the definition; a kernel here is a faster way to compute one of them on
+a GPU, chosen explicitly by the caller (`Forms(experts="fused")`, `Forms(attention="fused")`, FP8 weights kept by
+`from_pretrained(..., fp8="keep")`), never by hidden global state. Each file holds one kernel family:
+
+    fp8_linear.py   block-scaled FP8 weight x bf16 activation matmul (DeepSeek-V3 / LongCat-Flash-Chat-FP8 layout)
+    moe_decode.py   the routed experts of a few decode tokens in two kernels, reading the chosen experts in place
+    mla_decode.py   absorbed-MLA decode attention over the latent cache, split over the context (flash-decoding)
+
+The CPU keeps the plain path. Triton's interpreter (`TRITON_INTERPRET=1`, set before the first import of a kernel
+module) runs the same kernels on the CPU, slowly: that is how tests/test_kernels.py checks them without a GPU and
+how notebook 14 builds one step by step.
+"""
