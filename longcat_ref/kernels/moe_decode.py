@@ -1,0 +1,397 @@
+"""The routed experts of a few decode tokens in two Triton kernels, reading each chosen expert's weights in place.
+
+What is computed (the math of `Experts.forward_gather`, model/experts.py), for tokens n and router slots j:
+
+    out[n] = sum_j w[n, j] * down_e (silu(gate_e x[n]) * up_e x[n]),      e = idx[n, j] - first_expert
+
+with the expert bank stacked as the model holds it:
+
+    gate_up  (E, 2I, H)   rows [0, I) are gate_e, rows [I, 2I) are up_e
+    down     (E, H, I)
+
+Why a kernel at all. At decode time there are a handful of tokens and k (4 for GLM-4.7-Flash, 12 for LongCat-Flash)
+experts each: every (token, slot) pair multiplies ONE vector by an expert's (2I, H) and (H, I) matrices. That is a
+matrix-vector product (GEMV): two flops per weight read, so the time is the time to read the chosen experts'
+weights from memory once. The plain forms either copy those weights first (gather: `gate_up[idx]` materialises
+n*k expert matrices, then reads them again) or sort tokens into grouped-GEMM tiles that are mostly empty. Here each
+program computes its slice straight from the bank, `gate_up + e * stride_e`: no copy, no sort, no host sync.
+(Once per (token, slot) that chose the expert: two of the n tokens choosing the same expert read it twice -- the
+second read often from L2. For the one-token decode this is made for, every chosen expert is read exactly once.)
+
+Why two kernels. down needs the whole activation a = silu(gate) * up (I values) of a (token, slot) before any of
+its outputs can be summed, and those I values are produced by many programs of the first kernel. A kernel launch
+boundary is the cheap, deterministic grid-wide barrier between them (the (n*k, I) activation buffer in between is
+tiny: a few KB).
+
+    Kernel 1  grid (n*k, cdiv(I, BLOCK_I))                                                    "gate_up + act"
+        program (p, ib), p = token * k + slot, e = its local expert:
+            for each BLOCK_H chunk h of the hidden axis:            tiles (BLOCK_I, BLOCK_H) of gate_e and of up_e
+                gate[rows] += sum_h W_gate[e, rows, h] * x[token, h]    rows = [ib*BLOCK_I, +BLOCK_I)
+                up[rows]   += sum_h W_up[e, rows, h]   * x[token, h]    fp32 accumulators, elementwise * and tl.sum
+            act[p, rows] = silu(gate) * up                                  -> (n*k, I) buffer in x.dtype
+
+    Kernel 2  grid (n, cdiv(H, BLOCK_O))                                                      "down + weighted sum"
+        program (token, ob):
+            for each slot j (a loop inside the program, so the sum over slots needs no atomics and is deterministic):
+                y_j[rows] = sum_i W_down[e_j, rows, i] * act[token*k + j, i]    over BLOCK_K chunks of I, fp32
+                y[rows] += w[token, j] * y_j[rows]                              rows = [ob*BLOCK_O, +BLOCK_O) of H
+            out[token, rows] = y                                            -> (n, H) in x.dtype
+
+Both grids depend only on shapes: no data-dependent launch, no host sync, so the pair can be captured in a CUDA graph
+and, wrapped as the custom op `longcat_ref::fused_moe`, sits opaque inside `torch.compile(fullgraph=True)`.
+
+Slots that are not ours (zero-computation experts, i.e. idx >= E; other ranks' experts under expert parallelism,
+i.e. idx - first_expert outside [0, E)) are handled with masks: the program's weight loads are all masked off (no
+byte of any expert is read for them), kernel 1 writes zeros and kernel 2 weights them 0.
+
+Offsets into the banks are int64: E * 2I * H is 512 * 4096 * 6144 ~ 1.3e10 for LongCat-Flash, past 2^31.
+
+FP8 (block-scaled, the DeepSeek-V3 layout of io/fp8.py): a weight matrix W (R, C) is W8 (R, C) float8_e4m3fn and
+S (ceil(R/bo), ceil(C/bi)) fp32, W[r, c] = float(W8[r, c]) * S[r // bo, c // bi]. The kernels load the fp8 bytes
+(half the bytes of bf16 -- the point of keeping FP8 weights) and dequantize in registers. The tiles are chosen so
+that BLOCK_I and BLOCK_O divide bo and BLOCK_H and BLOCK_K divide bi: then a whole tile lies inside ONE scale block
+and its scale is a single scalar, loaded once per tile, even when the last block is partial (R or C not a multiple
+of the block: the tile's masked tail and the block's missing tail coincide). The partial dot product of a tile is
+multiplied by that scalar, which is sum_h (W8 * s) x = s * sum_h W8 x: the same dequantized weight, one multiply
+per row instead of one per weight. The scale indices:
+
+    gate_up_scale (E, 2*nbg, ceil(H/bi)), nbg = ceil(I/bo): gate and up are separate tensors on disk, each with its
+        own nbg block rows, stacked: gate row i -> block row i // bo, up row I + i -> block row nbg + i // bo
+        (NOT (I + i) // bo: when I is not a multiple of bo, up's blocks do not continue gate's)
+        tile (ib, chunk h0) -> scales [e, ib*BLOCK_I // bo, h0 // bi] and [e, nbg + ib*BLOCK_I // bo, h0 // bi]
+    down_scale    (E, ceil(H/bo), ceil(I/bi)): tile (ob, chunk c0) -> scale [e, ob*BLOCK_O // bo, c0 // bi]
+
+Tile sizes: `choose_tiles`, a fixed heuristic of the shapes (no triton.autotune: its first call benchmarks, which is
+neither deterministic nor allowed inside a CUDA graph capture). See its docstring.
+
+Inference only: the op has no backward (autograd raises if asked for gradients through it).
+
+`fused_moe_reference` is the same sum in plain PyTorch, the definition the kernels are tested equal to
+(tests/test_kernel_moe.py). Triton is imported only if it is installed: without it this module still imports and
+`fused_moe` raises a one-line error (kernels/support.py).
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import support
+
+WHAT = "fused_moe (the fused MoE decode kernels)"
+TARGET_PROGRAMS = 512  # enough programs in flight to keep an H200's memory busy (~4 per SM on 132 SMs)
+NUM_WARPS = 4
+
+
+# ------------------------------------------------------------------------------------------------ the kernels
+if support.have_triton():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gate_up_act_kernel(
+        x_ptr,  # (n, H) contiguous, x.dtype
+        idx_ptr,  # (n*k,) global expert ids, int64 (or int32)
+        gu_ptr,  # (E, 2I, H) gate_up bank, x.dtype or fp8, strides s_gu_*
+        gus_ptr,  # (E, 2*nbg, ceil(H/bi)) fp32 scales (FP8 only; any tensor otherwise), strides s_gus_*
+        act_ptr,  # (n*k, I) contiguous, x.dtype: the output
+        first_expert, n_local, H, I, nbg,
+        s_gu_e, s_gu_r, s_gu_c, s_gus_e, s_gus_r, s_gus_c,
+        K: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, FP8: tl.constexpr,
+        BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):
+        p = tl.program_id(0)  # the (token, slot) pair: token * K + slot
+        ib = tl.program_id(1)  # which BLOCK_I rows of gate (and of up)
+        tok = p // K
+        e = tl.load(idx_ptr + p).to(tl.int64) - first_expert  # scalar local expert id, int64
+        mine = (e >= 0) & (e < n_local)  # scalar: do we hold this expert?
+        e = tl.where(mine, e, 0)  # keep the pointers inside the bank even where every load is masked
+        i = ib * BLOCK_I + tl.arange(0, BLOCK_I)  # (BLOCK_I,) rows of gate_e, i.e. rows I + i of up_e
+        # (a limit of 0 rather than `(i < I) & mine`: Triton 3.9's interpreter turns block & scalar bool into int32)
+        imask = i < tl.where(mine, I, 0)  # (BLOCK_I,): not ours -> no row, nothing is loaded
+        g_rows = gu_ptr + e * s_gu_e + i.to(tl.int64)[:, None] * s_gu_r  # (BLOCK_I, 1) row pointers, int64 offsets
+        u_rows = gu_ptr + e * s_gu_e + (i + I).to(tl.int64)[:, None] * s_gu_r  # (BLOCK_I, 1) the same rows of up_e
+        acc_g = tl.zeros((BLOCK_I,), dtype=tl.float32)  # (BLOCK_I,)
+        acc_u = tl.zeros((BLOCK_I,), dtype=tl.float32)  # (BLOCK_I,)
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)  # (BLOCK_H,) hidden columns of this chunk
+            hmask = h < H  # (BLOCK_H,)
+            xv = tl.load(x_ptr + tok * H + h, mask=hmask, other=0.0).to(tl.float32)  # (BLOCK_H,)
+            m = imask[:, None] & hmask[None, :]  # (BLOCK_I, BLOCK_H)
+            wg = tl.load(g_rows + h[None, :] * s_gu_c, mask=m, other=0.0).to(tl.float32)  # (BLOCK_I, BLOCK_H)
+            wu = tl.load(u_rows + h[None, :] * s_gu_c, mask=m, other=0.0).to(tl.float32)  # (BLOCK_I, BLOCK_H)
+            pg = tl.sum(wg * xv[None, :], axis=1)  # (BLOCK_I,) this chunk's part of gate
+            pu = tl.sum(wu * xv[None, :], axis=1)  # (BLOCK_I,)
+            if FP8:  # the tile lies in one scale block (BLOCK_I | bo, BLOCK_H | bi): one scalar each for gate and up
+                s_col = gus_ptr + e * s_gus_e + (h0 // BI) * s_gus_c
+                sg = tl.load(s_col + ((ib * BLOCK_I) // BO) * s_gus_r, mask=mine, other=0.0)  # gate's block row
+                su = tl.load(s_col + (nbg + (ib * BLOCK_I) // BO) * s_gus_r, mask=mine, other=0.0)  # up's block row
+                pg = pg * sg
+                pu = pu * su
+            acc_g += pg
+            acc_u += pu
+        # gate and up rounded to x.dtype as the plain forms do (they come out of a matmul in x.dtype), then
+        # silu(gate) * up in fp32, rounded once into the buffer
+        g = acc_g.to(act_ptr.dtype.element_ty).to(tl.float32)  # (BLOCK_I,)
+        u = acc_u.to(act_ptr.dtype.element_ty).to(tl.float32)  # (BLOCK_I,)
+        a = g * tl.sigmoid(g) * u  # (BLOCK_I,): 0 where not ours (g = u = 0)
+        tl.store(act_ptr + p * I + i, a.to(act_ptr.dtype.element_ty), mask=i < I)
+
+    @triton.jit
+    def _down_sum_kernel(
+        act_ptr,  # (n*k, I) contiguous, x.dtype (kernel 1's output)
+        w_ptr,  # (n*k,) router weights, fp32
+        idx_ptr,  # (n*k,) global expert ids
+        d_ptr,  # (E, H, I) down bank, x.dtype or fp8, strides s_d_*
+        ds_ptr,  # (E, ceil(H/bo), ceil(I/bi)) fp32 scales (FP8 only; any tensor otherwise), strides s_ds_*
+        out_ptr,  # (n, H) contiguous, x.dtype: the output
+        first_expert, n_local, H, I,
+        s_d_e, s_d_r, s_d_c, s_ds_e, s_ds_r, s_ds_c,
+        K: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, FP8: tl.constexpr,
+        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        tok = tl.program_id(0)
+        ob = tl.program_id(1)  # which BLOCK_O rows of down (= output features of H)
+        o = ob * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
+        omask = o < H  # (BLOCK_O,)
+        y = tl.zeros((BLOCK_O,), dtype=tl.float32)  # (BLOCK_O,) the weighted sum over slots, fp32
+        for j in range(K):  # the slots of this token, in order: a deterministic sum, no atomics
+            p = tok * K + j
+            e = tl.load(idx_ptr + p).to(tl.int64) - first_expert  # scalar local expert id
+            mine = (e >= 0) & (e < n_local)
+            e = tl.where(mine, e, 0)
+            wj = tl.where(mine, tl.load(w_ptr + p).to(tl.float32), 0.0)  # scalar router weight, 0 if not ours
+            rows = d_ptr + e * s_d_e + o.to(tl.int64)[:, None] * s_d_r  # (BLOCK_O, 1) row pointers, int64
+            rmask = o < tl.where(mine, H, 0)  # (BLOCK_O,): not ours -> no row, nothing is loaded
+            i_end = tl.where(mine, I, 0)  # scalar: the activation's length, 0 if not ours
+            yj = tl.zeros((BLOCK_O,), dtype=tl.float32)  # (BLOCK_O,)
+            for c0 in range(0, I, BLOCK_K):
+                c = c0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,) columns of down = the activation's index
+                cmask = c < i_end  # (BLOCK_K,)
+                a = tl.load(act_ptr + p * I + c, mask=cmask, other=0.0).to(tl.float32)  # (BLOCK_K,)
+                wd = tl.load(rows + c[None, :] * s_d_c, mask=rmask[:, None] & cmask[None, :],
+                             other=0.0).to(tl.float32)  # (BLOCK_O, BLOCK_K)
+                part = tl.sum(wd * a[None, :], axis=1)  # (BLOCK_O,)
+                if FP8:  # one scale block per tile (BLOCK_O | bo, BLOCK_K | bi)
+                    s = tl.load(ds_ptr + e * s_ds_e + ((ob * BLOCK_O) // BO) * s_ds_r + (c0 // BI) * s_ds_c,
+                                mask=mine, other=0.0)
+                    part = part * s
+                yj += part
+            y += wj * yj
+        tl.store(out_ptr + tok * H + o, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+# ------------------------------------------------------------------------------------------------ tiles
+def _pow2_divisor(b: int) -> int:
+    """The largest power of two dividing b (a tile must be a power of two for tl.arange)."""
+    return b & -b
+
+
+def _rows_tile(rows: int, row_programs: int, cap: int) -> int:
+    """The widest row tile in 32, 16, 8 that still launches TARGET_PROGRAMS programs, else 8; never more than cap
+    or than the rows there are (rounded up to a power of two)."""
+    tile = 8
+    for t in (32, 16):
+        if row_programs * math.ceil(rows / t) >= TARGET_PROGRAMS:
+            tile = t
+            break
+    return max(1, min(tile, cap, _next_pow2(rows)))
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def choose_tiles(n: int, k: int, H: int, I: int, block=None, fp8=(False, False)) -> tuple[int, int, int, int]:
+    """(BLOCK_I, BLOCK_H, BLOCK_O, BLOCK_K) for n tokens, k slots, hidden H, expert width I.
+
+    * Reduction axes (BLOCK_H over H in kernel 1, BLOCK_K over I in kernel 2): 128 columns, i.e. 256 contiguous
+      bytes of a bf16 row (128 of fp8) per load -- wide, coalesced loads -- or fewer when the axis is shorter.
+    * Row axes (BLOCK_I over I, BLOCK_O over H): the widest of 32 / 16 / 8 rows that still gives at least
+      TARGET_PROGRAMS programs (n*k * cdiv(I, BLOCK_I) in kernel 1, n * cdiv(H, BLOCK_O) in kernel 2). A GEMV is
+      bound by memory bandwidth, which needs many loads in flight, i.e. many programs; wider rows only amortize the
+      x / act vector load. 32 rows x 128 columns is 32 weights per thread per matrix with NUM_WARPS=4 (kernel 1
+      holds a gate and an up tile): wider would cost registers for nothing. E.g. GLM-4.7-Flash (H=2048, I=1536,
+      k=4), one token: BLOCK_I = BLOCK_O = 8, kernel 1 has 4 * 1536/8 = 768 programs, kernel 2 2048/8 = 256; eight
+      tokens: BLOCK_I = BLOCK_O = 32, 1536 and 512 programs.
+    * FP8 (fp8 = (gate_up is fp8, down is fp8), block = (bo, bi)): each tile is capped to the largest power of two
+      dividing the scale block along its axis, so that a tile lies inside one scale block (BLOCK_I, BLOCK_O | bo;
+      BLOCK_H, BLOCK_K | bi). With the real 128 x 128 blocks nothing changes.
+
+    A pure function of the shapes: deterministic, free, and the same on every call of a CUDA graph / compiled graph.
+    """
+    big = 1 << 30
+    bo, bi = block if block is not None else (big, big)
+    gu_o, gu_i = (_pow2_divisor(bo), _pow2_divisor(bi)) if fp8[0] else (big, big)
+    d_o, d_i = (_pow2_divisor(bo), _pow2_divisor(bi)) if fp8[1] else (big, big)
+    block_i = _rows_tile(I, n * k, gu_o)
+    block_h = max(1, min(128, gu_i, _next_pow2(H)))
+    block_o = _rows_tile(H, n, d_o)
+    block_k = max(1, min(128, d_i, _next_pow2(I)))
+    return block_i, block_h, block_o, block_k
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _check(x, w, idx, gate_up, down, gate_up_scale, down_scale, bo, bi):
+    """Shapes and dtypes (never values: no host sync). Raises ValueError naming what is wrong."""
+    if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
+        raise ValueError(f"fused_moe: x must be (n, H), gate_up (E, 2I, H), down (E, H, I); got {tuple(x.shape)}, "
+                         f"{tuple(gate_up.shape)}, {tuple(down.shape)}")
+    n, H = x.shape
+    E, I2, H2 = gate_up.shape
+    I = I2 // 2
+    if H2 != H or I2 % 2 or tuple(down.shape) != (E, H, I):
+        raise ValueError(f"fused_moe: x (n, H)={tuple(x.shape)}, gate_up (E, 2I, H)={tuple(gate_up.shape)} and "
+                         f"down (E, H, I)={tuple(down.shape)} do not agree")
+    if idx.dim() != 2 or idx.shape[0] != n or tuple(w.shape) != tuple(idx.shape):
+        raise ValueError(f"fused_moe: w and idx must both be (n, k) with n={n}; got {tuple(w.shape)}, "
+                         f"{tuple(idx.shape)}")
+    if idx.dtype not in (torch.int64, torch.int32) or not w.dtype.is_floating_point:
+        raise ValueError(f"fused_moe: idx must be int64 (or int32) and w floating; got {idx.dtype}, {w.dtype}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"fused_moe: x must be fp32, bf16 or fp16; got {x.dtype}")
+    for name, bank, scale, want in (("gate_up", gate_up, gate_up_scale, (E, 2 * _cdiv(I, bo), _cdiv(H, bi))),
+                                    ("down", down, down_scale, (E, _cdiv(H, bo), _cdiv(I, bi)))):
+        if bank.dtype == torch.float8_e4m3fn:
+            if not bo or not bi:
+                raise ValueError(f"fused_moe: {name} is float8_e4m3fn: pass block=(bo, bi), e.g. (128, 128)")
+            if scale is None or tuple(scale.shape) != want or scale.dtype != torch.float32:
+                got = None if scale is None else (tuple(scale.shape), scale.dtype)
+                raise ValueError(f"fused_moe: {name} is fp8 with block ({bo}, {bi}): {name}_scale must be fp32 "
+                                 f"{want}; got {got}")
+        elif bank.dtype != x.dtype:
+            raise ValueError(f"fused_moe: {name} must be in x's dtype ({x.dtype}) or float8_e4m3fn; got {bank.dtype}")
+        elif scale is not None:
+            raise ValueError(f"fused_moe: {name}_scale given but {name} is not fp8 ({bank.dtype})")
+    for t in (w, idx, gate_up, down, gate_up_scale, down_scale):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"fused_moe: all tensors must be on x's device ({x.device}); got one on {t.device}")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b) if b else 0
+
+
+# ------------------------------------------------------------------------------------------------ the launcher
+def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, bo, bi, tiles=None):
+    """Run the two kernels: (n, H) in x.dtype. tiles=(BLOCK_I, BLOCK_H, BLOCK_O, BLOCK_K) overrides choose_tiles."""
+    support.require(x, WHAT)
+    _check(x, w, idx, gate_up, down, gate_up_scale, down_scale, bo, bi)
+    n, H = x.shape
+    k = idx.shape[1]
+    E, I = gate_up.shape[0], gate_up.shape[1] // 2
+    fp8 = (gate_up.dtype == torch.float8_e4m3fn, down.dtype == torch.float8_e4m3fn)
+    block_i, block_h, block_o, block_k = tiles or choose_tiles(n, k, H, I, (bo, bi) if any(fp8) else None, fp8)
+    for t in (block_i, block_h, block_o, block_k):
+        if t < 1 or t & (t - 1):
+            raise ValueError(f"fused_moe: tiles must be powers of two, got {(block_i, block_h, block_o, block_k)}")
+    if (fp8[0] and (bo % block_i or bi % block_h)) or (fp8[1] and (bo % block_o or bi % block_k)):
+        raise ValueError(f"fused_moe: with fp8 block ({bo}, {bi}) the tiles must divide it, so that a tile lies in "
+                         f"one scale block: BLOCK_I, BLOCK_O | {bo} and BLOCK_H, BLOCK_K | {bi}; got "
+                         f"BLOCK_I={block_i}, BLOCK_H={block_h}, BLOCK_O={block_o}, BLOCK_K={block_k}")
+    out = torch.empty(n, H, dtype=x.dtype, device=x.device)  # (n, H)
+    if n == 0 or k == 0 or E == 0:
+        return out.zero_()
+    x = x.contiguous()  # (n, H): tiny
+    w = w.contiguous().view(-1)  # (n*k,)
+    idx = idx.contiguous().view(-1)  # (n*k,)
+    act = torch.empty(n * k, I, dtype=x.dtype, device=x.device)  # (n*k, I): silu(gate) * up per (token, slot)
+    gus = gate_up_scale if fp8[0] else w  # an unused pointer when not fp8 (FP8=False compiles its loads away)
+    ds = down_scale if fp8[1] else w
+    gus_st = gus.stride() if fp8[0] else (0, 0, 0)
+    ds_st = ds.stride() if fp8[1] else (0, 0, 0)
+    bo_, bi_ = (bo, bi) if any(fp8) else (1, 1)
+    _gate_up_act_kernel[(n * k, triton.cdiv(I, block_i))](
+        x, idx, gate_up, gus, act,
+        first_expert, E, H, I, _cdiv(I, bo_),
+        *gate_up.stride(), *gus_st,
+        K=k, BO=bo_, BI=bi_, FP8=fp8[0], BLOCK_I=block_i, BLOCK_H=block_h, num_warps=NUM_WARPS)
+    _down_sum_kernel[(n, triton.cdiv(H, block_o))](
+        act, w, idx, down, ds, out,
+        first_expert, E, H, I,
+        *down.stride(), *ds_st,
+        K=k, BO=bo_, BI=bi_, FP8=fp8[1], BLOCK_O=block_o, BLOCK_K=block_k, num_warps=NUM_WARPS)
+    return out
+
+
+# The custom op: torch.compile sees one opaque node with a known output shape (register_fake) and never traces into
+# Triton; eagerly (CPU interpreter or CUDA) it just calls the launcher.
+@torch.library.custom_op("longcat_ref::fused_moe", mutates_args=())
+def _fused_moe_op(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                  first_expert: int, gate_up_scale: Optional[torch.Tensor], down_scale: Optional[torch.Tensor],
+                  block_o: int, block_i: int) -> torch.Tensor:
+    return _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, block_o, block_i)
+
+
+@_fused_moe_op.register_fake
+def _(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, block_o, block_i):
+    _check(x, w, idx, gate_up, down, gate_up_scale, down_scale, block_o, block_i)
+    return x.new_empty(x.shape[0], x.shape[1])
+
+
+def fused_moe(x, w, idx, gate_up, down, *, first_expert=0, gate_up_scale=None, down_scale=None,
+              block=None) -> torch.Tensor:
+    """sum_j w[n,j] * expert_{idx[n,j]}(x[n]) -> (n, H) in x.dtype, summed over slots in fp32.
+
+    x (n, H) bf16/fp32; w (n, k) fp32 router weights; idx (n, k) int64 GLOBAL expert ids; local id = idx - first_expert;
+    ids outside [0, E) (zero-computation experts, other ranks' experts) contribute 0 and their weights are never read.
+    gate_up (E, 2I, H), down (E, H, I): in x.dtype, or float8_e4m3fn with scales:
+    gate_up_scale (E, 2*ceil(I/bo), ceil(H/bi)) fp32 -- gate's block rows stacked over up's (gate and up are separate
+      tensors on disk, each with its own ceil(I/bo) block rows, so row r of gate_up uses block row r//bo if r < I else
+      ceil(I/bo) + (r-I)//bo);
+    down_scale (E, ceil(H/bo), ceil(I/bi)) fp32; block=(bo, bi) e.g. (128, 128) real, tests may use (32, 32) or (16,16).
+
+    Runs where kernels/support.can_run(x) (CUDA; the CPU under TRITON_INTERPRET=1), else raises a one-line error.
+    Fixed launch shapes and no host sync: it can be captured in a CUDA graph; it is the custom op
+    torch.ops.longcat_ref.fused_moe, opaque to torch.compile.
+    """
+    bo, bi = block if block is not None else (0, 0)
+    return _fused_moe_op(x, w, idx, gate_up, down, int(first_expert), gate_up_scale, down_scale, int(bo), int(bi))
+
+
+# ------------------------------------------------------------------------------------------------ the reference
+def _take(bank: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """bank[local] (advanced indexing) -- for fp8 through a uint8 view, which every device can index."""
+    if bank.dtype == torch.float8_e4m3fn:
+        return bank.view(torch.uint8)[local].view(torch.float8_e4m3fn)
+    return bank[local]
+
+
+def _dequantize(w8: torch.Tensor, scale: torch.Tensor, bo: int, bi: int) -> torch.Tensor:
+    """w8 (..., R, C) fp8, scale (..., ceil(R/bo), ceil(C/bi)) -> (..., R, C) fp32 (io/fp8.dequantize, batched)."""
+    R, C = w8.shape[-2:]
+    s = scale.float().repeat_interleave(bo, dim=-2)[..., :R, :]  # (..., R, ceil(C/bi)): partial last block cropped
+    s = s.repeat_interleave(bi, dim=-1)[..., :C]  # (..., R, C)
+    return w8.float() * s
+
+
+def fused_moe_reference(x, w, idx, gate_up, down, *, first_expert=0, gate_up_scale=None, down_scale=None,
+                        block=None) -> torch.Tensor:
+    """Plain PyTorch: dequantize (if fp8) the chosen experts' weights in fp32, then the forward_gather math:
+    gate,up = x@W_gu^T chunks; a = silu(gate)*up; y = a@W_d^T; sum_j w*y in fp32 (non-local slots weighted 0); cast to
+    x.dtype.
+
+    The dequantized weights are cast to x.dtype and the matmuls run in x.dtype, as the model runs them when the
+    checkpoint is dequantized on load.
+    """
+    bo, bi = block if block is not None else (0, 0)
+    _check(x, w, idx, gate_up, down, gate_up_scale, down_scale, bo, bi)
+    E, I = gate_up.shape[0], gate_up.shape[1] // 2
+    local = idx.long() - first_expert  # (n, k)
+    mine = (local >= 0) & (local < E)  # (n, k)
+    local = local.clamp(0, E - 1)  # (n, k): not ours -> some expert, weighted 0 below
+    gu = _take(gate_up, local)  # (n, k, 2I, H)
+    d = _take(down, local)  # (n, k, H, I)
+    if gate_up.dtype == torch.float8_e4m3fn:
+        nbg = _cdiv(I, bo)  # gate's block rows; up's follow
+        s = gate_up_scale[local]  # (n, k, 2*nbg, ceil(H/bi))
+        gu = torch.cat([_dequantize(gu[..., :I, :], s[..., :nbg, :], bo, bi),  # (n, k, I, H) gate
+                        _dequantize(gu[..., I:, :], s[..., nbg:, :], bo, bi)], dim=-2)  # (n, k, I, H) up
+    if down.dtype == torch.float8_e4m3fn:
+        d = _dequantize(d, down_scale[local], bo, bi)  # (n, k, H, I)
+    gu, d = gu.to(x.dtype), d.to(x.dtype)
+    gate, up = torch.einsum("nh,nkih->nki", x, gu).chunk(2, dim=-1)  # (n, k, I) each
+    y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, d)  # (n, k, H)
+    wk = torch.where(mine, w.float(), 0.0)  # (n, k) fp32
+    return torch.einsum("nkh,nk->nh", y.float(), wk).to(x.dtype)  # (n, H)
