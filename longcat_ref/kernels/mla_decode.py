@@ -1,0 +1,350 @@
+"""Absorbed-MLA decode attention over the latent cache, split over the context (flash-decoding), in Triton.
+
+What it computes: the middle of `MLA._absorbed` (model/mla.py), between the absorbed query and the latent output,
+
+    scores = (q_lat . latent + q_rope . k_rope) * softmax_scale + bias     (b, h, t, S)   softmax over S in fp32
+    o_lat  = softmax(scores) @ latent                                        (b, h, t, r)
+
+with q_lat (b, h, t, r) the query with W_uk folded in (r = kv_lora_rank = 512), q_rope (b, h, t, d) (d = 64), and
+the cache latent (b, S, r), k_rope (b, S, d) shared by every head. `mla_decode_reference` is exactly those einsums;
+`mla_decode` is the kernel, tested equal to it (tests/test_kernel_mla.py).
+
+Why a kernel. The unfused einsums write the scores (b, h, t, S) to memory, read them back for the softmax, write p,
+read p again for p @ latent, and read the whole latent cache twice (once for the scores, once for the output). At
+decode the latent is the big operand (S x 512 values per sequence per layer, against t x h x 512 for the query), so
+the einsums cost two passes over the cache plus the round trips of the scores. Here one program loads a tile of the
+latent once and uses it for both products while the scores stay in registers: nothing of size S is ever written, and
+the cache comes from memory once (with 64 heads, 4 row blocks read the same tile; their programs are launched side
+by side, so the repeats are served by L2).
+
+The tiling. Decode has t = 1 query per sequence (up to ~4 when speculative decoding verifies drafts), and all h
+heads attend over the same latent (MLA is one shared "KV head"). So the t*h query rows of one sequence are one small
+matrix, rows ordered (head, query): row = head * t + query, and each row adds its own bias row (its query's). A
+program takes BLOCK_R = 16 rows (tl.dot needs M >= 16; rows past t*h are masked, e.g. GLM-4.7-Flash's 20 heads
+make 2 row blocks with 12 padding rows) and walks the cache in tiles of BLOCK_S slots:
+
+    scores (BLOCK_R, BLOCK_S) = q_lat (BLOCK_R, r) @ latent_tile^T (r, BLOCK_S) + q_rope (BLOCK_R, d) @ k_rope_tile^T
+    online softmax:  m' = max(m, rowmax(scores));  p = exp(scores - m');  alpha = exp(m - m')
+                     l = l * alpha + rowsum(p);    acc = acc * alpha + p @ latent_tile (BLOCK_S, r)
+
+The running max m keeps every exp <= 1; rescaling by alpha whenever the max grows makes the result exactly the
+softmax over all the slots seen, normalised at the end by l. The whole latent width r = 512 is one tile (the
+accumulator acc (16, 512) fp32 lives in registers), so BLOCK_S is chosen for the tile to fit: 32 slots of bf16
+(32 KB per latent tile, two pipeline stages, 4 warps, as sglang's MLA decode kernel runs on Hopper). Compiled ahead
+of time for sm_90 by Triton 3.9 this takes 56 KB of shared memory and 168 registers per thread, no spills: 3
+programs fit on one SM. (64-slot tiles: 92 KB and 244 registers.)
+
+Why split over the context. One program per (sequence, row block) gives b * cdiv(t*h, 16) programs: at batch 1
+that is 4 programs for LongCat's 64 heads (2 for GLM's 20) on a GPU with 132 SMs, so almost all of the chip would
+sit idle while 4 SMs stream a 32k-slot cache. Flash-decoding cuts the S slots into SPLITS contiguous chunks: kernel
+1 runs grid (row blocks, SPLITS, b), each program doing the loop above over its chunk and writing its partial
+(m, l, acc) to fp32 scratch; kernel 2 (grid (b, t*h)) merges the partials of a row:
+
+    M = max_i m_i,   w_i = exp(m_i - M),   o = (sum_i w_i acc_i) / (sum_i w_i l_i)
+
+which is the same log-sum-exp rescaling as the online softmax, applied across chunks instead of tiles.
+
+The split heuristic (`split_plan`): about 2 programs per SM,
+
+    SPLITS = clamp(ceil(2 * n_SM / (b * row_blocks)), 1, cdiv(S, BLOCK_S))
+
+then rounded so that no chunk is empty (every chunk holds >= 1 slot: tiles_per_split = cdiv(tiles, SPLITS),
+SPLITS = cdiv(tiles, tiles_per_split)). n_SM is read from the device (132 on an H100/H200; 132 assumed in Triton's
+CPU interpreter). With SPLITS = 1 (a large batch already fills the GPU) kernel 1 normalises and writes o_lat itself
+and kernel 2 does not run. The price of splitting is the fp32 scratch: at batch 1, 64 heads, S = 32k it is 64
+chunks x 64 rows x 512 x 4 bytes = 8 MB written and read back (L2-sized) beside the 32 MB cache read; a large batch
+needs no split and pays nothing. Everything depends on shapes only: no autotuning, no host sync, no data-dependent
+lengths, so the same launch is deterministic and can be captured in a CUDA graph.
+
+Masking. S is the whole static cache; slots not written yet and padding are masked by the caller's additive bias,
+0 where allowed and finfo(dtype).min where not (as `attention_bias` builds it; -inf is not supported: a fully
+masked row would be NaN, as in the reference). exp(finfo.min - m) underflows to exactly 0, as in the reference. A
+row whose slots are all masked gets scores that all round to the same finfo.min, hence a uniform softmax, as in the
+reference; a chunk whose slots are all masked writes a finite partial (m = finfo.min) whose weight exp(m - M) is 0
+next to any chunk with a real slot, and uniform among chunks that are all masked. Slots past S in the last tile are
+-inf, but every chunk starts on a real slot, so m is finite after its first tile and no exp(-inf - -inf) occurs.
+(exp, not exp2 with the scale folded in: finfo.min * log2(e) would overflow to -inf.)
+
+Sizes that are not powers of two. tl.arange needs power-of-two lengths and tl.dot needs K >= 16, so r and d are
+padded up to BLOCK_RANK = max(16, next_pow2(r)), BLOCK_ROPE = max(16, next_pow2(d)) with masked loads (zeros add
+nothing to the dots) and masked stores. The real sizes (512, 64) need no padding; the padding lets the tiny test
+configs (r = 16, d = 4) run the same kernel.
+
+Precision: the dots accumulate in fp32 (fp32 inputs use IEEE fp32, not TF32), scores, m and l are fp32, p is cast to
+the latent's dtype for p @ latent (as the reference casts p to q's dtype), and o_lat is written in q_lat's dtype.
+The reference computes the scores in q's dtype before its fp32 softmax; the kernel keeps them in fp32, so in bf16
+the kernel is the more accurate of the two. (Triton 3.9's CPU interpreter multiplies bf16 tl.dot operands as their
+raw uint16 bits; interpreted, the kernel therefore upcasts the same bf16 values to fp32 before each dot: `_dot`.)
+
+Offsets: the batch offset into the cache (b * S * r can pass 2^31 at b = 128, S = 32k) and into the scratch is
+int64; offsets inside one sequence stay int32, checked on the host.
+
+`mla_decode` is a `torch.library.custom_op` ("longcat_ref::mla_decode") with a fake implementation, so
+torch.compile sees one opaque call of known output shape (fullgraph works) and a CUDA graph captures its two
+launches. Without Triton the module still imports; calling `mla_decode` raises a one-line error (support.require).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import support
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module imports without Triton; mla_decode then raises through support.require
+    triton = None
+
+BLOCK_R = 16  # query rows (head, query) per program: tl.dot's minimum M
+TILE_BYTES = 32 * 1024  # one latent tile (BLOCK_S x r) at most this big: bf16 r=512 -> BLOCK_S = 32
+NUM_WARPS, NUM_STAGES = 4, 2  # sglang's MLA decode kernel runs (16 rows x 512) x 32-slot tiles at these on Hopper
+PROGRAMS_PER_SM = 2
+
+
+# ------------------------------------------------------------------------------------------------ the reference
+def mla_decode_reference(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits=None):
+    """Plain PyTorch: exactly the einsums of `MLA._absorbed` between q_lat and o_lat (splits is ignored)."""
+    scores = (torch.einsum("bhtr,bsr->bhts", q_lat, latent)  # (b, h, t, S) latent part, in q's dtype
+              + torch.einsum("bhtd,bsd->bhts", q_rope, k_rope)) * softmax_scale  # + the shared rope part
+    p = F.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q_lat.dtype)  # (b, h, t, S) softmax in fp32
+    return torch.einsum("bhts,bsr->bhtr", p, latent)  # (b, h, t, r)
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def block_sizes(r: int, d: int, S: int, element_size: int) -> tuple[int, int, int]:
+    """(BLOCK_RANK, BLOCK_ROPE, BLOCK_S): r, d padded to powers of two >= 16; BLOCK_S in [16, 64] with the latent
+    tile <= TILE_BYTES (bf16 r=512: 32; fp32 r=512: 16), and no larger than S needs."""
+    block_rank, block_rope = max(16, _next_pow2(r)), max(16, _next_pow2(d))
+    fit = TILE_BYTES // (block_rank * element_size)  # slots per tile that fit the byte budget
+    block_s = max(16, min(64, 1 << (max(fit, 1).bit_length() - 1)))  # largest power of two <= fit, in [16, 64]
+    return block_rank, block_rope, min(block_s, max(16, _next_pow2(S)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # Triton's CPU interpreter: plan as for an H100/H200
+
+
+def split_plan(b: int, rows: int, S: int, block_s: int, n_sm: int = 132, splits: int | None = None):
+    """(SPLITS, tiles_per_split) for b sequences of `rows` query rows over S slots.
+
+    SPLITS = clamp(ceil(PROGRAMS_PER_SM * n_sm / (b * row_blocks)), 1, tiles), or the asked `splits` clamped to
+    [1, tiles]; then rounded down so that every chunk holds at least one slot (no empty chunk)."""
+    tiles = math.ceil(S / block_s)
+    if splits is None:
+        splits = math.ceil(PROGRAMS_PER_SM * n_sm / (b * math.ceil(rows / BLOCK_R)))
+    splits = max(1, min(int(splits), tiles))
+    per = math.ceil(tiles / splits)  # tiles per chunk
+    return math.ceil(tiles / per), per
+
+
+# ------------------------------------------------------------------------------------------------ the kernels
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, acc, UPCAST: tl.constexpr):
+        """acc + a @ b with fp32 accumulation (fp32 inputs in IEEE fp32, not TF32). UPCAST (Triton's CPU interpreter
+        only): multiply the operands as fp32, because the interpreter's tl.dot multiplies bf16 operands as their raw
+        uint16 bits (Triton 3.9); the values are the same bf16 values, so the result is what the GPU computes."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+    @triton.jit
+    def _mla_split_kernel(
+        Q_LAT, Q_ROPE, LATENT, K_ROPE, BIAS,  # (b, R, r), (b, R, d), (b, S, r), (b, S, d), (b, 1, t, S) strided
+        M_PART, L_PART, ACC_PART, OUT,  # (b, SPLITS, R) x2, (b, SPLITS, R, r) fp32; OUT (b, R, r)
+        R, T, S, tiles_per_split, n_splits,  # R = h * t query rows
+        stride_lb, stride_ls, stride_kb, stride_ks,  # latent / k_rope: batch, slot strides (last dim contiguous)
+        stride_bb, stride_bt, stride_bs,  # bias: batch (0 if broadcast), query, slot strides
+        scale,
+        RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_ROPE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        pid_r, pid_sp = tl.program_id(0), tl.program_id(1)
+        pid_b = tl.program_id(2).to(tl.int64)  # int64: b * S * r can pass 2^31
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) row = head * t + query
+        row_ok = rows < R  # (BLOCK_R,) padding rows past h*t
+        qry = rows % T  # (BLOCK_R,) which bias row each query row uses
+        offs_c = tl.arange(0, BLOCK_RANK)  # (BLOCK_RANK,) latent channels
+        offs_d = tl.arange(0, BLOCK_ROPE)  # (BLOCK_ROPE,) rope channels
+        c_ok = offs_c < RANK
+        d_ok = offs_d < ROPE
+
+        q_lat = tl.load(Q_LAT + pid_b * R * RANK + rows[:, None] * RANK + offs_c[None, :],
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_RANK)
+        q_rope = tl.load(Q_ROPE + pid_b * R * ROPE + rows[:, None] * ROPE + offs_d[None, :],
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_ROPE)
+        lat_base = LATENT + pid_b * stride_lb  # this sequence's cache
+        kr_base = K_ROPE + pid_b * stride_kb
+        bias_base = BIAS + pid_b * stride_bb + qry[:, None] * stride_bt  # (BLOCK_R, 1) pointers
+
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)  # (BLOCK_R,) running max
+        l = tl.zeros([BLOCK_R], tl.float32)  # (BLOCK_R,) running sum of exp
+        acc = tl.zeros([BLOCK_R, BLOCK_RANK], tl.float32)  # (BLOCK_R, BLOCK_RANK) running sum of p * latent
+        start = pid_sp * tiles_per_split * BLOCK_S  # this chunk's first slot (< S: no chunk is empty)
+        end = tl.minimum(start + tiles_per_split * BLOCK_S, S)
+        for s0 in range(start, end, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,) slots of this tile
+            s_ok = offs_s < end  # (BLOCK_S,) only the cache's last tile has slots past S
+            if RANK == BLOCK_RANK:  # no channel mask at the real sizes: whole-row loads
+                lat_mask = s_ok[:, None]
+            else:
+                lat_mask = s_ok[:, None] & c_ok[None, :]
+            lat = tl.load(lat_base + offs_s[:, None] * stride_ls + offs_c[None, :],
+                          mask=lat_mask, other=0.0)  # (BLOCK_S, BLOCK_RANK): read once, used by both dots
+            kr = tl.load(kr_base + offs_s[:, None] * stride_ks + offs_d[None, :],
+                         mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_ROPE)
+            scores = _dot(q_lat, tl.trans(lat), tl.zeros([BLOCK_R, BLOCK_S], tl.float32), UPCAST)  # (BLOCK_R, BLOCK_S)
+            scores = _dot(q_rope, tl.trans(kr), scores, UPCAST)  # + the shared rope part
+            bias = tl.load(bias_base + offs_s[None, :] * stride_bs, mask=s_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_S)
+            scores = scores * scale + bias.to(tl.float32)  # (BLOCK_R, BLOCK_S)
+            scores = tl.where(s_ok[None, :], scores, float("-inf"))  # slots past S count for nothing
+            m_new = tl.maximum(m, tl.max(scores, 1))  # (BLOCK_R,) finite: the tile has a real slot or m is finite
+            alpha = tl.exp(m - m_new)  # (BLOCK_R,) rescales what was summed under the old max (0 on the first tile)
+            p = tl.exp(scores - m_new[:, None])  # (BLOCK_R, BLOCK_S) in [0, 1]
+            l = l * alpha + tl.sum(p, 1)  # (BLOCK_R,)
+            acc = _dot(p.to(lat.dtype), lat, acc * alpha[:, None], UPCAST)  # (BLOCK_R, BLOCK_RANK)
+            m = m_new
+
+        out_mask = row_ok[:, None] & c_ok[None, :]  # (BLOCK_R, BLOCK_RANK)
+        if DIRECT:  # one chunk: this program saw every slot, so it writes o_lat itself
+            o = acc / l[:, None]  # (BLOCK_R, BLOCK_RANK)
+            tl.store(OUT + pid_b * R * RANK + rows[:, None] * RANK + offs_c[None, :],
+                     o.to(OUT.dtype.element_ty), mask=out_mask)
+        else:  # one chunk of several: the partial (m, l, acc) for the combine kernel
+            part = pid_b * n_splits + pid_sp  # int64 index of (sequence, chunk)
+            tl.store(M_PART + part * R + rows, m, mask=row_ok)
+            tl.store(L_PART + part * R + rows, l, mask=row_ok)
+            tl.store(ACC_PART + part * R * RANK + rows[:, None] * RANK + offs_c[None, :], acc, mask=out_mask)
+
+    @triton.jit
+    def _mla_combine_kernel(
+        M_PART, L_PART, ACC_PART, OUT,  # (b, SPLITS, R) x2, (b, SPLITS, R, r) fp32 -> OUT (b, R, r)
+        R, n_splits,
+        RANK: tl.constexpr, BLOCK_RANK: tl.constexpr,
+    ):
+        pid_b = tl.program_id(0).to(tl.int64)
+        row = tl.program_id(1)
+        offs_c = tl.arange(0, BLOCK_RANK)  # (BLOCK_RANK,)
+        c_ok = offs_c < RANK
+        first = pid_b * n_splits * R + row  # index of (sequence, chunk 0, row) in the (b, SPLITS, R) partials
+        m_max = tl.full([], float("-inf"), tl.float32)  # () the largest chunk max
+        for sp in range(0, n_splits):
+            m_max = tl.maximum(m_max, tl.load(M_PART + first + sp * R))
+        l_tot = tl.zeros([], tl.float32)  # () sum_i w_i l_i
+        acc = tl.zeros([BLOCK_RANK], tl.float32)  # (BLOCK_RANK,) sum_i w_i acc_i
+        for sp in range(0, n_splits):
+            w = tl.exp(tl.load(M_PART + first + sp * R) - m_max)  # () chunk weight: 0 for an all-masked chunk
+            l_tot += w * tl.load(L_PART + first + sp * R)  # beside a real one, 1 among all-masked chunks
+            acc += w * tl.load(ACC_PART + (first + sp * R) * RANK + offs_c, mask=c_ok, other=0.0)
+        o = acc / l_tot  # (BLOCK_RANK,)
+        tl.store(OUT + (pid_b * R + row) * RANK + offs_c, o.to(OUT.dtype.element_ty), mask=c_ok)
+
+
+# ------------------------------------------------------------------------------------------------ the launcher
+def _check(q_lat, q_rope, latent, k_rope, bias):
+    """Shapes and dtypes (static facts only: nothing here reads device data)."""
+    if q_lat.dim() != 4 or q_rope.dim() != 4 or latent.dim() != 3 or k_rope.dim() != 3 or bias.dim() != 4:
+        raise ValueError("mla_decode wants q_lat (b, h, t, r), q_rope (b, h, t, d), latent (b, S, r), "
+                         "k_rope (b, S, d), bias (b or 1, 1, t, S)")
+    b, h, t, r = q_lat.shape
+    S, d = latent.shape[1], k_rope.shape[2]
+    if q_rope.shape != (b, h, t, d) or latent.shape != (b, S, r) or k_rope.shape != (b, S, d):
+        raise ValueError(f"mla_decode shapes disagree: q_lat {tuple(q_lat.shape)}, q_rope {tuple(q_rope.shape)}, "
+                         f"latent {tuple(latent.shape)}, k_rope {tuple(k_rope.shape)}")
+    if bias.shape[0] not in (1, b) or bias.shape[1] != 1 or bias.shape[2] not in (1, t) or bias.shape[3] != S:
+        raise ValueError(f"mla_decode bias must be ({b} or 1, 1, {t}, {S}), got {tuple(bias.shape)}")
+    if not (q_rope.dtype == latent.dtype == k_rope.dtype == q_lat.dtype):
+        raise ValueError(f"mla_decode wants one dtype for q_lat, q_rope, latent, k_rope, got {q_lat.dtype}, "
+                         f"{q_rope.dtype}, {latent.dtype}, {k_rope.dtype}")
+    if bias.dtype not in (q_lat.dtype, torch.float32):
+        raise ValueError(f"mla_decode bias must be {q_lat.dtype} or float32, got {bias.dtype}")
+
+
+def _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits):
+    _check(q_lat, q_rope, latent, k_rope, bias)
+    support.require(q_lat, "mla_decode (the Triton MLA decode kernel)")
+    if len({x.device for x in (q_lat, q_rope, latent, k_rope, bias)}) != 1:
+        raise ValueError("mla_decode wants every tensor on one device")
+    b, h, t, r = q_lat.shape
+    S, d = latent.shape[1], k_rope.shape[2]
+    R = h * t  # query rows per sequence, ordered (head, query)
+    out = torch.empty((b, h, t, r), dtype=q_lat.dtype, device=q_lat.device)  # (b, h, t, r) = (b, R, r) rows
+    if out.numel() == 0:
+        return out
+    if S == 0:  # softmax over no slots: the reference's sum over an empty s is 0
+        return out.zero_()
+    q_lat, q_rope = q_lat.contiguous(), q_rope.contiguous()  # small: (b, h, t, r) read as (b, R, r)
+    if latent.stride(-1) != 1:  # the cache is read in place through its strides (a slice of a bigger buffer is
+        latent = latent.contiguous()  # fine) as long as a slot's channels are contiguous
+    if k_rope.stride(-1) != 1:
+        k_rope = k_rope.contiguous()
+    bias = bias.expand(bias.shape[0], 1, t, S)  # a (., 1, 1, S) bias: stride 0 over the queries
+    stride_bb = 0 if bias.shape[0] == 1 else bias.stride(0)  # (1, 1, t, S): one bias for every sequence
+    block_rank, block_rope, block_s = block_sizes(r, d, S, q_lat.element_size())
+    n_splits, per = split_plan(b, R, S, block_s, _sm_count(q_lat.device), splits)
+    row_blocks = math.ceil(R / BLOCK_R)
+    lim = 2**31
+    if ((S - 1) * max(latent.stride(1), k_rope.stride(1)) + r >= lim or (t - 1) * bias.stride(2)
+            + (S - 1) * bias.stride(3) >= lim):
+        raise ValueError("mla_decode: offsets inside one sequence must fit in int32")
+    if b > 65535 or n_splits > 65535:
+        raise ValueError(f"mla_decode: batch {b} or splits {n_splits} over the CUDA grid limit 65535")
+
+    if n_splits == 1:
+        m_part = l_part = acc_part = out  # unused (DIRECT)
+    else:
+        m_part = torch.empty((b, n_splits, R), dtype=torch.float32, device=q_lat.device)  # (b, SPLITS, R)
+        l_part = torch.empty_like(m_part)  # (b, SPLITS, R)
+        acc_part = torch.empty((b, n_splits, R, r), dtype=torch.float32, device=q_lat.device)  # (b, SPLITS, R, r)
+    _mla_split_kernel[(row_blocks, n_splits, b)](  # row blocks fastest: programs sharing a chunk run together
+        q_lat, q_rope, latent, k_rope, bias, m_part, l_part, acc_part, out,
+        R, t, S, per, n_splits,
+        latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
+        stride_bb, bias.stride(2), bias.stride(3),
+        float(softmax_scale),
+        RANK=r, ROPE=d, BLOCK_RANK=block_rank, BLOCK_ROPE=block_rope, BLOCK_R=BLOCK_R, BLOCK_S=block_s,
+        DIRECT=n_splits == 1, UPCAST=support.interpreting() and q_lat.dtype == torch.bfloat16,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    if n_splits > 1:
+        _mla_combine_kernel[(b, R)](m_part, l_part, acc_part, out, R, n_splits, RANK=r, BLOCK_RANK=block_rank,
+                                    num_warps=4)
+    return out
+
+
+@torch.library.custom_op("longcat_ref::mla_decode", mutates_args=())
+def _mla_decode_op(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+                   bias: torch.Tensor, softmax_scale: float, splits: Optional[int] = None) -> torch.Tensor:
+    # (Optional[int], not `int | None`: the spelling every torch version's schema inference knows)
+    return _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits)
+
+
+@_mla_decode_op.register_fake
+def _(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits=None):
+    return q_lat.new_empty(q_lat.shape)  # (b, h, t, r), contiguous, q_lat's dtype
+
+
+def mla_decode(q_lat, q_rope, latent, k_rope, bias, softmax_scale, *, splits: int | None = None) -> torch.Tensor:
+    """o_lat (b, h, t, r) = softmax((q_lat . latent + q_rope . k_rope) * softmax_scale + bias over S, fp32) @ latent.
+
+    q_lat (b, h, t, r) (the query with W_uk folded in), q_rope (b, h, t, d), latent (b, S, r), k_rope (b, S, d): one
+    dtype. bias (b or 1, 1, t, S) additive, in that dtype or fp32, 0 or finfo.min (not -inf); an all-masked row gives
+    the uniform softmax, as the reference. splits: the number of context chunks (default: the heuristic of
+    `split_plan`; tests force small counts). Returns o_lat in q_lat's dtype. Runs on CUDA, or on the CPU in Triton's
+    interpreter (TRITON_INTERPRET=1); elsewhere it raises a one-line error. One opaque op for torch.compile.
+    """
+    return torch.ops.longcat_ref.mla_decode(q_lat, q_rope, latent, k_rope, bias, float(softmax_scale), splits)
