@@ -14,7 +14,7 @@ def tiny(kind, **kw):
 
 
 KINDS = ["longcat", "glm"]
-ATTENTION = ["naive", "absorbed", "sdpa"]
+ATTENTION = ["naive", "absorbed", "sdpa", "fused"]  # fused: the Triton kernel (CPU: its interpreter)
 
 
 @pytest.mark.parametrize("kind", KINDS)

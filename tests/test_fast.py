@@ -50,7 +50,7 @@ def test_expert_forms_equal(n, first):
     w = torch.rand(n, 3, generator=g)
     ref = ex.forward_loop(x, w, idx, torch.zeros(n, 16))
     assert ref.abs().sum() > 0
-    for impl in ("grouped", "gather", "gemv", "auto"):
+    for impl in ("grouped", "gather", "gemv", "fused", "auto"):  # fused: the Triton kernels (CPU: interpreter)
         with torch.no_grad():
             torch.testing.assert_close(ex(x, w, idx, torch.zeros(n, 16), impl=impl), ref, rtol=1e-5, atol=1e-5,
                                        msg=impl)

@@ -59,6 +59,7 @@ from safetensors.torch import save_file
 
 from ..model.config import ConfigError, ModelConfig, config_to_dict, load_config, read_json
 from . import fp8 as _fp8
+from ..model import quant as _quant
 
 
 class CheckpointError(RuntimeError):
@@ -384,6 +385,7 @@ class LoadReport:
     read: int = 0  # checkpoint tensors read
     bytes_read: int = 0
     dequantized: int = 0  # FP8 checkpoint tensors dequantized
+    kept_fp8: int = 0  # FP8 checkpoint tensors kept in FP8 (fp8="keep"), with their scales
     skipped: dict = field(default_factory=dict)  # reason -> count of checkpoint tensors
     mtp_kept: int = 0  # checkpoint tensors of the MTP block loaded into `model.mtp` (not counted above)
     mtp_note: str | None = None  # why an incomplete MTP block was skipped
@@ -395,6 +397,8 @@ class LoadReport:
         s = f"loaded {self.loaded} tensors from {self.read} checkpoint tensors ({self.bytes_read / 2**20:.1f} MiB)"
         if self.dequantized:
             s += f", {self.dequantized} dequantized from FP8"
+        if self.kept_fp8:
+            s += f", {self.kept_fp8} kept in FP8"
         if self.mtp_kept:
             s += f"; kept {self.mtp_kept} x {MTP}"
         if self.skipped:
@@ -463,17 +467,32 @@ def load_weights(model, cfg: ModelConfig, path: str, dtype, shard_rule=None, pro
     global_shapes = _global_shapes(cfg)
     targets = dict(model.named_parameters())
     targets.update({n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
+    scales = {n: b for n, b in model.named_buffers() if n.endswith(_fp8.SCALE_SUFFIX)}  # kept FP8 (model/quant.py)
     tied = cfg.tie_word_embeddings
 
     used: set[str] = set()
     report = LoadReport()
     E, Z, I, H = cfg.n_routed_experts, cfg.zero_expert_num, cfg.expert_ffn_hidden_size, cfg.hidden_size
 
-    def read(key, sel=None):
+    def read(key, sel=None, keep_fp8=False):
         """Read checkpoint tensor `key` (shape already checked by preflight), restricted to sel = None or
-        (dim, start, end); FP8 tensors are dequantized in fp32 and cast to `dtype`."""
+        (dim, start, end); FP8 tensors are dequantized in fp32 and cast to `dtype`, or with keep_fp8 returned as
+        (FP8 values, their scales), sliced in whole blocks."""
         info = infos[key]
         used.add(key)
+        if keep_fp8:
+            sname = _fp8.scale_name(key)
+            used.add(sname)
+            try:
+                t = _fp8.read_blocks(reader.slice(key), reader.slice(sname), info.shape, block, sel, key)
+            except _fp8.FP8Error as e:
+                raise CheckpointError(str(e)) from None
+            report.kept_fp8 += 1
+            report.read += 1
+            report.bytes_read += t[0].numel()
+            if bar is not None:
+                bar.update(t[0].numel())
+            return t
         if info.dtype in _fp8.FP8_DTYPES:
             sname = _fp8.scale_name(key)
             used.add(sname)
@@ -494,6 +513,14 @@ def load_weights(model, cfg: ModelConfig, path: str, dtype, shard_rule=None, pro
         return t
 
     def copy(dst, t, key):
+        if isinstance(t, tuple):  # kept FP8: (values, scales) into (weight, its scale buffer)
+            (dst, sdst), (t, st) = dst, t
+            copy(sdst, st, _fp8.scale_name(key))
+            dst.copy_(t)
+            if check_finite and bool(((dst.view(torch.uint8) & 0x7F) == 0x7F).any()):  # e4m3fn's NaN codes
+                raise CheckpointError(f"tensor {key} in {infos[key].file} has NaN values: the weights are broken; "
+                                      "pass check_finite=False to load them anyway")
+            return
         dst.copy_(t)  # casts to the target's dtype on the way
         # A NaN/Inf anywhere makes the fp32 sum non-finite: one reduction over the copy in memory, no temporary
         # tensor, no second read of the file. Only then are the bad values counted.
@@ -520,7 +547,18 @@ def load_weights(model, cfg: ModelConfig, path: str, dtype, shard_rule=None, pro
                     if target.shape[0] != e1 - e0:
                         raise CheckpointError(f"{name}: this process holds {target.shape[0]} experts but the "
                                               f"sharding rule gives experts [{e0}, {e1}) (sharding rule mismatch)")
-                    if name in infos:  # fused layout (gate_up_proj may carry transformers' phantom rows)
+                    if target.dtype == torch.float8_e4m3fn:  # kept FP8, per-expert files: values and scales
+                        sc = scales[f"{name}{_fp8.SCALE_SUFFIX}"]
+                        nb_i = sc.shape[1] // 2  # gate_up's scale rows: gate's over up's
+                        for e in range(e0, e1):
+                            if which == "gate_up_proj":
+                                g, u = f"{prefix}.{e}.gate_proj.weight", f"{prefix}.{e}.up_proj.weight"
+                                copy((target[e - e0, :I], sc[e - e0, :nb_i]), read(g, keep_fp8=True), g)
+                                copy((target[e - e0, I:], sc[e - e0, nb_i:]), read(u, keep_fp8=True), u)
+                            else:
+                                d = f"{prefix}.{e}.down_proj.weight"
+                                copy((target[e - e0], sc[e - e0]), read(d, keep_fp8=True), d)
+                    elif name in infos:  # fused layout (gate_up_proj may carry transformers' phantom rows)
                         copy(target, read(name, (0, e0, e1)), name)
                         if which == "gate_up_proj" and Z and infos[name].shape[0] == E + Z:
                             report.skip(PHANTOM)
@@ -535,6 +573,14 @@ def load_weights(model, cfg: ModelConfig, path: str, dtype, shard_rule=None, pro
                                 copy(target[e - e0], read(d), d)
                 elif name == "lm_head.weight" and tied:
                     continue  # tied to embed_tokens below
+                elif target.dtype == torch.float8_e4m3fn:  # a kept-FP8 Linear weight and its scales
+                    key = checkpoint_name(cfg, name)
+                    sc = scales[f"{name}{_fp8.SCALE_SUFFIX}"]
+                    t = read(key, sel, keep_fp8=True)
+                    if tuple(t[0].shape) != tuple(target.shape) or tuple(t[1].shape) != tuple(sc.shape):
+                        raise CheckpointError(f"{name}: read shape {list(t[0].shape)} but this process's tensor is "
+                                              f"{list(target.shape)} (sharding rule mismatch)")
+                    copy((target, sc), t, key)
                 else:
                     key = checkpoint_name(cfg, name)
                     t = read(key, sel)
@@ -571,8 +617,12 @@ def load_weights(model, cfg: ModelConfig, path: str, dtype, shard_rule=None, pro
     return report
 
 
-def build_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu", parallel=None, router_dtype=torch.float32):
+def build_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu", parallel=None, router_dtype=torch.float32,
+                fp8_block=None, fp8_names=None):
     """Construct on the meta device, optionally shard, then allocate once (uninitialised) on `device` in `dtype`.
+
+    fp8_block: keep FP8 weights (model/quant.py) with this (bo, bi) block, for the modules fp8_names names
+    (our weight names; None: every quantizable one).
 
     Buffers (the routers' correction bias) stay fp32. router_dtype (default fp32) is the dtype of LongCat's router
     weight, as vLLM and SGLang keep it (rounding it to bf16 flips expert choices); None: the model dtype, as
@@ -584,13 +634,33 @@ def build_empty(cfg: ModelConfig, dtype=torch.float32, device="cpu", parallel=No
         model = CausalLM(cfg)
     if parallel is not None:
         parallel.shard(model)
+    if fp8_block is not None:
+        _quant.convert_(model, fp8_block, fp8_names)
     for name, p in model.named_parameters():
+        if p.dtype == torch.float8_e4m3fn:
+            continue  # kept FP8
         keep = router_dtype is not None and cfg.is_longcat and name.endswith("mlp.router.weight")
         p.data = p.data.to(router_dtype if keep else dtype)  # still on the meta device: no memory
     model = model.to_empty(device=device)
     for b in model.buffers():
         b.zero_()
     return model
+
+
+def fp8_weight_names(cfg: ModelConfig, infos: dict) -> set[str]:
+    """Our names of the weights the checkpoint stores in FP8: `<module>.weight`, and an expert bank's
+    `gate_up_proj` / `down_proj` when its experts' projections are FP8 (per-expert files)."""
+    fp8 = {k for k, i in infos.items() if i.dtype in _fp8.FP8_DTYPES}
+    names = set()
+    for ours in _global_shapes(cfg):
+        m = _FUSED.match(ours)
+        if m:
+            first = f"{m.group(1)}.0.{'gate_proj' if m.group(2) == 'gate_up_proj' else 'down_proj'}.weight"
+            if first in fp8:
+                names.add(ours)
+        elif checkpoint_name(cfg, ours) in fp8:
+            names.add(ours)
+    return names
 
 
 def read_config(path: str) -> ModelConfig:
@@ -699,14 +769,18 @@ def resolve_path(path, revision=None, cache_dir=None, local_files_only=None) -> 
 
 
 def from_pretrained(path, dtype=None, device="cpu", parallel=None, progress=None, verbose=False, check_finite=True,
-                    router_dtype=torch.float32, revision=None, cache_dir=None, local_files_only=None, mtp=None):
+                    router_dtype=torch.float32, revision=None, cache_dir=None, local_files_only=None, mtp=None,
+                    fp8="dequantize"):
     """Load a LongCat-Flash or GLM-4.7-Flash checkpoint -> CausalLM in eval mode.
 
     path: a checkpoint directory, or a Hugging Face hub id resolved from the local HF cache (`resolve_path`;
     revision / cache_dir / local_files_only as in huggingface_hub).
     dtype: the model dtype. Default None follows the device: float32 on CPU, bfloat16 on CUDA. Also a torch dtype,
     its name ("bfloat16", "float32", ...), or "auto" (the checkpoint's own dtype). Weights are cast while reading;
-    FP8 block-scaled weights are dequantized (in fp32) into it.
+    FP8 block-scaled weights are dequantized (in fp32) into it, unless fp8="keep".
+    fp8: what to do with an FP8 block-scaled checkpoint's weights. "dequantize" (default): into `dtype` on load,
+    the readable path. "keep": hold them in FP8 with their scales (model/quant.py: half the memory; on CUDA the
+    products run in Triton kernels that read FP8 in place); kv_b_proj and the MTP head are still dequantized.
     router_dtype: LongCat's router weight and correction bias stay fp32 whatever `dtype` is (as vLLM and SGLang
     keep them; GLM's correction bias is always fp32). None rounds them through `dtype`, as transformers does.
     parallel: a parallel context (parallel.py) whose `check(cfg)` validates the plan, `shard(model)` shrinks the meta
@@ -730,7 +804,17 @@ def from_pretrained(path, dtype=None, device="cpu", parallel=None, progress=None
     dtype = resolve_dtype(dtype, device, infos, raw_cfg)
     if router_dtype is not None:
         router_dtype = resolve_dtype(router_dtype, device)
-    model = build_empty(cfg, dtype, device, parallel, router_dtype=router_dtype)
+    if fp8 not in ("dequantize", "keep"):
+        raise ValueError(f"fp8 must be 'dequantize' or 'keep', got {fp8!r}")
+    block = fp8_names = None
+    if fp8 == "keep":
+        block = _quant_block(raw_cfg, path)
+        if block is None:
+            raise CheckpointError(f"{path}: fp8='keep' needs an FP8 checkpoint (config.json has no "
+                                  "quantization_config); load it without fp8=")
+        fp8_names = fp8_weight_names(cfg, infos)
+    model = build_empty(cfg, dtype, device, parallel, router_dtype=router_dtype, fp8_block=block,
+                        fp8_names=fp8_names)
     report = load_weights(model, cfg, path, dtype, shard_rule=None if parallel is None else parallel.shard_rule,
                           progress=progress, check_finite=check_finite, router_dtype=router_dtype, infos=infos)
     if mtp not in (None, True, False):

@@ -17,7 +17,9 @@ Embeddings, lm_head, norms and the router stay unquantized (bf16 / fp32) in thes
 A slice of a weight (tensor parallelism) is read in whole blocks: the blocks that cover [start, end) are read and
 dequantized, then cropped, so a shard boundary that cuts a block still gets the right scale.
 
-`quantize_blockwise` is the writer's side (tests write their own tiny FP8 checkpoints through `save_checkpoint`).
+`quantize_blockwise` is the writer's side (tests write their own tiny FP8 checkpoints through `save_checkpoint`);
+it and `dequantize` live with the in-memory FP8 form (model/quant.py, kernels/fp8_linear.py). `read_blocks` reads
+a weight as stored, for `from_pretrained(..., fp8="keep")`.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import math
 
 import torch
 
+from ..kernels.fp8_linear import dequantize  # noqa: F401 (the formula's one home; re-exported)
+from ..model.quant import FP8_MAX, quantize_blockwise  # noqa: F401 (the per-block absmax rule; re-exported)
+
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn}  # safetensors dtype name -> torch dtype (E5M2 is not used by these)
-FP8_MAX = 448.0  # largest finite e4m3 value
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
 
 
@@ -69,14 +73,6 @@ def scale_shape(shape, block) -> tuple[int, int]:
     return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
 
 
-def dequantize(w8: torch.Tensor, scale: torch.Tensor, block, dtype=torch.float32) -> torch.Tensor:
-    """w8 (n, k) fp8, scale (ceil(n/bo), ceil(k/bi)) -> (n, k) in `dtype`; the product is computed in fp32."""
-    n, k = w8.shape
-    s = scale.float().repeat_interleave(block[0], dim=0)[:n]  # (n, ceil(k/bi)): partial last block cropped
-    s = s.repeat_interleave(block[1], dim=1)[:, :k]  # (n, k)
-    return (w8.float() * s).to(dtype)
-
-
 def read_dequantized(w_slice, s_slice, shape, block, sel, dtype) -> torch.Tensor:
     """Dequantize a (maybe sliced) FP8 weight from safetensors slices.
 
@@ -99,22 +95,28 @@ def read_dequantized(w_slice, s_slice, shape, block, sel, dtype) -> torch.Tensor
     return w[tuple(crop)].contiguous()
 
 
-def quantize_blockwise(w: torch.Tensor, block=(128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (n, k) float -> (w8 (n, k) float8_e4m3fn, scale_inv (ceil(n/bo), ceil(k/bi)) fp32), per-block absmax."""
-    n, k = w.shape
-    nb0, nb1 = scale_shape(w.shape, block)
-    padded = torch.zeros(nb0 * block[0], nb1 * block[1], dtype=torch.float32)
-    padded[:n, :k] = w.float()
-    blocks = padded.view(nb0, block[0], nb1, block[1])  # (nb0, bo, nb1, bi)
-    amax = blocks.abs().amax(dim=(1, 3))  # (nb0, nb1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))  # (nb0, nb1): the dequant multiplier
-    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).view_as(padded)[:n, :k]
-    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
-
-
 def quantizable(name: str, t: torch.Tensor) -> bool:
     """Which checkpoint tensors the writer quantizes: the 2-D Linear weights of attention, FFNs and experts.
 
     Not the embeddings, lm_head, norms or the router (`mlp.router.classifier` / `mlp.gate`), as in the real files.
     """
     return t.dim() == 2 and (name.endswith("_proj.weight") or name.endswith("kv_a_proj_with_mqa.weight"))
+
+
+def read_blocks(w_slice, s_slice, shape, block, sel, name: str):
+    """A (maybe sliced) FP8 weight kept as stored: -> (FP8 values, fp32 scales) of [start, end) along `dim`.
+
+    Kept weights are sliced only at block boundaries (a shard that cut a block would need half of its scale
+    grid's row); the end may be the weight's own end (a partial last block).
+    """
+    if sel is None:
+        return w_slice[:], s_slice[:].float()
+    dim, a, b = sel
+    bs = block[dim]
+    if a % bs or (b % bs and b != shape[dim]):
+        raise FP8Error(f"{name}: this process's slice [{a}, {b}) of dim {dim} cuts a {bs}-wide FP8 block; keep FP8 "
+                       "weights only with a world size whose shards are whole blocks, or load with fp8='dequantize'")
+    pick_w = [slice(None), slice(None)]
+    pick_s = [slice(None), slice(None)]
+    pick_w[dim], pick_s[dim] = slice(a, b), slice(a // bs, math.ceil(b / bs))
+    return w_slice[tuple(pick_w)], s_slice[tuple(pick_s)].float()

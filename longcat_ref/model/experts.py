@@ -38,6 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import support
+from ..kernels.fp8_linear import dequantize
+from ..kernels.moe_decode import fused_moe
+
+FP8_CHUNK = 16  # experts dequantized at a time by the grouped form of an FP8 bank
+FUSED_MAX_PAIRS = 512  # "auto": up to this many (token, slot) pairs an FP8 bank runs the fused kernels
+
 
 class SwiGLU(nn.Module):
     def __init__(self, hidden: int, inter: int):
@@ -62,10 +69,41 @@ class Experts(nn.Module):
     def n_local(self) -> int:
         return self.gate_up_proj.shape[0]
 
+    # ------------------------------------------------------------------------- FP8 weights kept (model/quant.py)
+    @property
+    def fp8(self) -> bool:
+        return self.gate_up_proj.dtype == torch.float8_e4m3fn
+
+    def to_fp8_(self, block):
+        """Hold both banks in FP8 with block scales (uninitialised; the loader or quant.quantize_ fills them)."""
+        E, I2, H = self.gate_up_proj.shape
+        dev, fp8 = self.gate_up_proj.device, torch.float8_e4m3fn
+        bo, bi = block
+        self.gate_up_proj = nn.Parameter(torch.empty(E, I2, H, dtype=fp8, device=dev), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(E, H, I2 // 2, dtype=fp8, device=dev), requires_grad=False)
+        nb_i = -(-self.inter // bo)
+        self.register_buffer("gate_up_proj_scale_inv", torch.empty(E, 2 * nb_i, -(-H // bi), device=dev))  # gate|up
+        self.register_buffer("down_proj_scale_inv", torch.empty(E, -(-H // bo), -(-self.inter // bi), device=dev))
+        self.fp8_block = tuple(block)
+        return self
+
+    def gate_up(self, sel, dtype) -> torch.Tensor:
+        """gate_up_proj[sel] in `dtype` (sel: an expert id or an index tensor); FP8 banks are dequantized here."""
+        if not self.fp8:
+            return self.gate_up_proj[sel]
+        return dequantize(self.gate_up_proj[sel], self.gate_up_proj_scale_inv[sel], self.fp8_block, dtype,
+                          split_rows=self.inter)
+
+    def down(self, sel, dtype) -> torch.Tensor:
+        """down_proj[sel] in `dtype`, dequantized if FP8."""
+        if not self.fp8:
+            return self.down_proj[sel]
+        return dequantize(self.down_proj[sel], self.down_proj_scale_inv[sel], self.fp8_block, dtype)
+
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Run local expert e on x (m, H) -> (m, H)."""
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)  # (m, I) each
-        return F.linear(F.silu(gate) * up, self.down_proj[e])  # (m, H)
+        gate, up = F.linear(x, self.gate_up(e, x.dtype)).chunk(2, dim=-1)  # (m, I) each
+        return F.linear(F.silu(gate) * up, self.down(e, x.dtype))  # (m, H)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, out: torch.Tensor,
                 impl: str = "loop") -> torch.Tensor:
@@ -77,12 +115,14 @@ class Experts(nn.Module):
         if impl == "auto":
             impl = self.choose(x, idx)
         forms = {"loop": self.forward_loop, "grouped": self.forward_grouped, "gather": self.forward_gather,
-                 "gemv": self.forward_gemv}
+                 "gemv": self.forward_gemv, "fused": self.forward_fused}
         return forms[impl](x, w, idx, out)
 
     def choose(self, x, idx) -> str:
-        """The fast form for this call: gemv for a few (token, slot) pairs inside torch.compile, gather for a few
-        on the CPU, grouped otherwise."""
+        """The fast form for this call: for FP8 banks on CUDA the fused kernels for a few (token, slot) pairs;
+        gemv for a few pairs inside torch.compile, gather for a few on the CPU, grouped otherwise."""
+        if self.fp8 and x.is_cuda and support.have_triton() and idx.numel() <= FUSED_MAX_PAIRS:
+            return "fused"
         if idx.numel() <= 16 and torch.compiler.is_compiling():
             return "gemv"
         if idx.numel() <= 64 and x.device.type == "cpu":
@@ -109,17 +149,31 @@ class Experts(nn.Module):
         return local.clamp(0, self.n_local - 1), mine
 
     def forward_grouped(self, x, w, idx, out):
+        if not self.fp8:
+            return self._grouped(x, w, idx, out, self.gate_up_proj, self.down_proj, self.first_expert)
+        # FP8 banks: dequantize FP8_CHUNK experts at a time and run the same grouped form on them, as if they were
+        # an expert-parallel shard (the others' slots are weighted 0 there). No host sync; the temporary bf16
+        # weights are FP8_CHUNK experts' worth.
+        for c0 in range(0, self.n_local, FP8_CHUNK):
+            c = slice(c0, min(c0 + FP8_CHUNK, self.n_local))
+            self._grouped(x, w, idx, out, self.gate_up(c, x.dtype), self.down(c, x.dtype), self.first_expert + c0)
+        return out
+
+    def _grouped(self, x, w, idx, out, gate_up, down, first):
         n, k = idx.shape
-        local, mine = self._local(idx)  # (n, k), (n, k)
-        key = torch.where(mine, local, self.n_local).flatten()  # (n*k,): not ours -> a sentinel past the last expert
+        E = gate_up.shape[0]
+        local = idx - first  # (n, k)
+        mine = (local >= 0) & (local < E)  # (n, k)
+        local = local.clamp(0, E - 1)
+        key = torch.where(mine, local, E).flatten()  # (n*k,): not ours -> a sentinel past the last expert
         order = key.argsort(stable=True)  # (n*k,): (token, slot) pairs sorted by expert, sentinels last
-        counts = torch.zeros(self.n_local + 1, dtype=torch.int32, device=x.device)
+        counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
         counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))  # (E+1,) tokens per expert, on device
         ends = counts[:-1].cumsum(0, dtype=torch.int32)  # (E,): end row of each expert's group
         xs = x[order // k]  # (n*k, H): rows grouped by expert
-        h = grouped_mm(xs, self.gate_up_proj.transpose(1, 2), ends)  # (n*k, 2I); rows past ends[-1] are junk
+        h = grouped_mm(xs, gate_up.transpose(1, 2), ends)  # (n*k, 2I); rows past ends[-1] are junk
         gate, up = h.chunk(2, dim=-1)  # (n*k, I) each
-        y = grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), ends)  # (n*k, H)
+        y = grouped_mm(F.silu(gate) * up, down.transpose(1, 2), ends)  # (n*k, H)
         ys = torch.empty_like(y)
         ys[order] = y  # (n*k, H) back in (token, slot) order
         ys = torch.where(mine.flatten()[:, None], ys, 0.0).view(n, k, -1)  # (n, k, H): junk rows -> 0 (not NaN*0)
@@ -128,20 +182,27 @@ class Experts(nn.Module):
 
     def forward_gather(self, x, w, idx, out):
         local, mine = self._local(idx)  # (n, k), (n, k)
-        gu = self.gate_up_proj[local]  # (n, k, 2I, H): each slot's expert weights
+        gu = self.gate_up(local, x.dtype)  # (n, k, 2I, H): each slot's expert weights
         gate, up = torch.einsum("nh,nkih->nki", x, gu).chunk(2, dim=-1)  # (n, k, I) each
-        y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[local])  # (n, k, H)
+        y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down(local, x.dtype))  # (n, k, H)
         wk = torch.where(mine, w, 0.0)  # (n, k) fp32
         return out.add_(torch.einsum("nkh,nk->nh", y.float(), wk).to(out.dtype))
 
     def forward_gemv(self, x, w, idx, out):
         local, mine = self._local(idx)  # (n, k), (n, k)
-        gu = self.gate_up_proj[local] * x[:, None, None, :]  # (n, k, 2I, H): compiled, an indexed load, not a copy
+        gu = self.gate_up(local, x.dtype) * x[:, None, None, :]  # (n, k, 2I, H): compiled, an indexed load, not a copy
         gate, up = gu.sum(-1, dtype=torch.float32).to(x.dtype).chunk(2, dim=-1)  # (n, k, I) each, summed in fp32
         a = F.silu(gate) * up  # (n, k, I)
-        y = (self.down_proj[local] * a[:, :, None, :]).sum(-1, dtype=torch.float32)  # (n, k, H) fp32
+        y = (self.down(local, x.dtype) * a[:, :, None, :]).sum(-1, dtype=torch.float32)  # (n, k, H) fp32
         wk = torch.where(mine, w, 0.0)  # (n, k) fp32
         return out.add_(torch.einsum("nkh,nk->nh", y, wk).to(out.dtype))
+
+    def forward_fused(self, x, w, idx, out):
+        """The Triton kernels of kernels/moe_decode.py: two launches, the chosen experts read in place (FP8 too)."""
+        fp8 = dict(gate_up_scale=self.gate_up_proj_scale_inv, down_scale=self.down_proj_scale_inv,
+                   block=self.fp8_block) if self.fp8 else {}
+        y = fused_moe(x, w, idx, self.gate_up_proj, self.down_proj, first_expert=self.first_expert, **fp8)  # (n, H)
+        return out.add_(y.to(out.dtype))
 
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ATTENTION_FORMS = ("naive", "absorbed", "sdpa")  # mla.py
-EXPERT_FORMS = ("loop", "grouped", "gather", "gemv", "auto")
+ATTENTION_FORMS = ("naive", "absorbed", "sdpa", "fused")  # mla.py ("fused": kernels/mla_decode.py)
+EXPERT_FORMS = ("loop", "grouped", "gather", "gemv", "fused", "auto")  # experts.py ("fused": kernels/moe_decode.py)
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,9 @@ class Forms:
     others equal to it (fp32, 1e-5)."""
 
     attention: str = "naive"  # "naive" | "absorbed" (attend over the latent) | "sdpa" (naive through SDPA)
-    experts: str = "loop"  # "loop" | "grouped" | "gather" | "gemv" | "auto" (the fast one for each call)
+    #                           | "fused" (absorbed, its attention in one Triton kernel: CUDA)
+    experts: str = "loop"  # "loop" | "grouped" | "gather" | "gemv" | "fused" (Triton kernels: CUDA)
+    #                        | "auto" (the fast one for each call)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_FORMS:

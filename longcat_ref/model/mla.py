@@ -12,7 +12,7 @@ the latent:
 LongCat-Flash's LoRA scale factors s_q = sqrt(H / q_lora_rank) = 2 and s_kv = sqrt(H / kv_lora_rank) = sqrt(12)
 keep the low-rank path's activations at the scale the paper trained with; GLM-4.7-Flash has none (s = 1).
 
-Three forms of the same attention, chosen per call by `form` (the caller's choice is the visible one:
+Four forms of the same attention, chosen per call by `form` (the caller's choice is the visible one:
 `CausalLM.forward(..., forms=Forms(attention=...))`):
 
 * "naive": expand k_nope and v for every cached token, then ordinary attention over (h, s, 192) keys.
@@ -22,10 +22,12 @@ Three forms of the same attention, chosen per call by `form` (the caller's choic
     sum_s p_s v_s   = W_uv (sum_s p_s c_s)         -> fold W_uv into the output
 
   so attention runs directly over the cached (s, 576) latent and nothing is ever expanded (decode).
+* "fused": the absorbed form whose attention over the latent runs in one Triton kernel (kernels/mla_decode.py:
+  flash-decoding, split over the context), for decode on a GPU.
 * "sdpa": the naive form through `F.scaled_dot_product_attention`, with v zero-padded to the q/k head dim so that
   the flash kernel applies (192 = 192 on LongCat); with mask=None it runs `is_causal` (prefill).
 
-All three read the same cache (cache.py) and `tests/test_core.py` / `tests/test_fast.py` prove them equal.
+All four read the same cache (cache.py) and `tests/test_core.py` / `tests/test_fast.py` prove them equal.
 
 The mask is additive, (b, 1, t, s), built once per forward by `attention_bias` (the package's only mask builder).
 mask=None means plain causal attention over this chunk's own t tokens (no cache before it, no padding).
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..kernels.mla_decode import mla_decode
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -115,7 +118,7 @@ class MLA(nn.Module):
         if mask is None and (form != "sdpa" or cache is not None):  # causal, spelled out (SDPA: is_causal)
             where = torch.arange(x.shape[1], device=x.device) if cache_position is None else cache_position
             mask = attention_bias(None, where, latent.shape[1], q_nope.dtype)  # (1, 1, t, s)
-        attend = {"naive": self._naive, "absorbed": self._absorbed, "sdpa": self._sdpa}[form]
+        attend = {"naive": self._naive, "absorbed": self._absorbed, "sdpa": self._sdpa, "fused": self._fused}[form]
         o = attend(q_nope, q_rope, latent, k_rope, mask)  # (b, h, t, v)
         return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))  # (b, t, H)
 
@@ -148,6 +151,14 @@ class MLA(nn.Module):
         p = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (b, h, t, s)
         o_lat = torch.einsum("bhts,bsr->bhtr", p, latent)  # (b, h, t, r): attend over the latent
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v): W_uv folded into the output
+
+    def _fused(self, q_nope, q_rope, latent, k_rope, mask):
+        """The absorbed form with its attention over the latent in one Triton kernel (kernels/mla_decode.py):
+        the scores never leave the chip and the latent cache is read once. For decoding (a few query tokens)."""
+        w_uk, w_uv = self.kv_b_split()  # (h, nope, r), (h, v, r)
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (b, h, t, r)
+        o_lat = mla_decode(q_lat, q_rope, latent, k_rope, mask, self.softmax_scale)  # (b, h, t, r)
+        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v)
 
     def _sdpa(self, q_nope, q_rope, latent, k_rope, mask):
         k, v = self.expand_kv(latent, k_rope)  # (b, h, s, qk), (b, h, s, v)

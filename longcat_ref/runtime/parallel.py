@@ -52,6 +52,7 @@ from torch import nn
 from ..model.experts import Experts, SwiGLU
 from ..model.mla import MLA
 from ..model.moe import MoE
+from ..model.quant import linear
 
 
 _all_gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor  # renamed after torch 2.11
@@ -70,7 +71,7 @@ class RowParallelLinear(nn.Linear):
         self.group, self.reduce = group, reduce
 
     def forward(self, x):  # x (..., in/W) -> (..., out)
-        y = F.linear(x, self.weight)  # (..., out): this rank's partial sum
+        y = linear(x, self)  # (..., out): this rank's partial sum (the weight may be kept FP8: model/quant.py)
         if self.reduce:
             y = funcol.all_reduce(y, "sum", self.group)
         return y if self.bias is None else y + self.bias  # a partial (reduce=False) output carries no bias

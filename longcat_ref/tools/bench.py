@@ -16,6 +16,9 @@ Sections (each prints a table; --json writes every number):
           prefill 2k
   long    GPU: one LongCat-Flash layer at 128k context: KV-cache bytes and decode step latency
   b1      GPU: batch-1 decode only (ours, no transformers): LongCat layer ctx 1k and full GLM, graph vs compiled
+  fp8     GPU: one full-width LongCat-Flash layer (ours only), bf16 weights vs the same weights kept in FP8
+          (block-scaled e4m3, model/quant.py): decode step at batch 1 / 32, context 1k, and prefill 2k; memory, the
+          roofline of each (FP8 reads one byte per weight) and the FP8 model's distance from bf16
   e2e     GPU: what a user waits for: GLM-4.7-Flash generate() end to end (prompt 128 + 128 new, batch 1 / 32), ours
           fast and fast+compile vs transformers' best single-GPU setting (static cache + compile, batched_mm
           experts); first-call (compile) wall time, time to first token, per-step roofline
@@ -171,14 +174,17 @@ def active_experts(model) -> tuple[int, float]:
 
 
 def decode_roofline(model, batch: int, ctx: int, ceil: dict) -> dict:
-    """Bytes a decode step must read (non-expert weights + distinct experts touched + KV read) -> time floors."""
+    """Bytes a decode step must read (non-expert weights + distinct experts touched + KV read) -> time floors.
+    Kept-FP8 weights count one byte each, plus their scales."""
     cfg = model.config
     distinct, per_tok = active_experts(model)
     experts_all = sum(weight_bytes(m.experts) for m in model.moe_blocks())
     dense = weight_bytes(model) - experts_all - weight_bytes(model.model.embed_tokens)
+    dense += sum(b.numel() * 4 for n, b in model.named_buffers() if n.endswith("_scale_inv") and ".experts." not in n)
     dense += batch * cfg.hidden_size * 2  # embedding rows read
     kv = batch * ctx * cfg.kv_cache_bytes_per_token()  # every attention sublayer's latent, read once
-    nbytes = dense + distinct * expert_bytes(cfg) + kv
+    fp8_experts = any(m.experts.fp8 for m in model.moe_blocks())
+    nbytes = dense + distinct * expert_bytes(cfg, 1 if fp8_experts else 2) + kv
     flops = 2 * batch * (dense / 2 + per_tok * expert_bytes(cfg) / 2)  # 2 FLOP per weight per token
     flops += batch * cfg.num_attn_sublayers * cfg.num_attention_heads * ctx * 2 * (
         cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.kv_lora_rank)  # absorbed attention
@@ -321,9 +327,9 @@ def kernel_stats(dec) -> dict:
                 kernel_top=[(n[:90], c, t) for n, (c, t) in top])
 
 
-def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20):
+def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20, attention="absorbed"):
     """Seconds per decode step (a replayed CUDA graph on GPU) at context ctx, and the roofline inputs."""
-    dec = Decoder(model, batch, ctx + 4 * steps + 16, compile=compile, forms=Forms("absorbed", experts))
+    dec = Decoder(model, batch, ctx + 4 * steps + 16, compile=compile, forms=Forms(attention, experts))
     fill_context(dec, ctx)
     ids = torch.randint(4, model.config.vocab_size, (batch,), device=device)
     dec.step(ids)  # captures the graph on GPU
@@ -341,6 +347,10 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     "graph_gather": dict(experts="gather"),  # gathered experts (small batches)
     "compiled": dict(compile="tuned"),  # torch.compile'd step inside the graph (experts "auto": gemv at batch 1)
     "compiled_grouped": dict(experts="grouped", compile="tuned"),  # ... with grouped experts
+    "graph_fused": dict(experts="fused"),  # the Triton MoE decode kernels (kernels/moe_decode.py)
+    "graph_fused_mla": dict(experts="fused", attention="fused"),  # ... and the MLA decode kernel (mla_decode.py)
+    "compiled_fused": dict(experts="fused", compile=True),  # ... inside a compiled step
+    "compiled_fused_mla": dict(experts="fused", attention="fused", compile=True),
 }
 
 
@@ -558,6 +568,72 @@ def glm_check(hf, ours, device) -> dict:
 # ------------------------------------------------------------------------------------------------ gpu: batch 1
 
 
+def bench_fp8(args, ceil, res) -> dict:
+    """One LongCat-Flash layer, bf16 vs FP8 kept (the same weights, quantized in memory by quant.quantize_)."""
+    from ..model import quant
+
+    device = args.device
+    small = device == "cpu"
+    cfg = (tiny_longcat(num_layers=1, max_position_embeddings=4096, hidden_size=128, ffn_hidden_size=256,
+                        expert_ffn_hidden_size=128) if small
+           else longcat_flash_chat().replace(num_layers=1, vocab_size=1024, max_position_embeddings=4096 + 512))
+    block = (32, 32) if small else (128, 128)
+    with torch.device("meta"):
+        model = CausalLM(cfg).to(torch.bfloat16)
+    model = model.to_empty(device=device).eval().requires_grad_(False)
+    for b in model.buffers():
+        b.zero_()
+    synth_(model)
+    ctx, t_prefill = (64, 128) if small else (1024, 2048)
+    res.update(config="LongCat-Flash, one full-width layer (2 MLA + 2 dense FFN + MoE 512+256 experts top-12) + "
+                      "vocab-1024 embedding/head; FP8 = e4m3 with 128x128 block scales", rows=[], prefill=[])
+    ids = torch.randint(4, cfg.vocab_size, (2, 64), device=device, generator=torch.Generator(device).manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids, forms=PREFILL).float()
+    for precision in ("bf16", "fp8"):
+        if precision == "fp8":
+            quant.quantize_(model, block)
+            torch.cuda.empty_cache() if not small else None
+            with torch.no_grad():
+                got = model(ids, forms=PREFILL).float()
+                plain = model(ids, forms=Forms("naive", "loop")).float()  # dequantize-per-call reference forms
+            res["fp8_vs_bf16_logits_rel"] = float((got - ref).norm() / ref.norm())
+            res["fp8_kernels_vs_fp8_plain_rel"] = float((got - plain).norm() / plain.norm())
+        wbytes = weight_bytes(model) + sum(b.numel() * 4 for n, b in model.named_buffers() if n.endswith("_scale_inv"))
+        res[f"{precision}_weight_bytes"] = wbytes
+        for batch in (1, 32):
+            row = dict(precision=precision, batch=batch, ctx=ctx)
+            names = ["graph", "graph_fused"]  # grouped experts (bf16: the fast form at batch 32), fused kernels
+            if precision == "fp8" and batch == 1:
+                names = ["graph_fused", "graph_gather"]  # FP8 grouped dequantizes every expert: not for batch 1
+            if args.compile and batch == 1:
+                names += ["compiled_fused"]
+            decode_variants(model, batch, ctx, device, names, row, ceil)
+            row["over_roofline"] = row["ours_s"] / row["roofline_s"]
+            res["rows"].append(row)
+            print(f"  fp8 section {precision} decode b={batch} ctx={ctx}: " + ", ".join(
+                f"{k}={v * 1e3:.3f}ms" for k, v in row.items() if k.endswith("_s") and v and k.startswith("ours"))
+                + f"; roofline {row['roofline_s'] * 1e3:.3f} ms, {row.get('kernels_per_step', '?')} kernels",
+                flush=True)
+            checkpoint()
+        x = torch.randint(4, cfg.vocab_size, (1, t_prefill), device=device)
+        with torch.no_grad():
+            ts = timed(lambda: model(x, forms=PREFILL, logits_to_keep=1), device, reps=3)
+        fl = prefill_flops(model, t_prefill)
+        res["prefill"].append(dict(precision=precision, tokens=t_prefill, ours_s=ts, tok_s=t_prefill / ts,
+                                   flops_frac=fl / ts / ceil["bf16_flops"]))
+        if device != "cpu":
+            res[f"{precision}_peak_bytes"] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        print(f"  fp8 section {precision} prefill {t_prefill}: {ts * 1e3:.1f} ms = {t_prefill / ts:,.0f} tok/s "
+              f"({fl / ts / ceil['bf16_flops']:.0%} of the bf16 peak); weights {wbytes / 2**30:.2f} GiB", flush=True)
+        checkpoint()
+    print(f"  fp8 vs bf16 logits: rel {res['fp8_vs_bf16_logits_rel']:.4f}; FP8 kernels vs FP8 plain forms: rel "
+          f"{res['fp8_kernels_vs_fp8_plain_rel']:.2e}", flush=True)
+    del model
+    return res
+
+
 def bench_b1(args, ceil, res) -> dict:
     """Batch-1 decode, ours only (no transformers): the LongCat layer at context 1k and the full GLM at context
     128, CUDA graph vs torch.compile + graph; kernels per step and the roofline of each run (it depends on how
@@ -568,7 +644,8 @@ def bench_b1(args, ceil, res) -> dict:
     small = device == "cpu"
     res["rows"] = []
     _, _, layer = longcat_layer(device, dtype, 4096, small)  # our layer; its weights came from transformers'
-    b1_rows(layer.requires_grad_(False), "longcat_layer", 64 if small else 1024, device, ceil, res["rows"])
+    variants = args.b1_variants.split(",")
+    b1_rows(layer.requires_grad_(False), "longcat_layer", 64 if small else 1024, device, ceil, res["rows"], variants)
     del layer
     torch.cuda.empty_cache() if device != "cpu" else None
     if args.b1_layer_only:
@@ -577,12 +654,12 @@ def bench_b1(args, ceil, res) -> dict:
         glm = CausalLM(tiny_glm() if small else glm_4_7_flash()).to(dtype)
     glm = glm.to_empty(device=device).eval().requires_grad_(False)
     synth_(glm)
-    b1_rows(glm, "glm", 128, device, ceil, res["rows"])
+    b1_rows(glm, "glm", 128, device, ceil, res["rows"], variants)
     return res
 
 
-def b1_rows(model, name, ctx, device, ceil, rows):
-    for variant in ("graph", "compiled"):
+def b1_rows(model, name, ctx, device, ceil, rows, variants=("graph", "compiled")):
+    for variant in variants:
         torch._dynamo.reset()
         t0 = time.perf_counter()
         t, dec = ours_decode(model, 1, ctx, device, **VARIANTS[variant])
@@ -799,11 +876,13 @@ def plot(results: dict, path: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m longcat_ref.tools.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--only", default=None,
-                    help="comma-separated sections: cpu,layer,glm,b1,e2e (default: cpu,layer,glm,e2e where possible)")
+                    help="comma-separated sections: cpu,layer,glm,b1,fp8,e2e (default: cpu,layer,glm,e2e where possible)")
     ap.add_argument("--json", default=None, help="write all numbers to this file")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step (layer)")
     ap.add_argument("--b1-layer-only", action="store_true", help="b1: the LongCat layer only (skip the full GLM)")
+    ap.add_argument("--b1-variants", default="graph,compiled",
+                    help=f"b1: comma-separated decode variants, of {', '.join(VARIANTS)}")
     ap.add_argument("--e2e-variants", default="fast,fast_compile,hf",
                     help="e2e: which of fast, fast_compile, fast_compile_tuned, hf to time")
     ap.add_argument("--hf-experts", default="batched_mm",
@@ -816,9 +895,10 @@ def main(argv=None) -> int:
         return 0
     gpu_ok = args.device != "cpu"
     sections = args.only.split(",") if args.only else (["cpu", "layer", "glm", "e2e"] if gpu_ok else ["cpu"])
-    unknown = set(sections) - {"cpu", "layer", "glm", "b1", "e2e"}
+    unknown = set(sections) - {"cpu", "layer", "glm", "b1", "fp8", "e2e"}
     if unknown:
-        print(f"error: unknown section(s) {sorted(unknown)}; choose from cpu, layer, glm, b1, e2e", file=sys.stderr)
+        print(f"error: unknown section(s) {sorted(unknown)}; choose from cpu, layer, glm, b1, fp8, e2e",
+              file=sys.stderr)
         return 2
     results = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__)
     ceil = dict(bandwidth_Bps=50e9, bf16_flops=1e12)  # CPU placeholders (sections on CPU are smoke runs only)
@@ -830,6 +910,7 @@ def main(argv=None) -> int:
     for name in sections:
         fn = dict(cpu=bench_cpu, layer=lambda a, r: bench_layer(a, ceil, r),
                   glm=lambda a, r: bench_glm(a, ceil, r), b1=lambda a, r: bench_b1(a, ceil, r),
+                  fp8=lambda a, r: bench_fp8(a, ceil, r),
                   e2e=lambda a, r: bench_e2e(a, ceil, r))[name]
         print(f"[{name}]", flush=True)
         try:
