@@ -220,16 +220,26 @@ def test_tiles_must_divide_the_fp8_block():
 
 
 def test_tile_heuristic():
-    assert choose_tiles(1, 4, 2048, 1536) == (8, 128, 8, 128)  # GLM-4.7-Flash, one token: 768 and 256 programs
-    assert choose_tiles(8, 4, 2048, 1536) == (32, 128, 32, 128)  # 8 tokens: 1536 and 512 programs
-    assert choose_tiles(1, 12, 6144, 2048) == (32, 128, 8, 128)  # LongCat-Flash, one token: 768 and 768
-    assert choose_tiles(1, 4, 2048, 1536, (128, 128), (True, True)) == (8, 128, 8, 128)  # real blocks change nothing
-    assert choose_tiles(3, 4, 40, 24, (16, 16), (True, True)) == (8, 16, 8, 16)  # the tests' blocks cap the columns
+    assert choose_tiles(1, 4, 2048, 1536) == (8, 512, 16, 512)  # GLM-4.7-Flash, one token: 768 and 512 programs
+    assert choose_tiles(8, 4, 2048, 1536) == (32, 512, 32, 512)  # 8 tokens: 1536 and 2048 programs
+    assert choose_tiles(1, 12, 6144, 2048) == (32, 512, 32, 512)  # LongCat-Flash, one token: 768 and 2304
+    assert choose_tiles(1, 4, 2048, 1536, (128, 128), (True, True)) == (8, 512, 16, 512)  # real blocks: the same
+    assert choose_tiles(3, 4, 40, 24, (8, 16), (True, True)) == (8, 64, 8, 32)  # the block caps the row tiles
     for block in [(16, 16), (32, 32), (8, 128), (24, 48), (128, 128)]:
         for n, k, h, i in [(1, 4, 2048, 1536), (8, 4, 40, 24), (64, 12, 6144, 2048)]:
             bi_, bh, bo_, bk = choose_tiles(n, k, h, i, block, (True, True))
-            assert block[0] % bi_ == 0 and block[1] % bh == 0 and block[0] % bo_ == 0 and block[1] % bk == 0
+            assert block[0] % bi_ == 0 and block[0] % bo_ == 0  # a tile's rows lie in one block row
             assert all(t & (t - 1) == 0 for t in (bi_, bh, bo_, bk))
+
+
+def test_column_tiles_spanning_several_scale_blocks():
+    """Reduction tiles wider than the scale block: each column's scale is applied (a vector per tile)."""
+    x, w, idx, gu, d = make(3, H, I, 2, 3, seed=9)
+    q = quantize_experts(gu, d, (8, 16))
+    for tiles in [(8, 64, 8, 32), (8, 32, 4, 64)]:
+        got = moe_decode._launch(x, w, idx, q["gate_up"], q["down"], 0, q["gate_up_scale"], q["down_scale"], 8, 16,
+                                 tiles=tiles)
+        close(got, fused_moe_reference(x, w, idx, **q), 1e-5)
 
 
 def test_bad_arguments_are_refused_by_name():

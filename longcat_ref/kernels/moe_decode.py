@@ -30,12 +30,15 @@ tiny: a few KB).
                 up[rows]   += sum_h W_up[e, rows, h]   * x[token, h]    fp32 accumulators, elementwise * and tl.sum
             act[p, rows] = silu(gate) * up                                  -> (n*k, I) buffer in x.dtype
 
-    Kernel 2  grid (n, cdiv(H, BLOCK_O))                                                      "down + weighted sum"
-        program (token, ob):
-            for each slot j (a loop inside the program, so the sum over slots needs no atomics and is deterministic):
-                y_j[rows] = sum_i W_down[e_j, rows, i] * act[token*k + j, i]    over BLOCK_K chunks of I, fp32
-                y[rows] += w[token, j] * y_j[rows]                              rows = [ob*BLOCK_O, +BLOCK_O) of H
-            out[token, rows] = y                                            -> (n, H) in x.dtype
+    Kernel 2  grid (n*k, cdiv(H, BLOCK_O))                                                    "down, weighted"
+        program (p, ob), p = token * k + slot:
+            part[p, rows] = w[p] * sum_i W_down[e, rows, i] * act[p, i]     over BLOCK_K chunks of I, fp32
+                                                                            rows = [ob*BLOCK_O, +BLOCK_O) of H
+    then  out[token] = sum_j part[token * k + j]     (one small reduction over the k slots: fixed order, no atomics)
+
+    (The first version looped over the k slots inside each program of kernel 2: n * H / BLOCK_O programs, too few
+    loads in flight -- GLM-4.7-Flash's down projection ran at a sixth of the bandwidth on an H200. One program per
+    slot gives k times more programs; the price is the (n*k, H) fp32 partials, a few KB.)
 
 Both grids depend only on shapes: no data-dependent launch, no host sync, so the pair can be captured in a CUDA graph
 and, wrapped as the custom op `longcat_ref::fused_moe`, sits opaque inside `torch.compile(fullgraph=True)`.
@@ -48,18 +51,19 @@ Offsets into the banks are int64: E * 2I * H is 512 * 4096 * 6144 ~ 1.3e10 for L
 
 FP8 (block-scaled, the DeepSeek-V3 layout of io/fp8.py): a weight matrix W (R, C) is W8 (R, C) float8_e4m3fn and
 S (ceil(R/bo), ceil(C/bi)) fp32, W[r, c] = float(W8[r, c]) * S[r // bo, c // bi]. The kernels load the fp8 bytes
-(half the bytes of bf16 -- the point of keeping FP8 weights) and dequantize in registers. The tiles are chosen so
-that BLOCK_I and BLOCK_O divide bo and BLOCK_H and BLOCK_K divide bi: then a whole tile lies inside ONE scale block
-and its scale is a single scalar, loaded once per tile, even when the last block is partial (R or C not a multiple
-of the block: the tile's masked tail and the block's missing tail coincide). The partial dot product of a tile is
-multiplied by that scalar, which is sum_h (W8 * s) x = s * sum_h W8 x: the same dequantized weight, one multiply
-per row instead of one per weight. The scale indices:
+(half the bytes of bf16 -- the point of keeping FP8 weights) and dequantize in registers. The row tiles are chosen
+so that BLOCK_I and BLOCK_O divide bo: a tile's rows then lie in one block row, and the scales it needs are one
+vector over its columns, s[c] = S[row block, c // bi]. That vector is folded into the vector the tile multiplies:
+
+    sum_c W[r, c] x[c] = sum_c W8[r, c] (S[r // bo, c // bi] x[c])            x is the token (kernel 1) or act (2)
+
+one multiply per column instead of one per weight, correct for any reduction tile and for partial last blocks (R
+or C not a multiple of the block: the tile's masked tail and the block's missing tail coincide). The scale indices:
 
     gate_up_scale (E, 2*nbg, ceil(H/bi)), nbg = ceil(I/bo): gate and up are separate tensors on disk, each with its
         own nbg block rows, stacked: gate row i -> block row i // bo, up row I + i -> block row nbg + i // bo
         (NOT (I + i) // bo: when I is not a multiple of bo, up's blocks do not continue gate's)
-        tile (ib, chunk h0) -> scales [e, ib*BLOCK_I // bo, h0 // bi] and [e, nbg + ib*BLOCK_I // bo, h0 // bi]
-    down_scale    (E, ceil(H/bo), ceil(I/bi)): tile (ob, chunk c0) -> scale [e, ob*BLOCK_O // bo, c0 // bi]
+    down_scale    (E, ceil(H/bo), ceil(I/bi)): row o, column c -> [e, o // bo, c // bi]
 
 Tile sizes: `choose_tiles`, a fixed heuristic of the shapes (no triton.autotune: its first call benchmarks, which is
 neither deterministic nor allowed inside a CUDA graph capture). See its docstring.
@@ -78,6 +82,7 @@ import torch
 import torch.nn.functional as F
 
 from . import support
+from .fp8_linear import dequantize
 
 WHAT = "fused_moe (the fused MoE decode kernels)"
 TARGET_PROGRAMS = 512  # enough programs in flight to keep an H200's memory busy (~4 per SM on 132 SMs)
@@ -112,6 +117,10 @@ if support.have_triton():
         imask = i < tl.where(mine, I, 0)  # (BLOCK_I,): not ours -> no row, nothing is loaded
         g_rows = gu_ptr + e * s_gu_e + i.to(tl.int64)[:, None] * s_gu_r  # (BLOCK_I, 1) row pointers, int64 offsets
         u_rows = gu_ptr + e * s_gu_e + (i + I).to(tl.int64)[:, None] * s_gu_r  # (BLOCK_I, 1) the same rows of up_e
+        if FP8:  # the tile's rows lie in one block row (BLOCK_I | bo): gate's and up's scale rows, as pointers
+            sg_row = gus_ptr + e * s_gus_e + ((ib * BLOCK_I) // BO) * s_gus_r
+            su_row = gus_ptr + e * s_gus_e + (nbg + (ib * BLOCK_I) // BO) * s_gus_r
+        h_end = tl.where(mine, H, 0)  # scalar: no scale is read for a slot that is not ours
         acc_g = tl.zeros((BLOCK_I,), dtype=tl.float32)  # (BLOCK_I,)
         acc_u = tl.zeros((BLOCK_I,), dtype=tl.float32)  # (BLOCK_I,)
         for h0 in range(0, H, BLOCK_H):
@@ -121,16 +130,12 @@ if support.have_triton():
             m = imask[:, None] & hmask[None, :]  # (BLOCK_I, BLOCK_H)
             wg = tl.load(g_rows + h[None, :] * s_gu_c, mask=m, other=0.0).to(tl.float32)  # (BLOCK_I, BLOCK_H)
             wu = tl.load(u_rows + h[None, :] * s_gu_c, mask=m, other=0.0).to(tl.float32)  # (BLOCK_I, BLOCK_H)
-            pg = tl.sum(wg * xv[None, :], axis=1)  # (BLOCK_I,) this chunk's part of gate
-            pu = tl.sum(wu * xv[None, :], axis=1)  # (BLOCK_I,)
-            if FP8:  # the tile lies in one scale block (BLOCK_I | bo, BLOCK_H | bi): one scalar each for gate and up
-                s_col = gus_ptr + e * s_gus_e + (h0 // BI) * s_gus_c
-                sg = tl.load(s_col + ((ib * BLOCK_I) // BO) * s_gus_r, mask=mine, other=0.0)  # gate's block row
-                su = tl.load(s_col + (nbg + (ib * BLOCK_I) // BO) * s_gus_r, mask=mine, other=0.0)  # up's block row
-                pg = pg * sg
-                pu = pu * su
-            acc_g += pg
-            acc_u += pu
+            xg, xu = xv, xv
+            if FP8:  # W[r, c] x[c] = W8[r, c] (S[r // bo, c // bi] x[c]): the column's scale folded into x
+                xg = xv * tl.load(sg_row + (h // BI) * s_gus_c, mask=h < h_end, other=0.0)  # (BLOCK_H,)
+                xu = xv * tl.load(su_row + (h // BI) * s_gus_c, mask=h < h_end, other=0.0)  # (BLOCK_H,)
+            acc_g += tl.sum(wg * xg[None, :], axis=1)  # (BLOCK_I,) this chunk's part of gate
+            acc_u += tl.sum(wu * xu[None, :], axis=1)  # (BLOCK_I,)
         # gate and up rounded to x.dtype as the plain forms do (they come out of a matmul in x.dtype), then
         # silu(gate) * up in fp32, rounded once into the buffer
         g = acc_g.to(act_ptr.dtype.element_ty).to(tl.float32)  # (BLOCK_I,)
@@ -139,47 +144,41 @@ if support.have_triton():
         tl.store(act_ptr + p * I + i, a.to(act_ptr.dtype.element_ty), mask=i < I)
 
     @triton.jit
-    def _down_sum_kernel(
+    def _down_kernel(
         act_ptr,  # (n*k, I) contiguous, x.dtype (kernel 1's output)
         w_ptr,  # (n*k,) router weights, fp32
         idx_ptr,  # (n*k,) global expert ids
         d_ptr,  # (E, H, I) down bank, x.dtype or fp8, strides s_d_*
         ds_ptr,  # (E, ceil(H/bo), ceil(I/bi)) fp32 scales (FP8 only; any tensor otherwise), strides s_ds_*
-        out_ptr,  # (n, H) contiguous, x.dtype: the output
+        part_ptr,  # (n*k, H) fp32: each slot's weighted output, summed over slots afterwards
         first_expert, n_local, H, I,
         s_d_e, s_d_r, s_d_c, s_ds_e, s_ds_r, s_ds_c,
-        K: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, FP8: tl.constexpr,
+        BO: tl.constexpr, BI: tl.constexpr, FP8: tl.constexpr,
         BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        tok = tl.program_id(0)
+        p = tl.program_id(0)  # the (token, slot) pair
         ob = tl.program_id(1)  # which BLOCK_O rows of down (= output features of H)
         o = ob * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
-        omask = o < H  # (BLOCK_O,)
-        y = tl.zeros((BLOCK_O,), dtype=tl.float32)  # (BLOCK_O,) the weighted sum over slots, fp32
-        for j in range(K):  # the slots of this token, in order: a deterministic sum, no atomics
-            p = tok * K + j
-            e = tl.load(idx_ptr + p).to(tl.int64) - first_expert  # scalar local expert id
-            mine = (e >= 0) & (e < n_local)
-            e = tl.where(mine, e, 0)
-            wj = tl.where(mine, tl.load(w_ptr + p).to(tl.float32), 0.0)  # scalar router weight, 0 if not ours
-            rows = d_ptr + e * s_d_e + o.to(tl.int64)[:, None] * s_d_r  # (BLOCK_O, 1) row pointers, int64
-            rmask = o < tl.where(mine, H, 0)  # (BLOCK_O,): not ours -> no row, nothing is loaded
-            i_end = tl.where(mine, I, 0)  # scalar: the activation's length, 0 if not ours
-            yj = tl.zeros((BLOCK_O,), dtype=tl.float32)  # (BLOCK_O,)
-            for c0 in range(0, I, BLOCK_K):
-                c = c0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,) columns of down = the activation's index
-                cmask = c < i_end  # (BLOCK_K,)
-                a = tl.load(act_ptr + p * I + c, mask=cmask, other=0.0).to(tl.float32)  # (BLOCK_K,)
-                wd = tl.load(rows + c[None, :] * s_d_c, mask=rmask[:, None] & cmask[None, :],
-                             other=0.0).to(tl.float32)  # (BLOCK_O, BLOCK_K)
-                part = tl.sum(wd * a[None, :], axis=1)  # (BLOCK_O,)
-                if FP8:  # one scale block per tile (BLOCK_O | bo, BLOCK_K | bi)
-                    s = tl.load(ds_ptr + e * s_ds_e + ((ob * BLOCK_O) // BO) * s_ds_r + (c0 // BI) * s_ds_c,
-                                mask=mine, other=0.0)
-                    part = part * s
-                yj += part
-            y += wj * yj
-        tl.store(out_ptr + tok * H + o, y.to(out_ptr.dtype.element_ty), mask=omask)
+        e = tl.load(idx_ptr + p).to(tl.int64) - first_expert  # scalar local expert id
+        mine = (e >= 0) & (e < n_local)
+        e = tl.where(mine, e, 0)
+        wj = tl.where(mine, tl.load(w_ptr + p).to(tl.float32), 0.0)  # scalar router weight, 0 if not ours
+        rows = d_ptr + e * s_d_e + o.to(tl.int64)[:, None] * s_d_r  # (BLOCK_O, 1) row pointers, int64
+        rmask = o < tl.where(mine, H, 0)  # (BLOCK_O,): not ours -> no row, nothing is loaded
+        i_end = tl.where(mine, I, 0)  # scalar: the activation's length, 0 if not ours
+        if FP8:  # the tile's rows lie in one block row (BLOCK_O | bo)
+            s_row = ds_ptr + e * s_ds_e + ((ob * BLOCK_O) // BO) * s_ds_r
+        y = tl.zeros((BLOCK_O,), dtype=tl.float32)  # (BLOCK_O,)
+        for c0 in range(0, I, BLOCK_K):
+            c = c0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,) columns of down = the activation's index
+            cmask = c < i_end  # (BLOCK_K,)
+            a = tl.load(act_ptr + p * I + c, mask=cmask, other=0.0).to(tl.float32)  # (BLOCK_K,)
+            if FP8:  # the column's scale folded into the activation
+                a = a * tl.load(s_row + (c // BI) * s_ds_c, mask=cmask, other=0.0)  # (BLOCK_K,)
+            wd = tl.load(rows + c[None, :] * s_d_c, mask=rmask[:, None] & cmask[None, :],
+                         other=0.0).to(tl.float32)  # (BLOCK_O, BLOCK_K)
+            y += tl.sum(wd * a[None, :], axis=1)  # (BLOCK_O,)
+        tl.store(part_ptr + p * H + o, wj * y, mask=o < H)
 
 
 # ------------------------------------------------------------------------------------------------ tiles
@@ -206,29 +205,26 @@ def _next_pow2(v: int) -> int:
 def choose_tiles(n: int, k: int, H: int, I: int, block=None, fp8=(False, False)) -> tuple[int, int, int, int]:
     """(BLOCK_I, BLOCK_H, BLOCK_O, BLOCK_K) for n tokens, k slots, hidden H, expert width I.
 
-    * Reduction axes (BLOCK_H over H in kernel 1, BLOCK_K over I in kernel 2): 128 columns, i.e. 256 contiguous
-      bytes of a bf16 row (128 of fp8) per load -- wide, coalesced loads -- or fewer when the axis is shorter.
+    A GEMV runs at memory bandwidth only with enough bytes in flight: many programs, each loading big tiles. (A
+    first version with 8 x 128 tiles and the slots looped inside kernel 2 ran GLM-4.7-Flash's down projection at a
+    sixth of the bandwidth on an H200: 37 us where 6 would do.)
+
+    * Reduction axes (BLOCK_H over H in kernel 1, BLOCK_K over I in kernel 2): up to 512 columns per load, 1 KB of
+      a bf16 row, 512 bytes of fp8.
     * Row axes (BLOCK_I over I, BLOCK_O over H): the widest of 32 / 16 / 8 rows that still gives at least
-      TARGET_PROGRAMS programs (n*k * cdiv(I, BLOCK_I) in kernel 1, n * cdiv(H, BLOCK_O) in kernel 2). A GEMV is
-      bound by memory bandwidth, which needs many loads in flight, i.e. many programs; wider rows only amortize the
-      x / act vector load. 32 rows x 128 columns is 32 weights per thread per matrix with NUM_WARPS=4 (kernel 1
-      holds a gate and an up tile): wider would cost registers for nothing. E.g. GLM-4.7-Flash (H=2048, I=1536,
-      k=4), one token: BLOCK_I = BLOCK_O = 8, kernel 1 has 4 * 1536/8 = 768 programs, kernel 2 2048/8 = 256; eight
-      tokens: BLOCK_I = BLOCK_O = 32, 1536 and 512 programs.
-    * FP8 (fp8 = (gate_up is fp8, down is fp8), block = (bo, bi)): each tile is capped to the largest power of two
-      dividing the scale block along its axis, so that a tile lies inside one scale block (BLOCK_I, BLOCK_O | bo;
-      BLOCK_H, BLOCK_K | bi). With the real 128 x 128 blocks nothing changes.
+      TARGET_PROGRAMS programs (n*k * cdiv(I, BLOCK_I) in kernel 1, n*k * cdiv(H, BLOCK_O) in kernel 2). E.g.
+      GLM-4.7-Flash (H=2048, I=1536, k=4), one token: BLOCK_I = 8 (768 programs), BLOCK_O = 16 (512 programs).
+    * FP8 (fp8 = (gate_up is fp8, down is fp8), block = (bo, bi)): a row tile is capped to the largest power of two
+      dividing bo, so that its rows lie in one block row; the columns' scales are a vector (see the kernels).
 
     A pure function of the shapes: deterministic, free, and the same on every call of a CUDA graph / compiled graph.
     """
     big = 1 << 30
-    bo, bi = block if block is not None else (big, big)
-    gu_o, gu_i = (_pow2_divisor(bo), _pow2_divisor(bi)) if fp8[0] else (big, big)
-    d_o, d_i = (_pow2_divisor(bo), _pow2_divisor(bi)) if fp8[1] else (big, big)
-    block_i = _rows_tile(I, n * k, gu_o)
-    block_h = max(1, min(128, gu_i, _next_pow2(H)))
-    block_o = _rows_tile(H, n, d_o)
-    block_k = max(1, min(128, d_i, _next_pow2(I)))
+    bo = block[0] if block is not None else big
+    block_i = _rows_tile(I, n * k, _pow2_divisor(bo) if fp8[0] else big)
+    block_h = max(1, min(512, _next_pow2(H)))
+    block_o = _rows_tile(H, n * k, _pow2_divisor(bo) if fp8[1] else big)
+    block_k = max(1, min(512, _next_pow2(I)))
     return block_i, block_h, block_o, block_k
 
 
@@ -286,13 +282,11 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
     for t in (block_i, block_h, block_o, block_k):
         if t < 1 or t & (t - 1):
             raise ValueError(f"fused_moe: tiles must be powers of two, got {(block_i, block_h, block_o, block_k)}")
-    if (fp8[0] and (bo % block_i or bi % block_h)) or (fp8[1] and (bo % block_o or bi % block_k)):
-        raise ValueError(f"fused_moe: with fp8 block ({bo}, {bi}) the tiles must divide it, so that a tile lies in "
-                         f"one scale block: BLOCK_I, BLOCK_O | {bo} and BLOCK_H, BLOCK_K | {bi}; got "
-                         f"BLOCK_I={block_i}, BLOCK_H={block_h}, BLOCK_O={block_o}, BLOCK_K={block_k}")
-    out = torch.empty(n, H, dtype=x.dtype, device=x.device)  # (n, H)
+    if (fp8[0] and bo % block_i) or (fp8[1] and bo % block_o):
+        raise ValueError(f"fused_moe: with fp8 block ({bo}, {bi}) the row tiles must divide {bo}, so that a tile's "
+                         f"rows lie in one block row: got BLOCK_I={block_i}, BLOCK_O={block_o}")
     if n == 0 or k == 0 or E == 0:
-        return out.zero_()
+        return torch.zeros(n, H, dtype=x.dtype, device=x.device)
     x = x.contiguous()  # (n, H): tiny
     w = w.contiguous().view(-1)  # (n*k,)
     idx = idx.contiguous().view(-1)  # (n*k,)
@@ -307,11 +301,13 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
         first_expert, E, H, I, _cdiv(I, bo_),
         *gate_up.stride(), *gus_st,
         K=k, BO=bo_, BI=bi_, FP8=fp8[0], BLOCK_I=block_i, BLOCK_H=block_h, num_warps=NUM_WARPS)
-    _down_sum_kernel[(n, triton.cdiv(H, block_o))](
-        act, w, idx, down, ds, out,
+    part = torch.empty(n * k, H, dtype=torch.float32, device=x.device)  # (n*k, H) weighted, fp32
+    _down_kernel[(n * k, triton.cdiv(H, block_o))](
+        act, w, idx, down, ds, part,
         first_expert, E, H, I,
         *down.stride(), *ds_st,
-        K=k, BO=bo_, BI=bi_, FP8=fp8[1], BLOCK_O=block_o, BLOCK_K=block_k, num_warps=NUM_WARPS)
+        BO=bo_, BI=bi_, FP8=fp8[1], BLOCK_O=block_o, BLOCK_K=block_k, num_warps=NUM_WARPS)
+    return part.view(n, k, H).sum(1).to(x.dtype)  # (n, H): the sum over slots in fp32, in a fixed order
     return out
 
 
@@ -358,14 +354,6 @@ def _take(bank: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     return bank[local]
 
 
-def _dequantize(w8: torch.Tensor, scale: torch.Tensor, bo: int, bi: int) -> torch.Tensor:
-    """w8 (..., R, C) fp8, scale (..., ceil(R/bo), ceil(C/bi)) -> (..., R, C) fp32 (io/fp8.dequantize, batched)."""
-    R, C = w8.shape[-2:]
-    s = scale.float().repeat_interleave(bo, dim=-2)[..., :R, :]  # (..., R, ceil(C/bi)): partial last block cropped
-    s = s.repeat_interleave(bi, dim=-1)[..., :C]  # (..., R, C)
-    return w8.float() * s
-
-
 def fused_moe_reference(x, w, idx, gate_up, down, *, first_expert=0, gate_up_scale=None, down_scale=None,
                         block=None) -> torch.Tensor:
     """Plain PyTorch: dequantize (if fp8) the chosen experts' weights in fp32, then the forward_gather math:
@@ -383,13 +371,10 @@ def fused_moe_reference(x, w, idx, gate_up, down, *, first_expert=0, gate_up_sca
     local = local.clamp(0, E - 1)  # (n, k): not ours -> some expert, weighted 0 below
     gu = _take(gate_up, local)  # (n, k, 2I, H)
     d = _take(down, local)  # (n, k, H, I)
-    if gate_up.dtype == torch.float8_e4m3fn:
-        nbg = _cdiv(I, bo)  # gate's block rows; up's follow
-        s = gate_up_scale[local]  # (n, k, 2*nbg, ceil(H/bi))
-        gu = torch.cat([_dequantize(gu[..., :I, :], s[..., :nbg, :], bo, bi),  # (n, k, I, H) gate
-                        _dequantize(gu[..., I:, :], s[..., nbg:, :], bo, bi)], dim=-2)  # (n, k, I, H) up
+    if gate_up.dtype == torch.float8_e4m3fn:  # gate's block rows, then up's (split_rows)
+        gu = dequantize(gu, gate_up_scale[local], (bo, bi), split_rows=I)  # (n, k, 2I, H) fp32
     if down.dtype == torch.float8_e4m3fn:
-        d = _dequantize(d, down_scale[local], bo, bi)  # (n, k, H, I)
+        d = dequantize(d, down_scale[local], (bo, bi))  # (n, k, H, I) fp32
     gu, d = gu.to(x.dtype), d.to(x.dtype)
     gate, up = torch.einsum("nh,nkih->nki", x, gu).chunk(2, dim=-1)  # (n, k, I) each
     y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, d)  # (n, k, H)
