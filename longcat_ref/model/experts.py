@@ -119,10 +119,11 @@ class Experts(nn.Module):
         return forms[impl](x, w, idx, out)
 
     def choose(self, x, idx) -> str:
-        """The fast form for this call: for FP8 banks on CUDA the fused kernels for a few (token, slot) pairs;
-        gemv for a few pairs inside torch.compile, gather for a few on the CPU, grouped otherwise."""
-        if self.fp8 and x.is_cuda and support.have_triton() and idx.numel() <= FUSED_MAX_PAIRS:
-            return "fused"
+        """The fast form for this call: on CUDA the fused kernels for up to 64 (token, slot) pairs (FP8 banks: up to
+        FUSED_MAX_PAIRS); gemv for a few pairs inside torch.compile, gather for a few on the CPU, grouped
+        otherwise."""
+        if x.is_cuda and support.have_triton() and idx.numel() <= (FUSED_MAX_PAIRS if self.fp8 else 64):
+            return "fused"  # FP8 banks: the only form that reads FP8 in place
         if idx.numel() <= 16 and torch.compiler.is_compiling():
             return "gemv"
         if idx.numel() <= 64 and x.device.type == "cpu":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ATTENTION_FORMS = ("naive", "absorbed", "sdpa", "fused")  # mla.py ("fused": kernels/mla_decode.py)
+ATTENTION_FORMS = ("naive", "absorbed", "sdpa", "fused", "auto")  # mla.py ("fused": kernels/mla_decode.py)
 EXPERT_FORMS = ("loop", "grouped", "gather", "gemv", "fused", "auto")  # experts.py ("fused": kernels/moe_decode.py)
 
 
@@ -20,6 +20,7 @@ class Forms:
 
     attention: str = "naive"  # "naive" | "absorbed" (attend over the latent) | "sdpa" (naive through SDPA)
     #                           | "fused" (absorbed, its attention in one Triton kernel: CUDA)
+    #                           | "auto" (fused for a few query tokens on CUDA, else absorbed)
     experts: str = "loop"  # "loop" | "grouped" | "gather" | "gemv" | "fused" (Triton kernels: CUDA)
     #                        | "auto" (the fast one for each call)
 
@@ -32,4 +33,5 @@ class Forms:
 
 REFERENCE = Forms()  # what the notebooks teach, and what transformers computes
 PREFILL = Forms(attention="sdpa", experts="auto")  # many tokens: flash attention, grouped expert GEMMs
-DECODE = Forms(attention="absorbed", experts="auto")  # one token: attend over the latent, gathered experts
+DECODE = Forms(attention="auto", experts="auto")  # one token: attend over the latent (a Triton kernel on CUDA),
+#                                                    gathered experts (the fused Triton kernels on CUDA)

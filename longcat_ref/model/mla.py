@@ -24,6 +24,7 @@ Four forms of the same attention, chosen per call by `form` (the caller's choice
   so attention runs directly over the cached (s, 576) latent and nothing is ever expanded (decode).
 * "fused": the absorbed form whose attention over the latent runs in one Triton kernel (kernels/mla_decode.py:
   flash-decoding, split over the context), for decode on a GPU.
+* "auto": "fused" for a few query tokens (decode, speculative verify) on a GPU, "absorbed" otherwise.
 * "sdpa": the naive form through `F.scaled_dot_product_attention`, with v zero-padded to the q/k head dim so that
   the flash kernel applies (192 = 192 on LongCat); with mask=None it runs `is_causal` (prefill).
 
@@ -40,9 +41,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..kernels import support
 from ..kernels.mla_decode import mla_decode
 from .norm import RMSNorm
 from .rope import apply_rope
+
+
+FUSED_MAX_QUERIES = 4  # "auto" runs the fused kernel for chunks of up to this many tokens (decode, verify)
 
 
 def attention_bias(attention_mask, cache_position: torch.Tensor, key_length: int, dtype) -> torch.Tensor:
@@ -118,6 +123,8 @@ class MLA(nn.Module):
         if mask is None and (form != "sdpa" or cache is not None):  # causal, spelled out (SDPA: is_causal)
             where = torch.arange(x.shape[1], device=x.device) if cache_position is None else cache_position
             mask = attention_bias(None, where, latent.shape[1], q_nope.dtype)  # (1, 1, t, s)
+        if form == "auto":  # decoding a few tokens on a GPU: the kernel; otherwise the absorbed einsums
+            form = "fused" if x.shape[1] <= FUSED_MAX_QUERIES and support.can_run(x) and x.is_cuda else "absorbed"
         attend = {"naive": self._naive, "absorbed": self._absorbed, "sdpa": self._sdpa, "fused": self._fused}[form]
         o = attend(q_nope, q_rope, latent, k_rope, mask)  # (b, h, t, v)
         return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))  # (b, t, H)

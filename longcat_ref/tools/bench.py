@@ -351,6 +351,7 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     "graph_fused_mla": dict(experts="fused", attention="fused"),  # ... and the MLA decode kernel (mla_decode.py)
     "compiled_fused": dict(experts="fused", compile=True),  # ... inside a compiled step
     "compiled_fused_mla": dict(experts="fused", attention="fused", compile=True),
+    "compiled_gemv": dict(experts="gemv", compile=True),  # the compiled step of the previous round (gemv experts)
 }
 
 
