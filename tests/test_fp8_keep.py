@@ -229,3 +229,17 @@ def test_kept_model_on_gpu_equals_dequantized(tmp_path, kind):
     a = deq32.generate(prompt, max_new_tokens=8)
     assert torch.equal(kept32.generate(prompt, max_new_tokens=8), a)
     assert torch.equal(kept32.generate(prompt, max_new_tokens=8, fast=True), a)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("split", [None, 24])
+def test_dequantize_kernel_equals_formula_gpu(split):
+    """On CUDA `dequantize` runs a Triton kernel: bitwise the formula's fp32 product, cast."""
+    from longcat_ref.kernels.fp8_linear import _dequantize_formula
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(3, 56, 40, device="cuda", generator=g)
+    w8, s = quant.quantize_blockwise(w, (16, 16), split_rows=split)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = quant.dequantize(w8, s, (16, 16), dtype, split_rows=split)
+        assert torch.equal(got, _dequantize_formula(w8, s, (16, 16), dtype, split_rows=split)), dtype

@@ -42,7 +42,15 @@ def dequantize(w8: torch.Tensor, scale: torch.Tensor, block, dtype=torch.float32
 
     split_rows: rows [0, split) and [split, N) were quantized as two separate weights (an expert's gate and up
     projections stacked into gate_up_proj): each half has its own ceil(split / bo) block rows, stacked.
+    On a CUDA device the same formula runs as one Triton kernel (`_dequantize_kernel`: reads 1 byte and writes 2 per
+    weight, where the eager formula makes fp32 temporaries): the FP8 prefill dequantizes every expert it runs.
     """
+    if w8.is_cuda and support.have_triton() and dtype in (torch.bfloat16, torch.float16, torch.float32):
+        return torch.ops.longcat_ref.dequantize(w8, scale, list(block), dtype, split_rows)
+    return _dequantize_formula(w8, scale, block, dtype, split_rows)
+
+
+def _dequantize_formula(w8, scale, block, dtype=torch.float32, split_rows=None):
     n, k = w8.shape[-2:]
     bo, bi = block
     rows = torch.arange(n, device=w8.device)  # (N,)
@@ -94,6 +102,21 @@ if support.have_triton():
             acc += part * s[None, :]
         y = y_ptr + pid_k.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]  # partial j
         tl.store(y, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+    @triton.jit
+    def _dequantize_kernel(w_ptr, s_ptr, o_ptr, R, C, nb_r, nb_c, split, nbg, BO: tl.constexpr, BI: tl.constexpr,
+                           BR: tl.constexpr, BC: tl.constexpr):
+        """One (BR, BC) tile of matrix e of a (E, R, C) bank: W = float(W8) * S[row block, c // BI], cast."""
+        e = tl.program_id(2).to(tl.int64)
+        r = tl.program_id(0) * BR + tl.arange(0, BR)  # (BR,)
+        c = tl.program_id(1) * BC + tl.arange(0, BC)  # (BC,)
+        m = (r[:, None] < R) & (c[None, :] < C)  # (BR, BC)
+        off = e * R * C + r[:, None].to(tl.int64) * C + c[None, :]  # (BR, BC)
+        w = tl.load(w_ptr + off, mask=m, other=0.0).to(tl.float32)  # (BR, BC)
+        rb = tl.where(r < split, r // BO, nbg + (r - split) // BO)  # (BR,) block row (gate's, then up's)
+        s = tl.load(s_ptr + e * nb_r * nb_c + rb[:, None] * nb_c + (c // BI)[None, :], mask=m, other=0.0)
+        tl.store(o_ptr + off, (w * s).to(o_ptr.dtype.element_ty), mask=m)
 
 
 def _config(M: int, N: int, K: int, block) -> tuple[int, int, int, int]:
@@ -148,3 +171,25 @@ def _fp8_linear_op(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block
 @_fp8_linear_op.register_fake
 def _(x, w8, scale, block, bias, split):
     return x.new_empty(*x.shape[:-1], w8.shape[0])
+
+
+@torch.library.custom_op("longcat_ref::dequantize", mutates_args=())
+def _dequantize_op(w8: torch.Tensor, scale: torch.Tensor, block: list[int], dtype: torch.dtype,
+                   split_rows: int | None) -> torch.Tensor:
+    R, C = w8.shape[-2:]
+    lead = w8.shape[:-2]
+    w = w8.reshape(-1, R, C).contiguous()  # (E, R, C)
+    s = scale.float().reshape(-1, *scale.shape[-2:]).contiguous()  # (E, nb_r, nb_c)
+    out = torch.empty(w.shape, dtype=dtype, device=w8.device)
+    split = R if split_rows is None else split_rows
+    nbg = math.ceil(split / block[0])
+    if w.shape[0]:
+        grid = (math.ceil(R / 32), math.ceil(C / 128), w.shape[0])
+        _dequantize_kernel[grid](w, s, out, R, C, s.shape[1], s.shape[2], split, nbg, BO=block[0], BI=block[1],
+                                 BR=32, BC=128)
+    return out.view(*lead, R, C)
+
+
+@_dequantize_op.register_fake
+def _(w8, scale, block, dtype, split_rows):
+    return torch.empty(w8.shape, dtype=dtype, device=w8.device)

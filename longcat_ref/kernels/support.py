@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
 
-
-@functools.lru_cache(maxsize=None)
-def have_triton() -> bool:
+def _find_triton() -> bool:
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules["triton"] is None (blocked on purpose)
         return False
-    return True
+
+
+HAVE_TRITON = _find_triton()  # a constant: torch.compile traces calls through it without a graph break
+
+
+def have_triton() -> bool:
+    return HAVE_TRITON
 
 
 def interpreting() -> bool:
