@@ -210,25 +210,27 @@ def test_fp8_matmul_kernel_real_sizes_gpu(M, N, K):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["longcat", "glm"])
 def test_kept_model_on_gpu_equals_dequantized(tmp_path, kind):
-    """On CUDA the kept model's products run in the Triton kernels (FP8 read in place), eager, CUDA graph and
-    compiled decoding; bf16 logits agree with the dequantized bf16 model within bf16 noise, greedy tokens equal."""
+    """On CUDA the kept model's products run in the Triton kernels (FP8 read in place): in fp32 its logits equal the
+    dequantized model's in every form, and greedy tokens are equal eagerly and with CUDA graphs. (In bf16 a rounding
+    difference can flip a near-tie in the router and move a logit far: bf16 is only run, in every form.)"""
     m = tiny(kind)
     L.save_checkpoint(m, tmp_path, quantize="fp8", fp8_block=(16, 16))
-    kept = L.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda", fp8="keep")
-    deq = L.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda")
+    kept = L.from_pretrained(tmp_path, dtype=torch.float32, device="cuda", fp8="keep")
+    deq = L.from_pretrained(tmp_path, dtype=torch.float32, device="cuda")
     ids = torch.randint(4, 512, (2, 9), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     with torch.no_grad():
-        want = deq(ids).float()
+        want = deq(ids)
         for forms in FORMS + [FUSED]:
-            got = kept(ids, forms=forms).float()
-            assert (got - want).norm() / want.norm() < 2e-2, forms
-    # greedy tokens: in fp32 (bf16 near-ties may flip between any two summation orders); the kernels run in fp32 too
-    kept32 = L.from_pretrained(tmp_path, dtype=torch.float32, device="cuda", fp8="keep")
-    deq32 = L.from_pretrained(tmp_path, dtype=torch.float32, device="cuda")
+            torch.testing.assert_close(kept(ids, forms=forms), want, atol=1e-4, rtol=1e-4, msg=str(forms))
     prompt = ids[:1, :5]
-    a = deq32.generate(prompt, max_new_tokens=8)
-    assert torch.equal(kept32.generate(prompt, max_new_tokens=8), a)
-    assert torch.equal(kept32.generate(prompt, max_new_tokens=8, fast=True), a)
+    a = deq.generate(prompt, max_new_tokens=8)
+    assert torch.equal(kept.generate(prompt, max_new_tokens=8), a)
+    assert torch.equal(kept.generate(prompt, max_new_tokens=8, fast=True), a)
+    bf = L.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cuda", fp8="keep")
+    with torch.no_grad():
+        for forms in FORMS + [FUSED]:
+            assert torch.isfinite(bf(ids, forms=forms)).all(), forms
+    assert bf.generate(prompt, max_new_tokens=8, fast=True).shape == (1, 13)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
