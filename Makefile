@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test lab bench train clean
+.PHONY: demo test test-gpu lab bench train clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
+
+# On a GPU machine whose python3 already has CUDA torch (no venv): the tests of the GPU paths (kernels, FP8 kept,
+# fast decoding, MTP), without the notebooks; each GPU-only test skips elsewhere
+test-gpu:
+	python3 -m pytest -o addopts="" -q -ra -p no:cacheprovider tests/test_kernel_moe.py tests/test_kernel_mla.py \
+		tests/test_fp8_keep.py tests/test_fast.py tests/test_mtp.py tests/test_core.py $(ARGS)
 
 # ARGS go to jupyter (e.g. ARGS='--no-browser --port 8889'); as root jupyter refuses to start without --allow-root
 lab: $(VENV)/.installed-dev

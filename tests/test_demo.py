@@ -52,7 +52,7 @@ def test_json_end_to_end_subprocess():
 def test_json_matches_an_independent_computation(capsys, ckpt):
     """prompt ids = the template encoded by the checkpoint's tokenizer; greedy ids = model.generate directly."""
     rc, out, err = run_main(capsys, "--model", ckpt, "--json", "--temperature", "0", "--max-new-tokens", "12",
-                            "--prompt", "Who helped the lion?")
+                            "--prompt", "Who helped the lion?", "--device", "cpu")  # the reference is fp32 CPU
     assert rc == 0, err
     r = json.loads(out)
     tok = load_tokenizer(ckpt)
@@ -180,7 +180,7 @@ def test_demo_runs_unchanged_under_torchrun(ckpt):
     """torchrun --nproc-per-node 2 -m longcat_ref.demo: rank 0 prints one JSON object, tokens equal the 1-process run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "LONGCAT_DIST_TIMEOUT": "120"}
     args = ["-m", "longcat_ref.demo", "--model", str(ckpt), "--json", "--max-new-tokens", "6", "--temperature",
-            "0.8", "--seed", "3"]
+            "0.8", "--seed", "3", "--device", "cpu"]  # gloo on the CPU also where GPUs are visible
     one = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", *args], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)

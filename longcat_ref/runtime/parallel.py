@@ -151,17 +151,20 @@ class ParallelContext:
 
     # -------------------------------------------------------------------------- setup
     @classmethod
-    def from_env(cls, backend: str | None = None, timeout_s: float | None = None) -> "ParallelContext":
+    def from_env(cls, backend: str | None = None, timeout_s: float | None = None,
+                 cpu: bool = False) -> "ParallelContext":
         """Under torchrun: join the process group (env://) and pick cuda:LOCAL_RANK (or cpu). Otherwise world 1.
 
+        cpu: run on the CPU (gloo) even where GPUs are visible.
         timeout_s (default: env LONGCAT_DIST_TIMEOUT or 300): how long a collective may wait for a peer before
         this process raises instead of hanging (a dead rank makes the others exit with an error).
         """
         world = int(os.environ.get("WORLD_SIZE", "1"))
+        gpu = torch.cuda.is_available() and not cpu
         if world == 1 and not dist.is_initialized():
-            return cls(device="cuda" if torch.cuda.is_available() else "cpu")
+            return cls(device="cuda" if gpu else "cpu")
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
+        if gpu:
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
         else:

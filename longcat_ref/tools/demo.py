@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible, else cpu; "
-                   "under torchrun each rank uses cuda:LOCAL_RANK)")
+                   "under torchrun each rank uses cuda:LOCAL_RANK, or the CPU with --device cpu)")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat: read user turns from stdin "
                    "(an empty line or EOF ends it)")
     p.add_argument("--fast", action="store_true", help="decode with the fast path: static cache, absorbed MLA, "
@@ -428,7 +428,8 @@ def main(argv=None) -> int:
         _valid_utf8(args.system, "--system")
         if args.interactive and (sys.stdin is None or sys.stdin.closed):
             raise DemoError("--interactive reads the user's turns from stdin, which is closed")
-        ctx = ParallelContext.from_env()  # under torchrun: join the group, this rank's GPU; else world size 1
+        # under torchrun: join the group, this rank's GPU (gloo on the CPU with --device cpu); else world size 1
+        ctx = ParallelContext.from_env(cpu=torch.device(args.device).type == "cpu")
         _CTX[0] = ctx
         if ctx.world_size > 1:
             args.seed = ctx.common_seed(args.seed)  # every rank samples the same tokens from the same logits
