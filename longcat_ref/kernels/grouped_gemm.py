@@ -1,0 +1,249 @@
+"""A grouped GEMM: many small matmuls of different heights in one launch, FP8 expert banks read in place.
+
+What it computes. The routed experts of a prefill (model/experts.py, `_grouped`) sort the (token, slot) rows by
+expert, so that expert g's rows are one contiguous slice of the activations a (m, K):
+
+    rows [ends[g-1], ends[g]) of a   @   b[g]^T        b (G, N, K): the bank as the model stores it
+                                                       (gate_up_proj (E, 2I, H), down_proj (E, H, I))
+
+G matmuls of the same N and K but of different (data-dependent) heights, m rows in all. `ends` (G,) holds the
+cumulative group ends and lives on the device: reading it on the host (`.tolist()`) would stall the GPU and could
+not be captured in a CUDA graph. So the launch must not depend on the group sizes.
+
+The tile -> group map (what vLLM's moe_align_block_size does, written plainly). Pad every group's rows up to a
+multiple of BM: group g then occupies exactly tiles_g = cdiv(size_g, BM) M-tiles of BM rows, and the tiles of all
+groups, one after another, number at most
+
+    sum_g cdiv(size_g, BM)  <=  sum_g (size_g / BM + 1)  =  m / BM + G  <=  cdiv(m, BM) + G   (= n_tiles)
+
+which depends on the shapes (m, G, BM) only. The grid is n_tiles x cdiv(N, BN) programs, every call the same. A few
+device-side torch ops (`_tile_map`, no host sync) turn `ends` into, for each tile index t:
+
+    tiles_g     = cdiv(size_g, BM)                          (G,)  an empty group has no tile
+    tile_end    = cumsum(tiles_g)                           (G,)  tile_end[g-1] <= t < tile_end[g]: t is g's
+    group[t]    = searchsorted(tile_end, t, right=True)     (n_tiles,)  (right=True skips empty groups)
+    row0[t]     = start_g + (t - tile_start_g) * BM         (n_tiles,)  the tile's first row
+    row_end[t]  = end_g                                     (n_tiles,)  its rows: [row0, min(row0 + BM, end_g))
+
+Tiles past the last group's (group[t] == G: the slack of the bound) get an empty row range and do nothing. The
+padding rows are never read or written: a tile's loads and stores are masked to its own group's rows, so a group of
+size BM + 1 costs two tiles, the second one one row high. The output starts as zeros, and rows past ends[-1] (those
+of no group) stay 0.
+
+FP8 banks. b may be float8_e4m3fn with one fp32 scale per bo x bi block of each expert's matrix (fp8_linear.py's
+layout, scale (G, ceil(N / bo), ceil(K / bi))). As in `_fp8_linear_kernel`, the weight is never dequantized into
+memory: each step of the K loop reads a (BN, BK) FP8 tile, converts it to a's dtype (exact: e4m3 has 3 mantissa bits
+and a small exponent range, bf16 has 7 and fp32's range), multiplies, and scales the (BM, BN) fp32 partial sum by
+one scale per output column:
+
+    acc += (a_tile @ b_tile^T) * S[g, row_block(n0 + arange(BN)), k0 // bi][None, :]
+
+BK divides bi, so the step lies inside one block column and each output column has one scale for it; the columns'
+block rows may differ (BN > bo, or the gate/up seam of `split_rows`), hence a vector. That is dequantize-then-matmul
+up to fp32 rounding, reading 1 byte per weight and writing none: the plain FP8 prefill instead dequantizes the whole
+bank into bf16 first (for LongCat-Flash's 512 experts that costs many times the matmul itself).
+
+Tile sizes come from a fixed rule (`choose_tiles`), not an autotuner: the launch is a pure function of the shapes,
+the same on every call, as a CUDA graph and torch.compile (which sees the kernel as an opaque custom op) need.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import support
+from .fp8_linear import dequantize
+
+FP8 = torch.float8_e4m3fn
+
+# --------------------------------------------------------------------------------------------- the reference
+
+
+def grouped_gemm_reference(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, *, scale=None, block=None,
+                           split_rows: int | None = None) -> torch.Tensor:
+    """The plain path: per group, (dequantize b[g] if FP8), then a[rows] @ w^T in a's dtype. Reads `ends` on the
+    host (one sync): it is the readable definition the kernel is tested against, not a fast path."""
+    _check(a, b, ends, scale, block, split_rows)
+    out = a.new_zeros(a.shape[0], b.shape[1])  # (m, N): rows of no group stay 0
+    start = 0
+    for g, end in enumerate(ends.tolist()):
+        end = min(end, a.shape[0])
+        if end > start:
+            w = b[g] if scale is None else dequantize(b[g], scale[g], block, a.dtype, split_rows)  # (N, K)
+            out[start:end] = a[start:end] @ w.T  # (size_g, N)
+        start = max(start, end)
+    return out
+
+
+def _check(a, b, ends, scale, block, split_rows=None):
+    if a.dim() != 2 or b.dim() != 3 or ends.dim() != 1 or a.shape[1] != b.shape[2] or ends.shape[0] != b.shape[0]:
+        raise ValueError(f"grouped_gemm: shapes do not agree: a {tuple(a.shape)} (m, K), b {tuple(b.shape)} "
+                         f"(G, N, K), ends {tuple(ends.shape)} (G,)")
+    if (b.dtype == FP8) != (scale is not None) or (scale is not None and block is None):
+        raise ValueError("grouped_gemm: an FP8 bank (float8_e4m3fn) comes with its scale and block, others with "
+                         "neither")
+    if scale is None and b.dtype != a.dtype:
+        raise ValueError(f"grouped_gemm: b is {b.dtype}, a is {a.dtype}: they must agree (or b FP8 with scales)")
+    if scale is not None:
+        bo, bi = block
+        N, K = b.shape[1:]
+        halves = [N] if split_rows is None else [split_rows, N - split_rows]  # gate over up: block rows stacked
+        nb_n = sum(math.ceil(h / bo) for h in halves)
+        if tuple(scale.shape) != (b.shape[0], nb_n, math.ceil(K / bi)):
+            raise ValueError(f"grouped_gemm: scale {tuple(scale.shape)} does not fit b {tuple(b.shape)} with block "
+                             f"{tuple(block)} (split_rows={split_rows}): want {(b.shape[0], nb_n, math.ceil(K / bi))}")
+
+
+# ----------------------------------------------------------------------------------------------- the kernel
+
+if support.have_triton():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _grouped_gemm_kernel(a_ptr, b_ptr, s_ptr, o_ptr, group_ptr, row0_ptr, row_end_ptr, N, K, nb_n, nb_k,
+                             split, nbg, SB_N: tl.constexpr, SB_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                             UPCAST: tl.constexpr):
+        """One (BM, BN) tile of the output: M-tile t of the tile map, columns [n0, n0 + BN)."""
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(N, BN)
+        t = pid // n_blocks  # the M-tile; its n-blocks run next to each other (the a tile stays in L2)
+        pid_n = pid % n_blocks
+        g = tl.load(group_ptr + t).to(tl.int64)  # its group (past the last tile: an empty row range below)
+        row0 = tl.load(row0_ptr + t)
+        row_end = tl.minimum(tl.load(row_end_ptr + t), row0 + BM)  # rows [row0, row_end) are this tile's
+        rm = row0 + tl.arange(0, BM)  # (BM,) rows of a / the output
+        rn = pid_n * BN + tl.arange(0, BN)  # (BN,) rows of b[g] = columns of the output
+        m_ok = rm < row_end  # (BM,)
+        n_ok = rn < N  # (BN,)
+        a_row = a_ptr + rm[:, None].to(tl.int64) * K  # (BM, 1) int64: m * K may pass 2^31
+        b_row = b_ptr + g * N * K + rn[:, None].to(tl.int64) * K  # (BN, 1) int64: G*N*K passes 2^31 (LongCat)
+        if HAS_SCALE:
+            rb = tl.where(rn < split, rn // SB_N, nbg + (rn - split) // SB_N)  # (BN,) block row (gate's, up's)
+            s_row = s_ptr + g * nb_n * nb_k + rb.to(tl.int64) * nb_k  # (BN,) the columns' rows of scale[g]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)  # (BM, BN)
+        k_hi = tl.where(row0 < row_end, K, 0)  # an empty tile skips the loop (and stores nothing: mask all off)
+        for k0 in range(0, k_hi, BK):
+            rk = k0 + tl.arange(0, BK)  # (BK,)
+            k_ok = rk < K  # (BK,)
+            x = tl.load(a_row + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
+            w = tl.load(b_row + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(x.dtype)  # (BN, BK)
+            if UPCAST:  # Triton's CPU interpreter (3.9) mis-multiplies bf16 tiles: there, multiply in fp32
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            if IEEE or UPCAST:
+                part = tl.dot(x, tl.trans(w), input_precision="ieee")  # (BM, BN) fp32 (fp32 inputs: no tf32)
+            else:
+                part = tl.dot(x, tl.trans(w))  # (BM, BN) fp32 accumulate
+            if HAS_SCALE:
+                s = tl.load(s_row + k0 // SB_K, mask=n_ok, other=0.0)  # (BN,) this step's scales (BK divides bi)
+                part = part * s[None, :]  # (BM, BN) the partial sum scaled, not the weight
+            acc += part
+        out = o_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]  # (BM, BN)
+        tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _pow2_divisor(x: int) -> int:
+    return x & -x  # the largest power of two dividing x
+
+
+def _k_step(K: int, dtype: torch.dtype, block=None) -> int:
+    """BK (see `choose_tiles`); refuses an FP8 block width it cannot step through (a function of dtype and block
+    alone, so that the wrapper checks it without touching the row count, which torch.compile may keep symbolic)."""
+    wide = dtype != torch.float32
+    if block is None:
+        return min(64 if wide else 32, max(16, _next_pow2(K)))
+    bk = min(128 if wide else 64, _pow2_divisor(block[1]))
+    if bk < 16:
+        raise ValueError(f"grouped_gemm: FP8 block {tuple(block)}: the kernel's K step must divide the block width "
+                         f"{block[1]} and be a power of two >= 16; dequantize such weights instead")
+    return bk
+
+
+def choose_tiles(m: int, N: int, K: int, G: int, dtype: torch.dtype, block=None) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, num_warps) for m rows in G groups, a fixed rule of the shapes (num_stages is always 3).
+
+    * BM from the mean group height m / G (each group pads up to a multiple of BM, so a tall BM wastes rows):
+      16 / 32 / 64, and 128 from 256 rows a group (a long prefill over few experts). 16: the smallest dot tile.
+    * BN 128 (16..128 for a narrow N); BK 64 (bf16) / 32 (fp32) -- at most 3 stages x (BM + BN) x BK of tiles in
+      shared memory.
+    * FP8 (block = (bo, bi)): BK is the largest power of two <= 128 (64 with fp32 activations) dividing bi, so that a
+      K step lies inside one scale column; a block width with no such divisor >= 16 is refused (ValueError).
+      LongCat-Flash's 128 x 128 blocks with bf16: 64 x 128 x 128 tiles, vLLM's default for block FP8.
+    * num_warps 4 (one warp group, 64 x 128), 8 for 128 x 128.
+    """
+    per_group = math.ceil(m / max(G, 1))
+    bm = 16 if per_group <= 16 else 32 if per_group <= 32 else 64 if per_group < 256 else 128
+    bn = min(128, max(16, _next_pow2(N)))
+    bk = _k_step(K, dtype, block)
+    return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4
+
+
+def _tile_map(ends: torch.Tensor, m: int, bm: int, n_tiles: int):
+    """Device-side: for each of the n_tiles M-tiles, (group, first row, group end) as int32 (n_tiles,) tensors.
+
+    Plain torch ops on the device, no host sync: the same launch whatever the group sizes (see the module doc).
+    """
+    ends = ends.long().clamp(0, m)  # (G,)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])  # (G,) each group's first row
+    tiles = (ends - starts).clamp(min=0).add(bm - 1).div(bm, rounding_mode="floor")  # (G,) cdiv(size_g, BM)
+    tile_end = tiles.cumsum(0)  # (G,) cumulative: group g owns tiles [tile_end[g-1], tile_end[g])
+    t = torch.arange(n_tiles, device=ends.device)  # (n_tiles,)
+    group = torch.searchsorted(tile_end, t, right=True)  # (n_tiles,) G for the slack tiles past the last group
+    live = group < ends.shape[0]  # (n_tiles,)
+    g = group.clamp(max=ends.shape[0] - 1)  # (n_tiles,) a valid index to gather with
+    row0 = starts[g] + (t - (tile_end[g] - tiles[g])) * bm  # (n_tiles,) the tile's first row
+    row_end = torch.where(live, ends[g], row0)  # (n_tiles,) slack tiles: empty [row0, row0)
+    return g.int(), row0.int(), row_end.int()
+
+
+def grouped_gemm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, *, scale: torch.Tensor | None = None,
+                 block=None, split_rows: int | None = None) -> torch.Tensor:
+    """Rows [ends[g-1], ends[g]) of a (m, K) times b[g]^T, b (G, N, K) -> (m, N) in a.dtype; rows past ends[-1]: 0.
+
+    b: a.dtype, or float8_e4m3fn with scale (G, nb_N, nb_K) fp32 and block (bo, bi); split_rows: b's rows [0, s)
+    and [s, N) were quantized as two weights with their block rows stacked (an expert's gate over up), as in
+    `dequantize`. `ends` (G,) int: cumulative, non-decreasing, on a's device (values past m are clamped to m).
+    No host sync, a launch fixed by the shapes: callable inside a CUDA graph and under torch.compile.
+    """
+    support.require(a, "the grouped GEMM kernel")
+    _check(a, b, ends, scale, block, split_rows)
+    _k_step(b.shape[2], a.dtype, block)  # a block width the kernel cannot step through: ValueError here
+    return torch.ops.longcat_ref.grouped_gemm(a, b, ends, scale, None if block is None else list(block), split_rows)
+
+
+@torch.library.custom_op("longcat_ref::grouped_gemm", mutates_args=())
+def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, scale: torch.Tensor | None,
+                     block: list[int] | None, split_rows: int | None) -> torch.Tensor:
+    m, K = a.shape
+    G, N = b.shape[:2]
+    out = torch.zeros(m, N, device=a.device, dtype=a.dtype)  # (m, N): rows of no group stay 0
+    if m == 0 or N == 0 or G == 0:
+        return out
+    bm, bn, bk, warps = choose_tiles(m, N, K, G, a.dtype, block)
+    n_tiles = math.ceil(m / bm) + G  # the bound on the padded groups' tiles (module doc)
+    group, row0, row_end = _tile_map(ends, m, bm, n_tiles)  # (n_tiles,) each, on the device
+    if scale is None:
+        s, sb_n, sb_k, nb_n, nb_k, split, nbg = out, 1, 1, 0, 0, N, 0  # (s unused: HAS_SCALE=False)
+    else:
+        s = scale.float().contiguous()  # (G, nb_N, nb_K)
+        (sb_n, sb_k), (nb_n, nb_k) = block, s.shape[1:]
+        split = N if split_rows is None else split_rows
+        nbg = math.ceil(split / sb_n)  # the gate's block rows; the up half's follow
+    grid = (n_tiles * math.ceil(N / bn),)
+    _grouped_gemm_kernel[grid](a.contiguous(), b.contiguous(), s, out, group, row0, row_end, N, K, nb_n, nb_k,
+                               split, nbg, SB_N=sb_n, SB_K=sb_k, HAS_SCALE=scale is not None, BM=bm, BN=bn, BK=bk,
+                               IEEE=a.dtype == torch.float32, UPCAST=support.interpreting(), num_warps=warps,
+                               num_stages=3)
+    return out
+
+
+@_grouped_gemm_op.register_fake
+def _(a, b, ends, scale, block, split_rows):
+    return a.new_empty(a.shape[0], b.shape[1])
