@@ -162,10 +162,13 @@ def test_nan_in_kept_fp8_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ the matmul kernel
-triton = pytest.importorskip("triton")
 from longcat_ref.kernels.fp8_linear import fp8_linear_kernel, fp8_linear_reference  # noqa: E402
 
+KERNELS = pytest.mark.skipif(not (CUDA or can_run(torch.empty(0))),
+                             reason="the kernels need CUDA, or Triton's interpreter on the CPU")
 
+
+@KERNELS
 @pytest.mark.parametrize("M,N,K,block,dtype", [
     (1, 40, 48, (16, 16), torch.float32),  # partial row blocks (40 = 2 x 16 + 8)
     (3, 70, 96, (32, 32), torch.float32),
@@ -189,6 +192,33 @@ def test_fp8_matmul_kernel_equals_dequantize_then_matmul(M, N, K, block, dtype, 
         assert (y.float() - ref32).norm() / ref32.norm() < 8e-3
 
 
+@KERNELS
+@pytest.mark.parametrize("first", [0, 3])
+def test_fp8_bank_through_the_kernels_equals_the_loop(first):
+    """The expert forms that read an FP8 bank in place (fused: decode; grouped through kernels/grouped_gemm.py: the
+    CUDA prefill path) equal the loop, which dequantizes expert by expert. I = 24 leaves partial 16-row blocks."""
+    from longcat_ref.model.experts import Experts
+
+    dev = "cuda" if CUDA else "cpu"
+    g = torch.Generator().manual_seed(first)
+    ex = Experts(6, 40, 24, first_expert=first)
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(generator=g).mul_(0.3)
+        ex.down_proj.normal_(generator=g).mul_(0.3)
+    quant.quantize_(ex, (16, 16))
+    ex = ex.to(dev)
+    x = torch.randn(9, 40, generator=g).to(dev)
+    idx = torch.randint(0, 12, (9, 3), generator=g).to(dev)  # some ids outside this bank
+    w = torch.rand(9, 3, generator=g).to(dev)
+    ref = ex.forward_loop(x, w, idx, torch.zeros(9, 40, device=dev))
+    assert ref.abs().sum() > 0
+    grouped = ex._grouped(x, w, idx, torch.zeros(9, 40, device=dev), ex.gate_up_proj, ex.down_proj, first)
+    fused = ex.forward_fused(x, w, idx, torch.zeros(9, 40, device=dev))
+    torch.testing.assert_close(grouped, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+
+
+@KERNELS
 def test_fp8_kernel_refuses_unsupported_blocks():
     w8, s = quant.quantize_blockwise(torch.randn(8, 24), (8, 24))
     with pytest.raises(ValueError, match="multiple of 16"):

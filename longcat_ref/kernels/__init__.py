@@ -7,8 +7,9 @@ a GPU, chosen explicitly by the caller (`Forms(experts="fused")`, `Forms(attenti
     fp8_linear.py   block-scaled FP8 weight x bf16 activation matmul (DeepSeek-V3 / LongCat-Flash-Chat-FP8 layout)
     moe_decode.py   the routed experts of a few decode tokens in two kernels, reading the chosen experts in place
     mla_decode.py   absorbed-MLA decode attention over the latent cache, split over the context (flash-decoding)
+    grouped_gemm.py a grouped GEMM over expert groups (prefill) that reads FP8 expert banks in place
 
 The CPU keeps the plain path. Triton's interpreter (`TRITON_INTERPRET=1`, set before the first import of a kernel
-module) runs the same kernels on the CPU, slowly: that is how tests/test_kernels.py checks them without a GPU and
-how notebook 14 builds one step by step.
+module) runs the same kernels on the CPU, slowly: that is how tests/test_kernel_*.py and tests/test_fp8_keep.py
+check them without a GPU and how notebook 14 builds one step by step.
 """

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..kernels import support
 from ..kernels.fp8_linear import dequantize
+from ..kernels.grouped_gemm import grouped_gemm
 from ..kernels.moe_decode import fused_moe
 
 FP8_CHUNK = 16  # experts dequantized at a time by the grouped form of an FP8 bank
@@ -150,9 +151,9 @@ class Experts(nn.Module):
         return local.clamp(0, self.n_local - 1), mine
 
     def forward_grouped(self, x, w, idx, out):
-        if not self.fp8:
+        if not self.fp8 or (x.is_cuda and support.have_triton()):  # FP8 on CUDA: a grouped GEMM reading FP8
             return self._grouped(x, w, idx, out, self.gate_up_proj, self.down_proj, self.first_expert)
-        # FP8 banks: dequantize FP8_CHUNK experts at a time and run the same grouped form on them, as if they were
+        # FP8 banks elsewhere: dequantize FP8_CHUNK experts at a time and run the same grouped form on them, as if they were
         # an expert-parallel shard (the others' slots are weighted 0 there). No host sync; the temporary bf16
         # weights are FP8_CHUNK experts' worth.
         for c0 in range(0, self.n_local, FP8_CHUNK):
@@ -172,9 +173,16 @@ class Experts(nn.Module):
         counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))  # (E+1,) tokens per expert, on device
         ends = counts[:-1].cumsum(0, dtype=torch.int32)  # (E,): end row of each expert's group
         xs = x[order // k]  # (n*k, H): rows grouped by expert
-        h = grouped_mm(xs, gate_up.transpose(1, 2), ends)  # (n*k, 2I); rows past ends[-1] are junk
+        if gate_up.dtype == torch.float8_e4m3fn:  # kept FP8 (CUDA): kernels/grouped_gemm.py reads it in place
+            h = grouped_gemm(xs, gate_up, ends, scale=self.gate_up_proj_scale_inv, block=self.fp8_block,
+                             split_rows=self.inter)  # (n*k, 2I)
+        else:
+            h = grouped_mm(xs, gate_up.transpose(1, 2), ends)  # (n*k, 2I); rows past ends[-1] are junk
         gate, up = h.chunk(2, dim=-1)  # (n*k, I) each
-        y = grouped_mm(F.silu(gate) * up, down.transpose(1, 2), ends)  # (n*k, H)
+        if down.dtype == torch.float8_e4m3fn:
+            y = grouped_gemm(F.silu(gate) * up, down, ends, scale=self.down_proj_scale_inv, block=self.fp8_block)
+        else:
+            y = grouped_mm(F.silu(gate) * up, down.transpose(1, 2), ends)  # (n*k, H)
         ys = torch.empty_like(y)
         ys[order] = y  # (n*k, H) back in (token, slot) order
         ys = torch.where(mine.flatten()[:, None], ys, 0.0).view(n, k, -1)  # (n, k, H): junk rows -> 0 (not NaN*0)

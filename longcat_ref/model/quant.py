@@ -10,7 +10,8 @@ fp32, one byte per weight instead of two (kernels/fp8_linear.py has the formula)
                             (gate's block rows stacked over up's, as they are two tensors on disk)
 
 How the product is computed follows where the tensors live, as with SDPA's backends: on a CUDA device the Triton
-kernel reads the FP8 weight in place (kernels/fp8_linear.py, kernels/moe_decode.py with `Forms(experts="fused")`);
+kernels read the FP8 weights in place (kernels/fp8_linear.py; the experts' fused decode form, kernels/moe_decode.py,
+and their grouped prefill form, kernels/grouped_gemm.py);
 on the CPU the weight is dequantized for each call (the readable path, equal to a model loaded with
 `fp8="dequantize"`: tests/test_fp8.py). The MLA's `kv_b_proj` is dequantized once on load and kept in the model
 dtype, as vLLM does: the absorbed form folds it into the query and the output (mla.py), which wants it whole.
