@@ -9,7 +9,7 @@ It holds only the *routed* experts (512 in LongCat-Flash): zero-computation expe
 handled by the MoE block (moe.py) as identities. (transformers 5.x allocates gate_up_proj for 768 experts; that is
 a bug, see docs in moe.py.)
 
-Four forms of the same sum, chosen per call by `impl` (`CausalLM.forward(..., forms=Forms(experts=...))`;
+Five forms of the same sum, chosen per call by `impl` (`CausalLM.forward(..., forms=Forms(experts=...))`;
 tests/test_fast.py proves them equal):
 
 * `forward_loop` ("loop", the default and the readable reference): for each expert that received tokens, gather
@@ -25,9 +25,17 @@ tests/test_fast.py proves them equal):
   token: the weight gather becomes an indexed load inside one reduction kernel per projection, so each chosen
   expert's weights are read once, in place -- no copy, no sort, no grouped-GEMM tiles that are 1/64 full.
 
-"auto" picks gemv for tiny decode batches inside torch.compile, gather for tiny batches on the CPU, grouped
-otherwise. Non-local ids (zero experts, other
-ranks' experts) are weighted 0 in all three, so expert parallelism (`first_expert`) works unchanged.
+* `forward_fused` ("fused"): the Triton kernels of kernels/moe_decode.py, two launches that read each chosen
+  expert's weights in place (bf16 or kept FP8), for a few decode tokens on a GPU.
+
+"auto" picks fused for up to 64 (token, slot) pairs on CUDA (kept FP8: up to FUSED_MAX_PAIRS), gemv for tiny decode
+batches inside torch.compile, gather for tiny batches on the CPU, grouped otherwise.
+
+FP8 banks (model/quant.py, `fp8="keep"`): loop, gather and gemv dequantize the experts they read (`gate_up`,
+`down`); grouped runs kernels/grouped_gemm.py on CUDA and dequantizes FP8_CHUNK experts at a time elsewhere.
+
+Non-local ids (zero experts, other ranks' experts) are weighted 0 in every form, so expert parallelism
+(`first_expert`) works unchanged.
 """
 
 from __future__ import annotations
@@ -153,8 +161,8 @@ class Experts(nn.Module):
     def forward_grouped(self, x, w, idx, out):
         if not self.fp8 or (x.is_cuda and support.have_triton()):  # FP8 on CUDA: a grouped GEMM reading FP8
             return self._grouped(x, w, idx, out, self.gate_up_proj, self.down_proj, self.first_expert)
-        # FP8 banks elsewhere: dequantize FP8_CHUNK experts at a time and run the same grouped form on them, as if they were
-        # an expert-parallel shard (the others' slots are weighted 0 there). No host sync; the temporary bf16
+        # FP8 banks elsewhere: dequantize FP8_CHUNK experts at a time and run the same grouped form on them, as if
+        # they were an expert-parallel shard (the others' slots are weighted 0 there). No host sync; the temporary
         # weights are FP8_CHUNK experts' worth.
         for c0 in range(0, self.n_local, FP8_CHUNK):
             c = slice(c0, min(c0 + FP8_CHUNK, self.n_local))
