@@ -322,9 +322,10 @@ def kernel_stats(dec) -> dict:
     for e in ev:
         n, t = by_name.get(e.name, (0, 0.0))
         by_name[e.name] = (n + 1, t + dt(e))
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])
     return dict(kernels_per_step=len(ev), kernel_busy_s=sum(dt(e) for e in ev),
-                kernel_top=[(n[:90], c, t) for n, (c, t) in top])
+                kernel_top=[(n[:90], c, t) for n, (c, t) in ranked[:15]],
+                kernel_all=[(n[:160], c, t) for n, (c, t) in ranked])  # every kernel of the step: where time goes
 
 
 def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20, attention="absorbed"):
