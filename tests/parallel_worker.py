@@ -69,6 +69,14 @@ def main():
             "state_bytes": sum(t.numel() * t.element_size() for n, t in model.state_dict().items()),
         }
         del model
+        if ctx.world_size == 2:  # the FP8 checkpoint, kept FP8 in this rank's shard
+            q = L.from_pretrained(os.path.join(d, f"{kind}-fp8"), dtype=torch.float32, parallel=ctx, fp8="keep")
+            with torch.no_grad():
+                res[kind]["fp8_max_diff"] = (q(ids, attention_mask=mask) - r["fp8_logits"]).abs().max().item()
+            res[kind]["fp8_max_diff_fast"] = (fast_logits(q, ids, mask) - r["fp8_fast_logits"]).abs().max().item()
+            res[kind]["fp8_greedy_equal"] = torch.equal(q.generate(ids, 8, attention_mask=mask), r["fp8_greedy"])
+            res[kind]["fp8_tensors"] = sum(p.dtype == torch.float8_e4m3fn for p in q.parameters())
+            del q
     with open(os.path.join(d, "out", f"rank{ctx.rank}.json"), "w") as f:
         json.dump(res, f)
     if die is None:

@@ -48,6 +48,13 @@ def workdir(tmp_path_factory):
                          fast_logits=fast_logits(m, ids, mask),
                          sampled=m.generate(ids, 8, attention_mask=mask, temperature=1.0, top_p=0.9, seed=0),
                          param_bytes=sum(p.numel() * p.element_size() for p in m.parameters()))
+        # the same weights as an FP8 checkpoint (8 x 8 blocks: whole blocks on 2 ranks), kept FP8 by every rank
+        L.save_checkpoint(m, d / f"{kind}-fp8", quantize="fp8", fp8_block=(8, 8))
+        q = L.from_pretrained(d / f"{kind}-fp8", dtype=torch.float32, fp8="keep")
+        with torch.no_grad():
+            ref[kind]["fp8_logits"] = q(ids, attention_mask=mask)
+        ref[kind]["fp8_fast_logits"] = fast_logits(q, ids, mask)
+        ref[kind]["fp8_greedy"] = q.generate(ids, 8, attention_mask=mask)
     torch.save(ref, d / "ref.pt")
     return d, ref
 
@@ -100,6 +107,10 @@ def check_ranks(results, ref, world):
             # each rank holds (and read) about 1/world of the model: replicated parts are small here
             assert k["param_bytes"] < ref[kind]["param_bytes"] * (1.0 / world + 0.35), (r, kind, k)
             assert k["bytes_read"] == k["state_bytes"], (r, kind, k)  # read exactly what it holds
+            if world == 2:  # FP8 weights kept on every rank (RowParallelLinear through quant.linear, FP8 expert shards)
+                assert k["fp8_tensors"] > 0, (r, kind, k)
+                assert k["fp8_max_diff"] < 1e-5 and k["fp8_max_diff_fast"] < 1e-5, (r, kind, k)
+                assert k["fp8_greedy_equal"], (r, kind)
 
 
 @pytest.mark.parametrize("world", [2, 16])
