@@ -225,3 +225,18 @@ def test_plan_16_fits_8_does_not(capsys):
     assert main(["--model", "glm", "--world-size", "3"]) == 2  # 20 heads: no
     assert main(["--model", "/nonexistent"]) == 2
     assert "plan: error" in capsys.readouterr().err
+
+
+def test_bench_parallel_fp8_smoke(tmp_path):
+    """bench_parallel --fp8 builds its synthetic weights directly in FP8 on each rank (no bf16 copy) and runs the
+    reference and the fast path on them; on 2 CPU ranks (gloo) both give the same greedy tokens."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, LONGCAT_DIST_TIMEOUT="60")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "longcat_ref.tools.bench_parallel", "--tiny",
+           "--fp8", "--fast", "--layers", "2", "--no-slope", "--no-profile", "--batches", "1", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["weights"].startswith("fp8") and r["world_size"] == 2 and r["layers"] == 2
+    assert r["greedy_tokens_from_16_token_prompt"] == r["fast_greedy_tokens_from_16_token_prompt"]
+    assert r["L2"]["decode_b1_tok_s"] > 0

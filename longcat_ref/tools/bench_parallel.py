@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 4 -m longcat_ref.tools.bench_parallel --out runs/bench_parallel
     torchrun --nproc-per-node 2 -m longcat_ref.tools.bench_parallel --tiny --out /tmp/bp      # CPU / gloo smoke test
+    torchrun --nproc-per-node 8 -m longcat_ref.tools.bench_parallel --fast --compile --fp8    # FP8 weights kept
 
 Real LongCat-Flash-Chat widths (hidden 6144, 64 heads, 512 routed + 256 zero experts, top-12, vocab 131072) with as
 many layers as fit, synthetic bf16 weights generated on each GPU (replicated tensors get the same seed on every
@@ -36,6 +37,7 @@ from torch import nn
 from ..model.config import longcat_flash_chat, tiny_longcat
 from ..model.forms import PREFILL, REFERENCE
 from ..model.generate import Decoder
+from ..model import quant
 from ..model.mla import attention_bias
 from ..model.model import CausalLM, LongcatLayer, init_weights
 from ..runtime.parallel import ParallelContext
@@ -45,17 +47,35 @@ GiB = 2**30
 
 
 # ------------------------------------------------------------------------------------------------- model
-def build(cfg, ctx: ParallelContext, dtype, seed: int = 0, std: float = 0.02):
-    """Meta -> shard -> allocate on ctx.device in `dtype` -> synthetic weights (same on all ranks where replicated)."""
+def build(cfg, ctx: ParallelContext, dtype, seed: int = 0, std: float = 0.02, fp8_block=None):
+    """Meta -> shard -> allocate on ctx.device in `dtype` -> synthetic weights (same on all ranks where replicated).
+
+    fp8_block: keep the quantizable matrices in FP8 (model/quant.py) with this block, generated directly in FP8 (no
+    bf16 copy of the model is ever made): values N(0, 1) * 16 in e4m3 and every block scale std / 16."""
     with torch.device("meta"):
         model = CausalLM(cfg)
     ctx.shard(model)
+    if fp8_block is not None:
+        quant.convert_(model, fp8_block)
     for p in model.parameters():
-        p.data = p.data.to(dtype)
+        if p.dtype != torch.float8_e4m3fn:
+            p.data = p.data.to(dtype)
     model = model.to_empty(device=ctx.device)
+    seed_of = lambda n: seed * 1_000_003 + zlib.crc32(n.encode()) + (7919 * ctx.rank if n in ctx.plan else 0)  # noqa
     # replicated tensors: the same seed on every rank; sharded ones (in ctx.plan): a per-rank seed
-    init_weights(model, std=std, norm_std=0.0, per_tensor_seed=lambda n: seed * 1_000_003 + zlib.crc32(n.encode())
-                 + (7919 * ctx.rank if n in ctx.plan else 0))
+    plain = {n for n, p in model.named_parameters() if p.dtype != torch.float8_e4m3fn}
+    init_weights(model, std=std, norm_std=0.0, per_tensor_seed=seed_of, only=plain)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dtype == torch.float8_e4m3fn:
+                g = torch.Generator(device=p.device).manual_seed(seed_of(n))
+                for part in (p.data if p.dim() == 3 else p.data[None]):  # one matrix at a time: a small temporary
+                    part.copy_((torch.randn(part.shape, device=p.device, generator=g) * 16).to(torch.float8_e4m3fn))
+        for n, b in model.named_buffers():
+            if n.endswith("_scale_inv"):
+                b.fill_(std / 16)
+            elif n.endswith("e_score_correction_bias"):
+                b.zero_()
     return model.eval()
 
 
@@ -298,6 +318,8 @@ def main(argv=None):
     ap.add_argument("--fast", action="store_true", help="decode with generate()'s fast step (static cache, CUDA "
                     "graph with the collectives captured) instead of the reference forward")
     ap.add_argument("--compile", action="store_true", help="with --fast: torch.compile the decode step too")
+    ap.add_argument("--fp8", action="store_true", help="keep the attention / FFN / expert matrices in FP8 (e4m3, "
+                    "128 x 128 block scales; --tiny: 16 x 16), as fp8='keep' loads LongCat-Flash-Chat-FP8")
     a = ap.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",")]
 
@@ -312,7 +334,8 @@ def main(argv=None):
     if not layers:
         from ..runtime.plan import weight_bytes
 
-        one, two = (sum(weight_bytes(base.replace(num_layers=n), ctx.world_size).values()) for n in (1, 2))
+        prec = "fp8" if a.fp8 else "bf16"
+        one, two = (sum(weight_bytes(base.replace(num_layers=n), ctx.world_size, prec).values()) for n in (1, 2))
         per_layer, rest = two - one, 2 * one - two
         free = torch.cuda.mem_get_info()[0] if cuda else 64 * GiB
         layers = int(max(1, min(28, (free - rest - a.reserve_gib * GiB) // per_layer)))
@@ -322,10 +345,12 @@ def main(argv=None):
             layers = int(t)
     cfg = base.replace(num_layers=layers)
     t0 = time.perf_counter()
-    model = build(cfg, ctx, dtype)
+    block = ((16, 16) if a.tiny else (128, 128)) if a.fp8 else None
+    model = build(cfg, ctx, dtype, fp8_block=block)
     sync(ctx)
     res = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "world_size": ctx.world_size, "layers": layers, "dtype": str(dtype), "date": time.strftime("%Y-%m-%d"),
+           "weights": "fp8 (e4m3, block scales, kept)" if a.fp8 else str(dtype),
            "build_s": round(time.perf_counter() - t0, 1),
            "weights_gib_per_rank": round(sum(p.numel() * p.element_size() for p in model.parameters()) / GiB, 2)}
     ctx.print(f"[bench] {layers} layers built on {ctx.world_size} x {res['device']} in {res['build_s']} s, "
@@ -333,7 +358,8 @@ def main(argv=None):
 
     from ..runtime.plan import weight_bytes
 
-    res["plan_weights_gib_per_rank"] = round(sum(weight_bytes(cfg, ctx.world_size).values()) / GiB, 2)
+    res["plan_weights_gib_per_rank"] = round(sum(weight_bytes(cfg, ctx.world_size, "fp8" if a.fp8 else "bf16").values())
+                                             / GiB, 2)
     os.makedirs(a.out, exist_ok=True)
 
     def save():  # after every measurement: a later failure (e.g. out of memory) keeps what was measured
