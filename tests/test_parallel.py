@@ -229,14 +229,18 @@ def test_plan_16_fits_8_does_not(capsys):
 
 def test_bench_parallel_fp8_smoke(tmp_path):
     """bench_parallel --fp8 builds its synthetic weights directly in FP8 on each rank (no bf16 copy) and runs the
-    reference and the fast path on them; on 2 CPU ranks (gloo) both give the same greedy tokens."""
+    reference and the fast path on them; on 2 CPU ranks (gloo) both give the same greedy tokens. --spec times the
+    speculative verify step on the same sharded model."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, LONGCAT_DIST_TIMEOUT="60")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "longcat_ref.tools.bench_parallel", "--tiny",
-           "--fp8", "--fast", "--layers", "2", "--no-slope", "--no-profile", "--batches", "1", "--out", str(tmp_path)]
+           "--fp8", "--fast", "--spec", "1", "--layers", "2", "--no-slope", "--no-profile", "--batches", "1",
+           "--out", str(tmp_path)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["weights"].startswith("fp8") and r["world_size"] == 2 and r["layers"] == 2
     assert r["greedy_tokens_from_16_token_prompt"] == r["fast_greedy_tokens_from_16_token_prompt"]
     assert r["L2"]["decode_b1_tok_s"] > 0
+    (spec,) = r["speculative"]  # --spec 1: the verify step of 2 tokens on the sharded FP8 model, and the head
+    assert spec["k"] == 1 and spec["main_1_s"] > 0 and spec["main_2_s"] > 0 and spec["head_2_s"] > 0

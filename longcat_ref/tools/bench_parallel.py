@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 4 -m longcat_ref.tools.bench_parallel --out runs/bench_parallel
     torchrun --nproc-per-node 2 -m longcat_ref.tools.bench_parallel --tiny --out /tmp/bp      # CPU / gloo smoke test
     torchrun --nproc-per-node 8 -m longcat_ref.tools.bench_parallel --fast --compile --fp8    # FP8 weights kept
+    torchrun --nproc-per-node 8 -m longcat_ref.tools.bench_parallel --fast --spec 1           # + MTP verify cost
 
 Real LongCat-Flash-Chat widths (hidden 6144, 64 heads, 512 routed + 256 zero experts, top-12, vocab 131072) with as
 many layers as fit, synthetic bf16 weights generated on each GPU (replicated tensors get the same seed on every
@@ -35,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model.config import longcat_flash_chat, tiny_longcat
-from ..model.forms import PREFILL, REFERENCE
+from ..model.forms import DECODE, PREFILL, REFERENCE
 from ..model.generate import Decoder
 from ..model import quant
 from ..model.mla import attention_bias
@@ -119,6 +120,64 @@ def decode_time_fast(model, ctx, batch, context, steps, compile=False):
         nxt = dec.step(nxt).argmax(-1)  # (b,): same on every rank
     sync(ctx)
     return (time.perf_counter() - t) / steps, dec.setup_s
+
+
+@torch.no_grad()
+def verify_costs(model, ctx, batch, context, k, reps=5, seed=0):
+    """Self-speculative decoding on the sharded model (model/speculative.py): seconds of one main forward over t = 1
+    (plain decode) and t = k + 1 tokens (a verify step), and of the MTP head over 1 and k + 1 tokens, with the
+    context filled to `context` slots of a static cache; on GPU each is a replayed CUDA graph with its collectives
+    captured. The MTP head (synthetic, the same on every rank) is replicated, as the loader keeps it."""
+    from ..model.mtp import MTPHead
+    from ..model.speculative import _Graph
+
+    cfg, dev = model.config, ctx.device
+    dt = model.lm_head.weight.dtype
+    with torch.device("meta"):
+        head = MTPHead(cfg).to(dt)
+    head = head.to_empty(device=dev).eval()
+    init_weights(head, std=0.02, norm_std=0.0, per_tensor_seed=lambda n: seed * 1_000_003 + zlib.crc32(n.encode()))
+    for n, b in head.named_buffers():
+        if n.endswith("e_score_correction_bias"):
+            b.data = torch.zeros_like(b, dtype=torch.float32)
+    S = context + k + 8
+    cache, hcache = model.new_cache(batch, S), head.new_cache(batch, S, dt, dev)
+    mask = torch.zeros(batch, S, dtype=torch.long, device=dev)
+    mask[:, :context] = 1
+    ids = prompt(cfg, batch, context, dev, seed)
+    for a0 in range(0, context, 512):  # the values do not matter, the bytes read do
+        t = min(512, context - a0)
+        model(ids[:, a0:a0 + t], attention_mask=mask, cache=cache, cache_position=torch.arange(a0, a0 + t, device=dev),
+              forms=DECODE)
+    out = {}
+    for t in (1, k + 1):
+        x = prompt(cfg, batch, t, dev, seed + t)
+        slots = torch.arange(context, context + t, device=dev)
+        pos = slots[None].expand(batch, t).contiguous()
+        hid = torch.zeros(batch, t, cfg.hidden_size, device=dev, dtype=dt)
+        mask[:, context:context + t] = 1
+
+        def main_fn(i, p, s):
+            lg, hs = model(i, attention_mask=mask, position_ids=p, cache=cache, cache_position=s, forms=DECODE,
+                           output_hidden_states=True)
+            return lg, model.model.norm(hs[-1])
+
+        def head_fn(i, h, p, s):
+            return head(i, h, p, lm_head=model.lm_head, attention_mask=mask, cache=hcache, cache_position=s,
+                        forms=DECODE)
+
+        gm = _Graph(main_fn, (x, pos, slots)) if dev.type == "cuda" else main_fn
+        gh = _Graph(head_fn, (x, hid, pos, slots)) if dev.type == "cuda" else head_fn
+        out[f"main_{t}_s"] = min(timed(lambda: gm(x, pos, slots), ctx) for _ in range(reps))
+        out[f"head_{t}_s"] = min(timed(lambda: gh(x, hid, pos, slots), ctx) for _ in range(reps))
+        mask[:, context:] = 0
+        del gm, gh
+    d1, cost = out["main_1_s"], out[f"main_{k + 1}_s"] + out[f"head_{k + 1}_s"] + (k - 1) * out["head_1_s"]
+    out.update(k=k, batch=batch, step_s=cost, verify_over_decode=out[f"main_{k + 1}_s"] / d1)
+    for acc in (0.6, 0.8, 0.9):  # tokens/s at an assumed acceptance per draft (the paper reports ~0.9 for k = 1)
+        out[f"tok_s_at_{acc}"] = batch * (1 - acc ** (k + 1)) / (1 - acc) / cost
+    out["tok_s_plain"] = batch / d1
+    return out
 
 
 @torch.no_grad()
@@ -318,6 +377,8 @@ def main(argv=None):
     ap.add_argument("--fast", action="store_true", help="decode with generate()'s fast step (static cache, CUDA "
                     "graph with the collectives captured) instead of the reference forward")
     ap.add_argument("--compile", action="store_true", help="with --fast: torch.compile the decode step too")
+    ap.add_argument("--spec", type=int, default=0, metavar="K", help="also time self-speculative decoding with K "
+                    "drafts (MTP head): verify(K+1) vs decode(1) at batch 1 and 32, tokens/s at acceptance 0.6-0.9")
     ap.add_argument("--fp8", action="store_true", help="keep the attention / FFN / expert matrices in FP8 (e4m3, "
                     "128 x 128 block scales; --tiny: 16 x 16), as fp8='keep' loads LongCat-Flash-Chat-FP8")
     a = ap.parse_args(argv)
@@ -404,6 +465,15 @@ def main(argv=None):
         extra["decode_b1_28_layers_tok_s"] = round(1e3 / extra["decode_b1_28_layers_step_ms"], 2)
         extra["decode_b32_28_layers_tok_s"] = round(32e3 / extra["decode_b32_28_layers_step_ms"], 1)
         res["extrapolated_28_layers_at_this_width"] = extra
+    if a.spec:
+        with first_layers(model, layers):
+            res["speculative"] = rows = [verify_costs(model, ctx, b, a.context, a.spec) for b in batches]
+        save()
+        for r in rows:
+            ctx.print(f"[bench] speculative k={a.spec} b={r['batch']}: decode {r['main_1_s'] * 1e3:.2f} ms, verify "
+                      f"{r[f'main_{a.spec + 1}_s'] * 1e3:.2f} ms (x{r['verify_over_decode']:.2f}), step "
+                      f"{r['step_s'] * 1e3:.2f} ms; tok/s plain {r['tok_s_plain']:.1f}, at acceptance 0.6/0.8/0.9: "
+                      + " / ".join(f"{r[f'tok_s_at_{x}']:.1f}" for x in (0.6, 0.8, 0.9)), flush=True)
     if cuda:
         res["peak_gib_per_rank"] = round(torch.cuda.max_memory_allocated() / GiB, 2)
         res["gpu_total_gib"] = round(torch.cuda.get_device_properties(ctx.device).total_memory / GiB, 1)
