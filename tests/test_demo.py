@@ -1,6 +1,7 @@
 """`python -m longcat_ref.demo`: end to end (--json in a subprocess), streaming == final text, bad input."""
 
 import json
+import pathlib
 import os
 import subprocess
 import sys
@@ -214,3 +215,23 @@ def test_show_routing_counts_each_generated_token(capsys, ckpt):
     rc, out, err = run_main(capsys, *args)
     assert rc == 0, err
     assert "\x1b[" in out and "-- routing: real FFN experts per token" in out
+
+
+def test_fp8_keep_flag(capsys, ckpt, tmp_path):
+    """--fp8 keep: an FP8 checkpoint stays FP8 in memory and gives the dequantized model's greedy reply (CPU: the
+    products dequantize per call); a checkpoint that is not FP8 is a one-line error."""
+    ckpt = pathlib.Path(ckpt)
+    m = L.from_pretrained(ckpt, dtype=torch.float32)
+    fp8_dir = tmp_path / "fp8"
+    L.save_checkpoint(m, fp8_dir, quantize="fp8", fp8_block=(16, 16))
+    for f in ckpt.iterdir():  # the tokenizer files
+        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
+            (fp8_dir / f.name).write_bytes(f.read_bytes())
+    args = ["--model", str(fp8_dir), "--json", "--max-new-tokens", "8", "--temperature", "0", "--device", "cpu"]
+    rc, deq, err = run_main(capsys, *args)
+    assert rc == 0, err
+    rc, kept, err = run_main(capsys, *args, "--fp8", "keep")
+    assert rc == 0, err
+    assert json.loads(kept)["generated_ids"] == json.loads(deq)["generated_ids"]
+    rc, _, err = run_main(capsys, "--model", str(ckpt), "--fp8", "keep", "--device", "cpu", "--prompt", "x")
+    assert rc != 0 and "fp8='keep' needs an FP8 checkpoint" in err and err.strip().count("\n") == 0, err

@@ -123,7 +123,7 @@ def load_model(args, parallel=None):
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     read_config(path)  # cheap checks first: config.json, then the tokenizer, then the weights
     tok = load_tokenizer(path)
-    model = from_pretrained(path, dtype=dtype, device=device, parallel=parallel)
+    model = from_pretrained(path, dtype=dtype, device=device, parallel=parallel, fp8=args.fp8)
     if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < 10_000_000:
         torch.set_num_threads(1)  # tiny matmuls: threads only add synchronisation (and spin when cores are busy)
     if tok.vocab_size > model.config.vocab_size:
@@ -352,9 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "under torchrun each rank uses cuda:LOCAL_RANK, or the CPU with --device cpu)")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat: read user turns from stdin "
                    "(an empty line or EOF ends it)")
+    p.add_argument("--fp8", choices=("dequantize", "keep"), default="dequantize",
+                   help="an FP8 checkpoint (LongCat-Flash-Chat-FP8): dequantize it on load into --dtype, or keep it "
+                   "in FP8 in memory (half the memory; Triton kernels on CUDA) (default: %(default)s)")
     p.add_argument("--fast", action="store_true", help="decode with the fast path: static cache, absorbed MLA, "
-                   "gathered experts, one CUDA graph per token on GPU (also under torchrun; same forward, same "
-                   "greedy tokens)")
+                   "gathered experts, one CUDA graph per token on GPU with the fused MLA / MoE decode kernels (also "
+                   "under torchrun; same forward, same greedy tokens)")
     p.add_argument("--compile", action="store_true", help="with the fast path, also torch.compile the decode step "
                    "(a one-time compile, printed; later prompts and turns reuse it)")
     p.add_argument("--speculative", type=_positive_int, nargs="?", const=1, default=None, metavar="K",
