@@ -21,7 +21,8 @@ class Forms:
     attention: str = "naive"  # "naive" | "absorbed" (attend over the latent) | "sdpa" (naive through SDPA)
     #                           | "fused" (absorbed, its attention in one Triton kernel: CUDA)
     #                           | "auto" (fused for a few query tokens on CUDA, else absorbed)
-    experts: str = "loop"  # "loop" | "grouped" | "gather" | "gemv" | "fused" (Triton kernels: CUDA)
+    experts: str = "loop"  # "loop" | "grouped" | "gather" | "gemv" | "fused" (Triton kernels: CUDA; the routing's
+    #                        top-k in a kernel too, kernels/router.py)
     #                        | "auto" (the fast one for each call)
 
     def __post_init__(self):
@@ -34,4 +35,5 @@ class Forms:
 REFERENCE = Forms()  # what the notebooks teach, and what transformers computes
 PREFILL = Forms(attention="sdpa", experts="auto")  # many tokens: flash attention, grouped expert GEMMs
 DECODE = Forms(attention="auto", experts="auto")  # one token: attend over the latent (a Triton kernel on CUDA),
-#                                                    gathered experts (the fused Triton kernels on CUDA)
+#                                                    gathered experts (the fused Triton kernels on CUDA; the routing
+#                                                    kernel only with an explicit experts="fused": not yet timed)

@@ -61,10 +61,10 @@ class MoE(nn.Module):
 
     def compute(self, x: torch.Tensor, experts: str = "loop") -> torch.Tensor:
         """x (b, t, H) -> this module's MoE output (b, t, H). experts: the Experts form ("loop" is the reference;
-        any other form also sums the zero experts vectorised, with no host sync)."""
+        any other form also sums the zero experts vectorised, with no host sync; "fused" also routes in a kernel)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (n, H), n = b*t
-        w, idx = self.router(flat)  # (n, k) fp32, (n, k)
+        w, idx = self.router(flat, fused=experts == "fused")  # (n, k) fp32, (n, k); "fused": the routing kernel too
         if not torch.compiler.is_compiling() and not _capturing(x):
             self.last_idx = idx
         out = torch.zeros_like(flat)  # (n, H)

@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import support
+from ..kernels.router import route
+
 
 class Router(nn.Module):
     def __init__(self, cfg):
@@ -55,8 +58,16 @@ class Router(nn.Module):
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, -1)  # masked groups lose
         return choice.topk(self.top_k, dim=-1, sorted=False).indices  # (n, k)
 
-    def forward(self, x: torch.Tensor):
-        """x (n, H) -> weights (n, k) fp32, expert ids (n, k) int64."""
+    def forward(self, x: torch.Tensor, fused: bool = False):
+        """x (n, H) -> weights (n, k) fp32, expert ids (n, k) int64.
+
+        fused: the selection after the matmul in one Triton kernel (kernels/router.py; the MoE asks for it with
+        `Forms(experts="fused")`), where it can run and for ungrouped routing; the same experts and weights, listed
+        best first."""
+        if fused and self.n_group == 1 and support.can_run(x):
+            logits = F.linear(x.float(), self.weight.float())  # (n, E) fp32
+            return route(logits, self.e_score_correction_bias, self.top_k, self.kind == "softmax",
+                         self.norm_topk_prob, self.scaling)
         s = self.scores(x)  # (n, E) fp32
         with torch.no_grad():
             idx = self.select(s)  # (n, k)

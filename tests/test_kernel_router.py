@@ -1,0 +1,84 @@
+"""The router kernel (kernels/router.py) against its plain-PyTorch reference and against the model's Router.
+
+On a CPU-only machine it runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); on a GPU natively.
+"""
+
+import pytest
+import torch
+
+import longcat_ref as L
+from longcat_ref.kernels.router import route, route_reference
+from longcat_ref.kernels.support import can_run
+from longcat_ref.model.moe import MoE
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+pytestmark = pytest.mark.skipif(not can_run(torch.empty(0, device=DEV)),
+                                reason="needs CUDA, or Triton's interpreter on the CPU")
+
+
+def independent(logits, bias, k, softmax, norm, scaling):
+    """The selection written out token by token: scores, then k times the best remaining (p + b)."""
+    W, I = [], []
+    for row in logits.double():
+        p = torch.softmax(row, 0) if softmax else torch.sigmoid(row)
+        choice, ids = (p + bias.double()).tolist(), []
+        for _ in range(k):
+            best = max(range(len(choice)), key=lambda e: (choice[e], -e))  # ties: the lower id
+            ids.append(best)
+            choice[best] = float("-inf")
+        w = p[ids]
+        W.append((w / w.sum() if norm else w) * scaling)
+        I.append(ids)
+    return torch.stack(W).float(), torch.tensor(I)
+
+
+CASES = [  # n, E, k, softmax, norm, scaling: LongCat (768 = 512 + 256 zero experts, top-12), GLM (64, top-4), odd
+    (3, 768, 12, True, False, 6.0), (2, 64, 4, False, True, 1.8), (4, 24, 2, False, True, 1.0),
+    (5, 40, 3, True, False, 2.0), (1, 16, 16, False, True, 1.0)]
+
+
+@pytest.mark.parametrize("n,E,k,softmax,norm,scaling", CASES)
+def test_kernel_equals_reference_and_the_formula(n, E, k, softmax, norm, scaling):
+    g = torch.Generator().manual_seed(E + k)
+    logits, bias = torch.randn(n, E, generator=g), 0.1 * torch.randn(E, generator=g)
+    w, idx = route(logits.to(DEV), bias.to(DEV), k, softmax, norm, scaling)
+    wr, ir = route_reference(logits, bias, k, softmax, norm, scaling)
+    wi, ii = independent(logits, bias, k, softmax, norm, scaling)
+    assert idx.dtype == torch.int64 and w.dtype == torch.float32 and w.shape == (n, k)
+    assert torch.equal(idx.cpu(), ir) and torch.equal(ir, ii)  # best first, in both
+    torch.testing.assert_close(w.cpu(), wr, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(wr, wi, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["longcat", "glm"])
+def test_router_fused_picks_the_same_experts_and_weights(kind):
+    """Router(x, fused=True) == Router(x): the same (expert, weight) pairs per token (the plain one lists them in
+    no particular order); the MoE block with experts="fused" (kernels for the routing and the experts) == loop."""
+    cfg = L.tiny_longcat() if kind == "longcat" else L.tiny_glm()
+    moe = L.init_weights(MoE(cfg), seed=2, std=0.2, bias_std=0.05).to(DEV)
+    x = torch.randn(7, cfg.hidden_size, generator=torch.Generator().manual_seed(3)).to(DEV)
+    with torch.no_grad():
+        w, idx = moe.router(x, fused=True)
+        wp, ip = moe.router(x)
+        order = ip.argsort(-1)
+        assert torch.equal(idx.sort(-1).values, ip.gather(1, order))
+        torch.testing.assert_close(w.gather(1, idx.argsort(-1)), wp.gather(1, order), atol=1e-6, rtol=1e-6)
+        out = moe(x[None], experts="fused")
+        ref = moe(x[None], experts="loop")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_op_traces():
+    logits, bias = torch.randn(2, 64), torch.zeros(64)
+    f = torch.compile(lambda l, b: route(l, b, 4, False, True, 1.8), fullgraph=True,
+                      backend="aot_eager" if not CUDA else "inductor")
+    w, idx = f(logits.to(DEV), bias.to(DEV))
+    wr, ir = route_reference(logits, bias, 4, False, True, 1.8)
+    assert torch.equal(idx.cpu(), ir)
+    torch.testing.assert_close(w.cpu(), wr, atol=1e-6, rtol=1e-6)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="0 < k <= E"):
+        route(torch.randn(2, 8, device=DEV), torch.zeros(8, device=DEV), 9, True, False, 1.0)
