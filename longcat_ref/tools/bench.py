@@ -353,6 +353,8 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     "compiled_fused": dict(experts="fused", compile=True),  # ... inside a compiled step
     "compiled_fused_mla": dict(experts="fused", attention="fused", compile=True),
     "compiled_gemv": dict(experts="gemv", compile=True),  # the compiled step of the previous round (gemv experts)
+    "compiled_decode": dict(experts="auto", attention="auto", compile=True),  # generate(fast, compile)'s DECODE
+    # forms: the MLA and MoE kernels, the plain router ("fused" variants above also route in kernels/router.py)
 }
 
 
