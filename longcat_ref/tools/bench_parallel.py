@@ -130,6 +130,7 @@ def verify_costs(model, ctx, batch, context, k, reps=5, seed=0):
     captured. The MTP head (synthetic, the same on every rank) is replicated, as the loader keeps it."""
     from ..model.mtp import MTPHead
     from ..model.speculative import _Graph
+    from .bench_spec import step_fns
 
     cfg, dev = model.config, ctx.device
     dt = model.lm_head.weight.dtype
@@ -157,15 +158,7 @@ def verify_costs(model, ctx, batch, context, k, reps=5, seed=0):
         hid = torch.zeros(batch, t, cfg.hidden_size, device=dev, dtype=dt)
         mask[:, context:context + t] = 1
 
-        def main_fn(i, p, s):
-            lg, hs = model(i, attention_mask=mask, position_ids=p, cache=cache, cache_position=s, forms=DECODE,
-                           output_hidden_states=True)
-            return lg, model.model.norm(hs[-1])
-
-        def head_fn(i, h, p, s):
-            return head(i, h, p, lm_head=model.lm_head, attention_mask=mask, cache=hcache, cache_position=s,
-                        forms=DECODE)
-
+        main_fn, head_fn = step_fns(model, head, mask, cache, hcache)
         gm = _Graph(main_fn, (x, pos, slots)) if dev.type == "cuda" else main_fn
         gh = _Graph(head_fn, (x, hid, pos, slots)) if dev.type == "cuda" else head_fn
         out[f"main_{t}_s"] = min(timed(lambda: gm(x, pos, slots), ctx) for _ in range(reps))

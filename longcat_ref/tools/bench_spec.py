@@ -37,6 +37,23 @@ from .bench import synth_, timed
 from .train import SHIPPED_DIR
 
 
+def step_fns(model, head, mask, cache, hcache):
+    """The two fixed-shape calls a speculative step makes (what speculative.py runs), for timing:
+    main(ids, position_ids, slots) -> (logits, final-normed hidden state); head(ids, hidden, position_ids, slots)."""
+    from ..model.forms import DECODE
+
+    def main_fn(i, p, s):
+        lg, hs = model(i, attention_mask=mask, position_ids=p, cache=cache, cache_position=s, forms=DECODE,
+                       output_hidden_states=True)
+        return lg, model.model.norm(hs[-1])
+
+    def head_fn(i, h, p, s):
+        return head(i, h, p, lm_head=model.lm_head, attention_mask=mask, cache=hcache, cache_position=s,
+                    forms=DECODE)
+
+    return main_fn, head_fn
+
+
 def bench_verify(args) -> dict:
     if not torch.cuda.is_available():
         raise RuntimeError("the verify section needs a GPU")
@@ -73,15 +90,7 @@ def bench_verify(args) -> dict:
             hid = torch.randn(batch, t, cfg.hidden_size, device=dev, dtype=dt)
             mask[:, args.ctx:args.ctx + t] = 1
 
-            def main_fn(i, p, s):
-                lg, hs = model(i, attention_mask=mask, position_ids=p, cache=cache, cache_position=s, forms=DECODE,
-                               output_hidden_states=True)
-                return lg, model.model.norm(hs[-1])
-
-            def head_fn(i, h, p, s):
-                return head(i, h, p, lm_head=model.lm_head, attention_mask=mask, cache=hcache, cache_position=s,
-                            forms=DECODE)
-
+            main_fn, head_fn = step_fns(model, head, mask, cache, hcache)
             with torch.no_grad():
                 gm, gh = _Graph(main_fn, (ids, pos, slots)), _Graph(head_fn, (ids, hid, pos, slots))
                 lat[f"main_{t}"] = timed(lambda: gm(ids, pos, slots), dev, reps=args.reps, inner=5)
