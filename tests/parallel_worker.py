@@ -34,7 +34,7 @@ def fast_logits(model, ids, mask):
 def main():
     d = sys.argv[1]
     die = int(sys.argv[sys.argv.index("--die-rank") + 1]) if "--die-rank" in sys.argv else None
-    ctx = ParallelContext.from_env()
+    ctx = ParallelContext.from_env(cpu=True)  # the references are CPU fp32, whatever GPUs this machine has
     ref = torch.load(os.path.join(d, "ref.pt"))
     res = {"rank": ctx.rank, "world": ctx.world_size, "node": int(os.environ["GROUP_RANK"])}
     for kind in ("longcat", "glm"):

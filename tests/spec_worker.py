@@ -18,7 +18,7 @@ from test_mtp import repeat_head
 
 def main():
     d = sys.argv[1]
-    ctx = ParallelContext.from_env()
+    ctx = ParallelContext.from_env(cpu=True)  # the references are CPU fp32, whatever GPUs this machine has
     ref = json.loads(open(os.path.join(d, "ref.json")).read())
     res = {}
     for kind in ("longcat", "glm"):

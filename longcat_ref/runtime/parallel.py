@@ -165,6 +165,9 @@ class ParallelContext:
             return cls(device="cuda" if gpu else "cpu")
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         if gpu:
+            if local_rank >= torch.cuda.device_count():
+                raise ParallelError(f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+                                   f"device(s): start at most that many processes per node, or run on the CPU")
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
         else:

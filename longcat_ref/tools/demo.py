@@ -322,7 +322,8 @@ def _device(s):
     if d.type != "cpu" and not (hasattr(backend, "is_available") and backend.is_available()):
         raise argparse.ArgumentTypeError(f"{s!r}: {d.type} is not available on this machine (try cpu)")
     if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{s!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        n = torch.cuda.device_count()
+        raise argparse.ArgumentTypeError(f"{s!r} is not available: this machine has {n} CUDA device(s) (try cuda:0)")
     return s
 
 
