@@ -19,7 +19,7 @@ from test_fp8 import ref_dequant, reference_model, tiny
 CUDA = torch.cuda.is_available()
 FORMS = [L.REFERENCE, L.PREFILL, L.DECODE, L.Forms(attention="absorbed", experts="gemv"),
          L.Forms(attention="naive", experts="grouped")]
-FUSED = L.Forms(attention="fused", experts="fused")  # the Triton kernels: on CPU tensors only in the interpreter
+FUSED = L.Forms(attention="fused", experts="fused", router="fused")  # the Triton kernels (CPU: the interpreter)
 CPU_FORMS = FORMS + ([FUSED] if can_run(torch.empty(0)) else [])
 
 

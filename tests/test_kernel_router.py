@@ -53,18 +53,18 @@ def test_kernel_equals_reference_and_the_formula(n, E, k, softmax, norm, scaling
 
 @pytest.mark.parametrize("kind", ["longcat", "glm"])
 def test_router_fused_picks_the_same_experts_and_weights(kind):
-    """Router(x, fused=True) == Router(x): the same (expert, weight) pairs per token (the plain one lists them in
-    no particular order); the MoE block with experts="fused" (kernels for the routing and the experts) == loop."""
+    """Router(x, "fused") == Router(x): the same (expert, weight) pairs per token (the plain one lists them in
+    no particular order); the MoE block with the routing and the experts in kernels == loop."""
     cfg = L.tiny_longcat() if kind == "longcat" else L.tiny_glm()
     moe = L.init_weights(MoE(cfg), seed=2, std=0.2, bias_std=0.05).to(DEV)
     x = torch.randn(7, cfg.hidden_size, generator=torch.Generator().manual_seed(3)).to(DEV)
     with torch.no_grad():
-        w, idx = moe.router(x, fused=True)
+        w, idx = moe.router(x, "fused")
         wp, ip = moe.router(x)
         order = ip.argsort(-1)
         assert torch.equal(idx.sort(-1).values, ip.gather(1, order))
         torch.testing.assert_close(w.gather(1, idx.argsort(-1)), wp.gather(1, order), atol=1e-6, rtol=1e-6)
-        out = moe(x[None], experts="fused")
+        out = moe(x[None], experts="fused", router="fused")
         ref = moe(x[None], experts="loop")
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
@@ -82,3 +82,27 @@ def test_custom_op_traces():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="0 < k <= E"):
         route(torch.randn(2, 8, device=DEV), torch.zeros(8, device=DEV), 9, True, False, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["longcat", "glm"])
+def test_whole_model_with_the_router_kernel_equals_the_reference(kind):
+    """Forms(router="fused") through CausalLM.forward: the logits of the reference forms (fp32)."""
+    cfg = L.tiny_longcat() if kind == "longcat" else L.tiny_glm()
+    model = L.init_weights(L.CausalLM(cfg), seed=4, std=0.2, bias_std=0.05).to(DEV).eval()
+    ids = torch.randint(4, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(5)).to(DEV)
+    with torch.no_grad():
+        ref = model(ids)
+        got = model(ids, forms=L.Forms(attention="absorbed", experts="gather", router="fused"))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_router_auto_is_plain_off_cuda_and_a_bad_form_is_refused():
+    cfg = L.tiny_glm()
+    moe = L.init_weights(MoE(cfg), seed=2, std=0.2).to(DEV)
+    x = torch.randn(3, cfg.hidden_size).to(DEV)
+    with torch.no_grad():
+        w, idx = moe.router(x, "auto")
+        wp, ip = moe.router(x, "fused" if CUDA else "plain")
+    assert torch.equal(idx, ip) and torch.equal(w, wp)  # auto == the kernel on CUDA, == plain elsewhere
+    with pytest.raises(ValueError, match="router form 'topk' is not one of"):
+        L.Forms(router="topk")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 ATTENTION_FORMS = ("naive", "absorbed", "sdpa", "fused", "auto")  # mla.py ("fused": kernels/mla_decode.py)
 EXPERT_FORMS = ("loop", "grouped", "gather", "gemv", "fused", "auto")  # experts.py ("fused": kernels/moe_decode.py)
+ROUTER_FORMS = ("plain", "fused", "auto")  # router.py ("fused": kernels/router.py)
 
 
 @dataclass(frozen=True)
@@ -21,19 +22,21 @@ class Forms:
     attention: str = "naive"  # "naive" | "absorbed" (attend over the latent) | "sdpa" (naive through SDPA)
     #                           | "fused" (absorbed, its attention in one Triton kernel: CUDA)
     #                           | "auto" (fused for a few query tokens on CUDA, else absorbed)
-    experts: str = "loop"  # "loop" | "grouped" | "gather" | "gemv" | "fused" (Triton kernels: CUDA; the routing's
-    #                        top-k in a kernel too, kernels/router.py)
+    experts: str = "loop"  # "loop" | "grouped" | "gather" | "gemv" | "fused" (Triton kernels: CUDA)
     #                        | "auto" (the fast one for each call)
+    router: str = "plain"  # "plain" (softmax/sigmoid, torch.topk, gather) | "fused" (the selection in one Triton
+    #                        kernel) | "auto" (fused for a few tokens on CUDA, else plain)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_FORMS:
             raise ValueError(f"attention form {self.attention!r} is not one of {ATTENTION_FORMS}")
         if self.experts not in EXPERT_FORMS:
             raise ValueError(f"experts form {self.experts!r} is not one of {EXPERT_FORMS}")
+        if self.router not in ROUTER_FORMS:
+            raise ValueError(f"router form {self.router!r} is not one of {ROUTER_FORMS}")
 
 
 REFERENCE = Forms()  # what the notebooks teach, and what transformers computes
 PREFILL = Forms(attention="sdpa", experts="auto")  # many tokens: flash attention, grouped expert GEMMs
-DECODE = Forms(attention="auto", experts="auto")  # one token: attend over the latent (a Triton kernel on CUDA),
-#                                                    gathered experts (the fused Triton kernels on CUDA; the routing
-#                                                    kernel only with an explicit experts="fused": not yet timed)
+DECODE = Forms(attention="auto", experts="auto", router="auto")  # a few tokens: attend over the latent, gathered
+#   experts, on CUDA each of the three in its Triton kernel (kernels/mla_decode.py, moe_decode.py, router.py)

@@ -55,7 +55,7 @@ class LongcatLayer(nn.Module):
         a = dict(mask=mask, cache=cache, cache_position=cache_position, form=forms.attention)  # x (b, t, H)
         x = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, **a)
         h = self.post_attention_layernorm[0](x)  # (b, t, H): input of both mlp0 and the MoE
-        shortcut = self.mlp.start(h, forms.experts)  # MoE on the shortcut (a parallel MoE: its reduction in flight)
+        shortcut = self.mlp.start(h, forms.experts, forms.router)  # MoE on the shortcut (a parallel MoE: its reduction in flight)
         x = x + self.mlps[0](h)
         x = x + self.self_attn[1](self.input_layernorm[1](x), cos, sin, **a)
         x = x + self.mlps[1](self.post_attention_layernorm[1](x))
@@ -76,7 +76,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, forms: Forms = REFERENCE):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, forms.attention)
         h = self.post_attention_layernorm(x)  # (b, t, H)
-        return x + (self.mlp(h, forms.experts) if isinstance(self.mlp, MoE) else self.mlp(h))  # (b, t, H)
+        moe = isinstance(self.mlp, MoE)
+        return x + (self.mlp(h, forms.experts, forms.router) if moe else self.mlp(h))  # (b, t, H)
 
 
 class Backbone(nn.Module):

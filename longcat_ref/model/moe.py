@@ -47,24 +47,24 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         self.last_idx = None  # (n, k) expert ids of the last eager call, for statistics (demo, notebooks)
 
-    def forward(self, x: torch.Tensor, experts: str = "loop") -> torch.Tensor:
-        return self.finish(self.start(x, experts))
+    def forward(self, x: torch.Tensor, experts: str = "loop", router: str = "plain") -> torch.Tensor:
+        return self.finish(self.start(x, experts, router))
 
-    def start(self, x: torch.Tensor, experts: str = "loop"):
+    def start(self, x: torch.Tensor, experts: str = "loop", router: str = "plain"):
         """Begin the MoE: x (b, t, H) -> what `finish` turns into the output. LongCat's layer calls `start` right
         after attention 0 and `finish` only where the shortcut is added, so a parallel MoE's reduction (whose
         `start` returns it in flight) overlaps the dense sublayers in between."""
-        return self.compute(x, experts)
+        return self.compute(x, experts, router)
 
     def finish(self, pending) -> torch.Tensor:
         return pending  # (b, t, H): here the output itself (a parallel MoE waits for its reduction here)
 
-    def compute(self, x: torch.Tensor, experts: str = "loop") -> torch.Tensor:
+    def compute(self, x: torch.Tensor, experts: str = "loop", router: str = "plain") -> torch.Tensor:
         """x (b, t, H) -> this module's MoE output (b, t, H). experts: the Experts form ("loop" is the reference;
-        any other form also sums the zero experts vectorised, with no host sync; "fused" also routes in a kernel)."""
+        any other form also sums the zero experts vectorised, with no host sync); router: the Router form."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (n, H), n = b*t
-        w, idx = self.router(flat, fused=experts == "fused")  # (n, k) fp32, (n, k); "fused": the routing kernel too
+        w, idx = self.router(flat, router)  # (n, k) fp32, (n, k)
         if not torch.compiler.is_compiling() and not _capturing(x):
             self.last_idx = idx
         out = torch.zeros_like(flat)  # (n, H)

@@ -137,7 +137,7 @@ class MTPHead(nn.Module):
         mask = attention_bias(attention_mask, cache_position, key_length, x.dtype)  # (b|1, 1, t, S)
         x = x + attn(ln1(x), cos, sin, mask, cache, cache_position, forms.attention)  # (b, t, H)
         h = ln2(x)  # (b, t, H)
-        x = x + (ffn(h, forms.experts) if isinstance(ffn, MoE) else ffn(h))  # (b, t, H)
+        x = x + (ffn(h, forms.experts, forms.router) if isinstance(ffn, MoE) else ffn(h))  # (b, t, H)
         if cfg.is_longcat:
             x = final_norm(x)  # (b, t, H): vLLM returns (and chains) the normed state
             return lm_head(x), x  # (b, t, V) through the shared lm_head

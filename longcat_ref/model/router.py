@@ -26,6 +26,8 @@ from torch import nn
 from ..kernels import support
 from ..kernels.router import route
 
+FUSED_MAX_TOKENS = 64  # "auto" routes up to this many tokens in the kernel (one program per token)
+
 
 class Router(nn.Module):
     def __init__(self, cfg):
@@ -58,13 +60,15 @@ class Router(nn.Module):
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, -1)  # masked groups lose
         return choice.topk(self.top_k, dim=-1, sorted=False).indices  # (n, k)
 
-    def forward(self, x: torch.Tensor, fused: bool = False):
+    def forward(self, x: torch.Tensor, form: str = "plain"):
         """x (n, H) -> weights (n, k) fp32, expert ids (n, k) int64.
 
-        fused: the selection after the matmul in one Triton kernel (kernels/router.py; the MoE asks for it with
-        `Forms(experts="fused")`), where it can run and for ungrouped routing; the same experts and weights, listed
-        best first."""
-        if fused and self.n_group == 1 and support.can_run(x):
+        form: "plain" (below) | "fused": the selection after the matmul in one Triton kernel (kernels/router.py),
+        where it can run and for ungrouped routing; the same experts and weights, listed best first | "auto": fused
+        for up to FUSED_MAX_TOKENS tokens on CUDA (decode), else plain."""
+        if form == "auto":
+            form = "fused" if x.is_cuda and x.shape[0] <= FUSED_MAX_TOKENS else "plain"
+        if form == "fused" and self.n_group == 1 and support.can_run(x):
             logits = F.linear(x.float(), self.weight.float())  # (n, E) fp32
             return route(logits, self.e_score_correction_bias, self.top_k, self.kind == "softmax",
                          self.norm_topk_prob, self.scaling)

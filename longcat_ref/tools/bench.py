@@ -328,9 +328,10 @@ def kernel_stats(dec) -> dict:
                 kernel_all=[(n[:160], c, t) for n, (c, t) in ranked])  # every kernel of the step: where time goes
 
 
-def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20, attention="absorbed"):
+def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20, attention="absorbed",
+                router="plain"):
     """Seconds per decode step (a replayed CUDA graph on GPU) at context ctx, and the roofline inputs."""
-    dec = Decoder(model, batch, ctx + 4 * steps + 16, compile=compile, forms=Forms(attention, experts))
+    dec = Decoder(model, batch, ctx + 4 * steps + 16, compile=compile, forms=Forms(attention, experts, router))
     fill_context(dec, ctx)
     ids = torch.randint(4, model.config.vocab_size, (batch,), device=device)
     dec.step(ids)  # captures the graph on GPU
@@ -351,10 +352,10 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     "graph_fused": dict(experts="fused"),  # the Triton MoE decode kernels (kernels/moe_decode.py)
     "graph_fused_mla": dict(experts="fused", attention="fused"),  # ... and the MLA decode kernel (mla_decode.py)
     "compiled_fused": dict(experts="fused", compile=True),  # ... inside a compiled step
-    "compiled_fused_mla": dict(experts="fused", attention="fused", compile=True),
+    "compiled_fused_mla": dict(experts="fused", attention="fused", compile=True),  # MoE + MLA kernels, plain router
     "compiled_gemv": dict(experts="gemv", compile=True),  # the compiled step of the previous round (gemv experts)
-    "compiled_decode": dict(experts="auto", attention="auto", compile=True),  # generate(fast, compile)'s DECODE
-    # forms: the MLA and MoE kernels, the plain router ("fused" variants above also route in kernels/router.py)
+    "compiled_decode": dict(experts="auto", attention="auto", router="auto", compile=True),  # generate(fast,
+    # compile)'s DECODE forms: on CUDA the MLA, MoE and router kernels (= compiled_fused_mla + the router kernel)
 }
 
 
