@@ -356,6 +356,8 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     "compiled_gemv": dict(experts="gemv", compile=True),  # the compiled step of the previous round (gemv experts)
     "compiled_decode": dict(experts="auto", attention="auto", router="auto", compile=True),  # generate(fast,
     # compile)'s DECODE forms: on CUDA the MLA, MoE and router kernels (= compiled_fused_mla + the router kernel)
+    "tuned_decode": dict(experts="auto", attention="auto", router="auto", compile="tuned"),  # ... with inductor's
+    # coordinate-descent tuning of its own kernels
 }
 
 
