@@ -90,7 +90,8 @@ def test_zero_experts_vectorised():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("forms", [L.PREFILL, L.DECODE, L.Forms("sdpa", "grouped"), L.Forms("naive", "gather")])
+@pytest.mark.parametrize("forms", [L.PREFILL, L.DECODE, L.Forms("sdpa", "grouped"), L.Forms("naive", "gather"),
+                                   L.Forms("absorbed", "gather", linear="gemv")])
 def test_fast_forms_equal_reference(kind, forms):
     """Each fast combination of forms == the reference forward, on a left-padded batch."""
     m = tiny(kind)
@@ -101,6 +102,34 @@ def test_fast_forms_equal_reference(kind, forms):
         causal = m(ids[:1, 4:], forms=forms)  # no mask, no cache: SDPA may run is_causal
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(causal, m(ids[:1, 4:]), atol=1e-5, rtol=1e-5)
+
+
+def test_linear_gemv_form_equals_the_module():
+    """linear(m, x, "gemv") == m(x) for an nn.Linear with and without bias; a subclass (FP8, row-parallel) runs its
+    own forward; "auto" is plain outside torch.compile; the per-head W_uk / W_uv products too."""
+    from longcat_ref.model.linear import linear
+    from longcat_ref.model.mla import MLA
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 24, generator=g)
+    for bias in (False, True):
+        m = L.init_weights(torch.nn.Linear(24, 40, bias=bias), seed=1, std=0.2, bias_std=0.1)
+        torch.testing.assert_close(linear(m, x, "gemv"), m(x), atol=1e-5, rtol=1e-5)
+        assert torch.equal(linear(m, x, "auto"), m(x)) and torch.equal(linear(m, x), m(x))
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    d = L.init_weights(Doubled(24, 8), seed=2, std=0.2)
+    assert torch.equal(linear(d, x, "gemv"), d(x))
+    q, w_uk = torch.randn(2, 4, 3, 6, generator=g), torch.randn(4, 6, 10, generator=g)
+    o, w_uv = torch.randn(2, 4, 3, 10, generator=g), torch.randn(4, 5, 10, generator=g)
+    torch.testing.assert_close(MLA.fold_query(q, w_uk, gemv=True), MLA.fold_query(q, w_uk), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(MLA.unfold_output(o, w_uv, gemv=True), MLA.unfold_output(o, w_uv),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="linear form 'cublas' is not one of"):
+        L.Forms(linear="cublas")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -175,7 +204,8 @@ def test_compiled_decode_step_equals_eager_and_compiles_once():
     """torch.compile wraps the model's own forward (through generate's decode step): its greedy tokens equal the
     eager ones, and three prompts of different lengths with different max_new_tokens compile the step ONCE (they
     share one static-cache bucket; dynamo's counters count the compiled frames). Batch 3 x top-2 is a "tiny" batch,
-    so the compiled step runs the gemv experts and the eager one the gathered experts."""
+    so the compiled step runs the gemv experts and the gemv projections (DECODE's "auto"), the eager one the
+    gathered experts and plain projections."""
     from torch._dynamo.utils import counters
 
     m = tiny("glm", num_layers=2, mlp_layer_types=["dense", "sparse"])

@@ -50,6 +50,7 @@ from ..kernels import support
 from ..kernels.fp8_linear import dequantize
 from ..kernels.grouped_gemm import grouped_gemm
 from ..kernels.moe_decode import fused_moe
+from .linear import linear as _linear
 
 FP8_CHUNK = 16  # experts dequantized at a time by the grouped form of an FP8 bank
 FUSED_MAX_PAIRS = 512  # "auto": up to this many (token, slot) pairs an FP8 bank runs the fused kernels
@@ -62,8 +63,9 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
-    def forward(self, x):  # (..., H) -> (..., H)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, linear: str = "plain"):  # (..., H) -> (..., H); linear: the Linear form (linear.py)
+        gate, up = _linear(self.gate_proj, x, linear), _linear(self.up_proj, x, linear)  # (..., I) each
+        return _linear(self.down_proj, F.silu(gate) * up, linear)  # (..., H)
 
 
 class Experts(nn.Module):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 ATTENTION_FORMS = ("naive", "absorbed", "sdpa", "fused", "auto")  # mla.py ("fused": kernels/mla_decode.py)
 EXPERT_FORMS = ("loop", "grouped", "gather", "gemv", "fused", "auto")  # experts.py ("fused": kernels/moe_decode.py)
 ROUTER_FORMS = ("plain", "fused", "auto")  # router.py ("fused": kernels/router.py)
+LINEAR_FORMS = ("plain", "gemv", "auto")  # linear.py (the dense projections; "gemv": inside torch.compile)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Forms:
     #                        | "auto" (the fast one for each call)
     router: str = "plain"  # "plain" (softmax/sigmoid, torch.topk, gather) | "fused" (the selection in one Triton
     #                        kernel) | "auto" (fused for a few tokens on CUDA, else plain)
+    linear: str = "plain"  # "plain" (cuBLAS) | "gemv" (multiply-and-sum, for torch.compile to fuse) | "auto" (gemv
+    #                        for a few tokens while compiling, else plain)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_FORMS:
@@ -34,9 +37,12 @@ class Forms:
             raise ValueError(f"experts form {self.experts!r} is not one of {EXPERT_FORMS}")
         if self.router not in ROUTER_FORMS:
             raise ValueError(f"router form {self.router!r} is not one of {ROUTER_FORMS}")
+        if self.linear not in LINEAR_FORMS:
+            raise ValueError(f"linear form {self.linear!r} is not one of {LINEAR_FORMS}")
 
 
 REFERENCE = Forms()  # what the notebooks teach, and what transformers computes
 PREFILL = Forms(attention="sdpa", experts="auto")  # many tokens: flash attention, grouped expert GEMMs
-DECODE = Forms(attention="auto", experts="auto", router="auto")  # a few tokens: attend over the latent, gathered
-#   experts, on CUDA each of the three in its Triton kernel (kernels/mla_decode.py, moe_decode.py, router.py)
+DECODE = Forms(attention="auto", experts="auto", router="auto", linear="auto")  # a few tokens: attend over the
+#   latent, gathered experts, on CUDA each of the three in its Triton kernel (kernels/mla_decode.py, moe_decode.py,
+#   router.py); inside torch.compile the projections as multiply-and-sum, which inductor fuses (linear.py)

@@ -36,6 +36,8 @@ mask=None means plain causal attention over this chunk's own t tokens (no cache 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -43,6 +45,8 @@ from torch import nn
 
 from ..kernels import support
 from ..kernels.mla_decode import mla_decode
+from .linear import linear as _linear
+from .linear import resolve as resolve_linear
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -91,15 +95,17 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, H, bias=cfg.attention_bias)
 
     # ----------------------------------------------------------------------------------------------------------
-    def project(self, x, cos, sin):
-        """x (b, t, H) -> q_nope (b, h, t, nope), q_rope (b, h, t, rope), latent (b, t, r), k_rope (b, t, rope)."""
+    def project(self, x, cos, sin, linear: str = "plain"):
+        """x (b, t, H) -> q_nope (b, h, t, nope), q_rope (b, h, t, rope), latent (b, t, r), k_rope (b, t, rope).
+        linear: the form of the projections (linear.py)."""
         if hasattr(self, "q_proj"):
-            q = self.q_proj(x)  # (b, t, h*qk)
+            q = _linear(self.q_proj, x, linear)  # (b, t, h*qk)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))  # (b, t, h*qk)
+            q = _linear(self.q_b_proj, self.q_a_layernorm(_linear(self.q_a_proj, x, linear)), linear)  # (b, t, h*qk)
         q = rearrange(q, "b t (h d) -> b h t d", h=self.n_heads)  # (b, h, t, nope+rope)
         q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)  # (b,t,r) (b,t,rope)
+        kv = _linear(self.kv_a_proj_with_mqa, x, linear)  # (b, t, r+rope)
+        latent, k_rope = kv.split([self.rank, self.rope_dim], dim=-1)  # (b, t, r), (b, t, rope)
         latent = self.kv_a_layernorm(latent)  # (b, t, r)
         if self.q_scale != 1.0:  # LongCat's LoRA scales: after the norms, before kv_b and RoPE
             q_nope, q_rope = q_nope * self.q_scale, q_rope * self.q_scale
@@ -109,13 +115,16 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope[:, None], cos, sin, self.interleaved)[:, 0]  # (b, t, rope): one shared head
         return q_nope, q_rope, latent, k_rope
 
-    def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, form: str = "naive"):
+    def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, form: str = "naive",
+                linear: str = "plain"):
         """x (b, t, H); cos/sin (b, t, rope); mask additive (b, 1, t, s) or None (causal over these t tokens).
 
         With a cache, this chunk's latents are written at slots cache_position (t,) (default: 0..t-1) and
-        attention reads every key slot the cache holds. form: "naive" | "absorbed" | "sdpa" (module docstring).
+        attention reads every key slot the cache holds. form: "naive" | "absorbed" | "sdpa" | "fused" | "auto"
+        (module docstring); linear: the form of the projections, and of the absorbed forms' per-head products with
+        W_uk and W_uv (linear.py).
         """
-        q_nope, q_rope, latent, k_rope = self.project(x, cos, sin)
+        q_nope, q_rope, latent, k_rope = self.project(x, cos, sin, linear)
         if cache is not None:
             if cache_position is None:
                 cache_position = torch.arange(x.shape[1], device=x.device)  # (t,)
@@ -125,9 +134,13 @@ class MLA(nn.Module):
             mask = attention_bias(None, where, latent.shape[1], q_nope.dtype)  # (1, 1, t, s)
         if form == "auto":  # decoding a few tokens on a GPU: the kernel; otherwise the absorbed einsums
             form = "fused" if x.shape[1] <= FUSED_MAX_QUERIES and support.can_run(x) and x.is_cuda else "absorbed"
-        attend = {"naive": self._naive, "absorbed": self._absorbed, "sdpa": self._sdpa, "fused": self._fused}[form]
+        if form in ("absorbed", "fused"):
+            gemv = resolve_linear(linear, x) == "gemv"
+            attend = functools.partial(self._absorbed if form == "absorbed" else self._fused, gemv=gemv)
+        else:
+            attend = {"naive": self._naive, "sdpa": self._sdpa}[form]
         o = attend(q_nope, q_rope, latent, k_rope, mask)  # (b, h, t, v)
-        return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))  # (b, t, H)
+        return _linear(self.o_proj, rearrange(o, "b h t d -> b t (h d)"), linear)  # (b, t, H)
 
     def expand_kv(self, latent, k_rope):
         """The naive form's expansion: latent (b, s, r), k_rope (b, s, rope) -> k (b, h, s, qk), v (b, h, s, v)."""
@@ -150,22 +163,37 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.rank)  # (h, nope+v, r)
         return w[:, : self.nope], w[:, self.nope:]
 
-    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask):
+    @staticmethod
+    def fold_query(q_nope, w_uk, gemv: bool = False):
+        """q_nope (b, h, t, nope), W_uk (h, nope, r) -> q_lat (b, h, t, r) = W_uk^T q_nope per head. gemv: as
+        multiply-and-sum in fp32 (for torch.compile, linear.py)."""
+        if gemv:
+            return (q_nope.float()[..., None] * w_uk.float()[:, None]).sum(-2).to(q_nope.dtype)  # (b, h, t, r)
+        return torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (b, h, t, r)
+
+    @staticmethod
+    def unfold_output(o_lat, w_uv, gemv: bool = False):
+        """o_lat (b, h, t, r), W_uv (h, v, r) -> o (b, h, t, v) = W_uv o_lat per head. gemv: as fold_query."""
+        if gemv:
+            return (o_lat.float()[..., None, :] * w_uv.float()[:, None]).sum(-1).to(o_lat.dtype)  # (b, h, t, v)
+        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v)
+
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask, gemv=False):
         w_uk, w_uv = self.kv_b_split()  # (h, nope, r), (h, v, r)
-        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (b, h, t, r): W_uk folded into the query
+        q_lat = self.fold_query(q_nope, w_uk, gemv)  # (b, h, t, r): W_uk folded into the query
         scores = (torch.einsum("bhtr,bsr->bhts", q_lat, latent)  # (b, h, t, s) latent part
                   + torch.einsum("bhtd,bsd->bhts", q_rope, k_rope)) * self.softmax_scale  # + shared rope part
         p = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (b, h, t, s)
         o_lat = torch.einsum("bhts,bsr->bhtr", p, latent)  # (b, h, t, r): attend over the latent
-        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v): W_uv folded into the output
+        return self.unfold_output(o_lat, w_uv, gemv)  # (b, h, t, v): W_uv folded into the output
 
-    def _fused(self, q_nope, q_rope, latent, k_rope, mask):
+    def _fused(self, q_nope, q_rope, latent, k_rope, mask, gemv=False):
         """The absorbed form with its attention over the latent in one Triton kernel (kernels/mla_decode.py):
         the scores never leave the chip and the latent cache is read once. For decoding (a few query tokens)."""
         w_uk, w_uv = self.kv_b_split()  # (h, nope, r), (h, v, r)
-        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (b, h, t, r)
+        q_lat = self.fold_query(q_nope, w_uk, gemv)  # (b, h, t, r)
         o_lat = mla_decode(q_lat, q_rope, latent, k_rope, mask, self.softmax_scale)  # (b, h, t, r)
-        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v)
+        return self.unfold_output(o_lat, w_uv, gemv)  # (b, h, t, v)
 
     def _sdpa(self, q_nope, q_rope, latent, k_rope, mask):
         k, v = self.expand_kv(latent, k_rope)  # (b, h, s, qk), (b, h, s, v)

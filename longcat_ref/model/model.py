@@ -52,13 +52,15 @@ class LongcatLayer(nn.Module):
         self.mlp = MoE(cfg)
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, forms: Forms = REFERENCE):
-        a = dict(mask=mask, cache=cache, cache_position=cache_position, form=forms.attention)  # x (b, t, H)
+        a = dict(mask=mask, cache=cache, cache_position=cache_position, form=forms.attention,
+                 linear=forms.linear)  # x (b, t, H)
         x = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, **a)
         h = self.post_attention_layernorm[0](x)  # (b, t, H): input of both mlp0 and the MoE
-        shortcut = self.mlp.start(h, forms.experts, forms.router)  # MoE on the shortcut (a parallel MoE: its reduction in flight)
-        x = x + self.mlps[0](h)
+        # the MoE on the shortcut (a parallel MoE: its reduction in flight until finish)
+        shortcut = self.mlp.start(h, forms.experts, forms.router, forms.linear)
+        x = x + self.mlps[0](h, forms.linear)
         x = x + self.self_attn[1](self.input_layernorm[1](x), cos, sin, **a)
-        x = x + self.mlps[1](self.post_attention_layernorm[1](x))
+        x = x + self.mlps[1](self.post_attention_layernorm[1](x), forms.linear)
         return x + self.mlp.finish(shortcut)  # (b, t, H): wait for the MoE only here
 
 
@@ -74,10 +76,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if cfg.layer_is_moe[layer_idx] else SwiGLU(H, cfg.ffn_hidden_size)
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, forms: Forms = REFERENCE):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, forms.attention)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, forms.attention,
+                               forms.linear)
         h = self.post_attention_layernorm(x)  # (b, t, H)
-        moe = isinstance(self.mlp, MoE)
-        return x + (self.mlp(h, forms.experts, forms.router) if moe else self.mlp(h))  # (b, t, H)
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp(h, forms.experts, forms.router, forms.linear)  # (b, t, H)
+        return x + self.mlp(h, forms.linear)  # (b, t, H)
 
 
 class Backbone(nn.Module):

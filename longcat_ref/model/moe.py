@@ -47,21 +47,22 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts else None)
         self.last_idx = None  # (n, k) expert ids of the last eager call, for statistics (demo, notebooks)
 
-    def forward(self, x: torch.Tensor, experts: str = "loop", router: str = "plain") -> torch.Tensor:
-        return self.finish(self.start(x, experts, router))
+    def forward(self, x: torch.Tensor, experts: str = "loop", router: str = "plain", linear: str = "plain"):
+        return self.finish(self.start(x, experts, router, linear))
 
-    def start(self, x: torch.Tensor, experts: str = "loop", router: str = "plain"):
+    def start(self, x: torch.Tensor, experts: str = "loop", router: str = "plain", linear: str = "plain"):
         """Begin the MoE: x (b, t, H) -> what `finish` turns into the output. LongCat's layer calls `start` right
         after attention 0 and `finish` only where the shortcut is added, so a parallel MoE's reduction (whose
         `start` returns it in flight) overlaps the dense sublayers in between."""
-        return self.compute(x, experts, router)
+        return self.compute(x, experts, router, linear)
 
     def finish(self, pending) -> torch.Tensor:
         return pending  # (b, t, H): here the output itself (a parallel MoE waits for its reduction here)
 
-    def compute(self, x: torch.Tensor, experts: str = "loop", router: str = "plain") -> torch.Tensor:
+    def compute(self, x: torch.Tensor, experts: str = "loop", router: str = "plain", linear: str = "plain"):
         """x (b, t, H) -> this module's MoE output (b, t, H). experts: the Experts form ("loop" is the reference;
-        any other form also sums the zero experts vectorised, with no host sync); router: the Router form."""
+        any other form also sums the zero experts vectorised, with no host sync); router: the Router form;
+        linear: the shared experts' Linear form."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (n, H), n = b*t
         w, idx = self.router(flat, router)  # (n, k) fp32, (n, k)
@@ -74,7 +75,7 @@ class MoE(nn.Module):
             add(flat, w, idx, self.n_routed, out)  # zero-computation experts
         out = out.view(shape)  # (b, t, H)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+            out = out + self.shared_experts(x, linear)
         return out
 
 

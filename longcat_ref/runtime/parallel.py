@@ -124,9 +124,9 @@ class ParallelMoE(MoE):
         self.add_zero_experts = self.add_zero_experts and rank == 0  # identity output added exactly once
         self.group = group
 
-    def start(self, x, experts: str = "loop", router: str = "plain"):
+    def start(self, x, experts: str = "loop", router: str = "plain", linear: str = "plain"):
         """x (b, t, H) -> the sum over ranks of this rank's share, in flight when this returns."""
-        return funcol.all_reduce(self.compute(x, experts, router), "sum", self.group)  # (b, t, H), async
+        return funcol.all_reduce(self.compute(x, experts, router, linear), "sum", self.group)  # (b, t, H), async
 
     def finish(self, pending):
         return funcol.wait_tensor(pending)  # (b, t, H): the full MoE output (on GPU the host does not block)

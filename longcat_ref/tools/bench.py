@@ -329,9 +329,10 @@ def kernel_stats(dec) -> dict:
 
 
 def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20, attention="absorbed",
-                router="plain"):
+                router="plain", linear="plain"):
     """Seconds per decode step (a replayed CUDA graph on GPU) at context ctx, and the roofline inputs."""
-    dec = Decoder(model, batch, ctx + 4 * steps + 16, compile=compile, forms=Forms(attention, experts, router))
+    forms = Forms(attention, experts, router, linear)
+    dec = Decoder(model, batch, ctx + 4 * steps + 16, compile=compile, forms=forms)
     fill_context(dec, ctx)
     ids = torch.randint(4, model.config.vocab_size, (batch,), device=device)
     dec.step(ids)  # captures the graph on GPU
@@ -354,10 +355,12 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     "compiled_fused": dict(experts="fused", compile=True),  # ... inside a compiled step
     "compiled_fused_mla": dict(experts="fused", attention="fused", compile=True),  # MoE + MLA kernels, plain router
     "compiled_gemv": dict(experts="gemv", compile=True),  # the compiled step of the previous round (gemv experts)
-    "compiled_decode": dict(experts="auto", attention="auto", router="auto", compile=True),  # generate(fast,
-    # compile)'s DECODE forms: on CUDA the MLA, MoE and router kernels (= compiled_fused_mla + the router kernel)
-    "tuned_decode": dict(experts="auto", attention="auto", router="auto", compile="tuned"),  # ... with inductor's
-    # coordinate-descent tuning of its own kernels
+    "compiled_decode": dict(experts="auto", attention="auto", router="auto", linear="auto", compile=True),
+    # generate(fast, compile)'s DECODE forms: on CUDA the MLA, MoE and router kernels, the projections as gemv
+    "compiled_decode_cublas": dict(experts="auto", attention="auto", router="auto", compile=True),  # ... with the
+    # projections through cuBLAS (= compiled_fused_mla + the router kernel)
+    "tuned_decode": dict(experts="auto", attention="auto", router="auto", linear="auto", compile="tuned"),  # ...
+    # with inductor's coordinate-descent tuning of its own kernels
 }
 
 
