@@ -132,6 +132,18 @@ def test_linear_gemv_form_equals_the_module():
         L.Forms(linear="cublas")
 
 
+def test_linear_auto_picks_gemv_only_while_compiling_for_few_tokens_and_small_weights(monkeypatch):
+    from longcat_ref.model import linear as lin
+
+    x1, x8 = torch.zeros(1, 1, 8), torch.zeros(2, 4, 8)
+    assert lin.resolve("auto", x1, 100) == "plain"  # eager: never gemv
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert lin.resolve("auto", x1, 100) == "gemv"
+    assert lin.resolve("auto", x1, lin.GEMV_MAX_WEIGHT + 1) == "plain"  # a large weight stays with cuBLAS
+    assert lin.resolve("auto", x8, 100) == "plain"  # 8 tokens > GEMV_MAX_TOKENS
+    assert lin.resolve("gemv", x8, 10**9) == "gemv" and lin.resolve("plain", x1, 1) == "plain"  # explicit forms
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_decoder_equals_plain_forward(kind):
     """Prefill and every fixed-shape decode step give the logits of a plain forward over the whole sequence."""

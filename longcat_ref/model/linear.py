@@ -12,7 +12,12 @@ Two forms of the same product, chosen per call (`CausalLM.forward(..., forms=For
   SiLU * up or the residual add after) into the same kernel. At batch 1 on a GPU a cuBLAS GEMV of a 1-20 MB
   weight is bound by launch and tail effects rather than by bandwidth (GLM-4.7-Flash runs nine per layer); this
   is the same trick as the experts' "gemv" form (experts.py).
-* "auto": gemv for up to GEMV_MAX_TOKENS tokens while torch.compile traces, plain otherwise.
+* "auto": gemv for up to GEMV_MAX_TOKENS tokens while torch.compile traces and for weights of at most
+  GEMV_MAX_WEIGHT elements, plain otherwise. Why the size cap (one H200, 2026-12-02, docs/perf-run7/): every
+  GLM-4.7-Flash projection is below it (at most 10.5M elements), and gemv made its compiled batch-1 step 6.47 ->
+  5.46 ms; a LongCat-Flash layer with *every* projection as gemv got slower (0.807 -> 0.836 ms), its 12288 x 6144
+  dense down projection taking 72 us as a reduction against ~31 us in cuBLAS, which is near the bandwidth for a
+  weight that large. (The LongCat layer with this cap -- small ones gemv, large ones cuBLAS -- was not timed.)
 
 Only a plain `nn.Linear` (exactly that class, weight in the model dtype) takes the gemv form; any subclass runs its
 own forward. The fp32 sum rounds once to the model dtype, like cuBLAS's fp32 accumulation (the order of the sum
@@ -25,18 +30,20 @@ import torch
 from torch import nn
 
 GEMV_MAX_TOKENS = 4  # "auto": the gemv form for up to this many tokens (decode, a short speculative verify)
+GEMV_MAX_WEIGHT = 16 * 2**20  # "auto": ... and weights of up to this many elements (32 MiB in bf16)
 
 
-def resolve(form: str, x: torch.Tensor) -> str:
-    """"auto" -> "gemv" or "plain" for input x (..., K); other forms unchanged."""
+def resolve(form: str, x: torch.Tensor, weight_numel: int) -> str:
+    """"auto" -> "gemv" or "plain" for input x (..., K) and a weight of weight_numel elements; others unchanged."""
     if form == "auto":
-        return "gemv" if torch.compiler.is_compiling() and x[..., 0].numel() <= GEMV_MAX_TOKENS else "plain"
+        few = x[..., 0].numel() <= GEMV_MAX_TOKENS and weight_numel <= GEMV_MAX_WEIGHT
+        return "gemv" if torch.compiler.is_compiling() and few else "plain"
     return form
 
 
 def linear(m: nn.Module, x: torch.Tensor, form: str = "plain") -> torch.Tensor:
     """m(x) in the given form: x (..., K) -> (..., N)."""
-    if resolve(form, x) == "gemv" and type(m) is nn.Linear:
+    if type(m) is nn.Linear and resolve(form, x, m.weight.numel()) == "gemv":
         y = (x.float()[..., None, :] * m.weight.float()).sum(-1)  # (..., N): fp32 products and sum
         if m.bias is not None:
             y = y + m.bias.float()

@@ -135,7 +135,7 @@ class MLA(nn.Module):
         if form == "auto":  # decoding a few tokens on a GPU: the kernel; otherwise the absorbed einsums
             form = "fused" if x.shape[1] <= FUSED_MAX_QUERIES and support.can_run(x) and x.is_cuda else "absorbed"
         if form in ("absorbed", "fused"):
-            gemv = resolve_linear(linear, x) == "gemv"
+            gemv = resolve_linear(linear, x, self.kv_b_proj.weight.numel() // 2) == "gemv"  # W_uk or W_uv
             attend = functools.partial(self._absorbed if form == "absorbed" else self._fused, gemv=gemv)
         else:
             attend = {"naive": self._naive, "sdpa": self._sdpa}[form]
