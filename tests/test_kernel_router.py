@@ -104,5 +104,10 @@ def test_router_auto_is_plain_off_cuda_and_a_bad_form_is_refused():
         w, idx = moe.router(x, "auto")
         wp, ip = moe.router(x, "fused" if CUDA else "plain")
     assert torch.equal(idx, ip) and torch.equal(w, wp)  # auto == the kernel on CUDA, == plain elsewhere
+    wide = L.tiny_longcat(n_routed_experts=256, zero_expert_num=8)  # 264 > FUSED_MAX_EXPERTS: torch.topk
+    moe = L.init_weights(MoE(wide), seed=2, std=0.2).to(DEV)
+    x = torch.randn(3, wide.hidden_size).to(DEV)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(moe.router(x, "auto"), moe.router(x, "plain")))
     with pytest.raises(ValueError, match="router form 'topk' is not one of"):
         L.Forms(router="topk")

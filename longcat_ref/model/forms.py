@@ -26,9 +26,9 @@ class Forms:
     experts: str = "loop"  # "loop" | "grouped" | "gather" | "gemv" | "fused" (Triton kernels: CUDA)
     #                        | "auto" (the fast one for each call)
     router: str = "plain"  # "plain" (softmax/sigmoid, torch.topk, gather) | "fused" (the selection in one Triton
-    #                        kernel) | "auto" (fused for a few tokens on CUDA, else plain)
+    #                        kernel) | "auto" (fused for a few tokens and up to 256 experts on CUDA, else plain)
     linear: str = "plain"  # "plain" (cuBLAS) | "gemv" (multiply-and-sum, for torch.compile to fuse) | "auto" (gemv
-    #                        for a few tokens while compiling, else plain)
+    #                        for a few tokens and weights up to 16M elements while compiling, else plain)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_FORMS:

@@ -27,6 +27,10 @@ from ..kernels import support
 from ..kernels.router import route
 
 FUSED_MAX_TOKENS = 64  # "auto" routes up to this many tokens in the kernel (one program per token)
+# ... and only for up to this many router experts. Measured on one H200 (2026-12-02, docs/perf-run7/), compiled
+# batch-1 steps: GLM-4.7-Flash (64 experts) 6.706 -> 6.471 ms with the kernel; a LongCat-Flash layer (768 = 512 +
+# 256 zero experts: one program walks a 1,024-wide row 12 times) 0.789 -> 0.807 ms, so LongCat keeps torch.topk.
+FUSED_MAX_EXPERTS = 256
 
 
 class Router(nn.Module):
@@ -65,9 +69,10 @@ class Router(nn.Module):
 
         form: "plain" (below) | "fused": the selection after the matmul in one Triton kernel (kernels/router.py),
         where it can run and for ungrouped routing; the same experts and weights, listed best first | "auto": fused
-        for up to FUSED_MAX_TOKENS tokens on CUDA (decode), else plain."""
+        for up to FUSED_MAX_TOKENS tokens and FUSED_MAX_EXPERTS experts on CUDA (GLM's decode), else plain."""
         if form == "auto":
-            form = "fused" if x.is_cuda and x.shape[0] <= FUSED_MAX_TOKENS else "plain"
+            few = x.shape[0] <= FUSED_MAX_TOKENS and self.n_experts <= FUSED_MAX_EXPERTS
+            form = "fused" if x.is_cuda and few else "plain"
         if form == "fused" and self.n_group == 1 and support.can_run(x):
             logits = F.linear(x.float(), self.weight.float())  # (n, E) fp32
             return route(logits, self.e_score_correction_bias, self.top_k, self.kind == "softmax",
