@@ -113,7 +113,7 @@ def test_linear_gemv_form_equals_the_module():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 24, generator=g)
     for bias in (False, True):
-        m = L.init_weights(torch.nn.Linear(24, 40, bias=bias), seed=1, std=0.2, bias_std=0.1)
+        m = L.init_weights(torch.nn.Linear(24, 40, bias=bias), seed=1, std=0.2)  # the bias too: normal(0, std)
         torch.testing.assert_close(linear(m, x, "gemv"), m(x), atol=1e-5, rtol=1e-5)
         assert torch.equal(linear(m, x, "auto"), m(x)) and torch.equal(linear(m, x), m(x))
 

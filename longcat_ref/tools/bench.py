@@ -358,7 +358,7 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     "compiled_decode": dict(experts="auto", attention="auto", router="auto", linear="auto", compile=True),
     # generate(fast, compile)'s DECODE forms: on CUDA the MLA, MoE and router kernels, the projections as gemv
     "compiled_decode_cublas": dict(experts="auto", attention="auto", router="auto", compile=True),  # ... with the
-    # projections through cuBLAS (= compiled_fused_mla + the router kernel)
+    # projections through cuBLAS (= compiled_fused_mla, plus the router kernel where "auto" picks it: GLM)
     "tuned_decode": dict(experts="auto", attention="auto", router="auto", linear="auto", compile="tuned"),  # ...
     # with inductor's coordinate-descent tuning of its own kernels
 }
