@@ -109,6 +109,7 @@ def test_linear_gemv_form_equals_the_module():
     own forward; "auto" is plain outside torch.compile; the per-head W_uk / W_uv products too."""
     from longcat_ref.model.linear import linear
     from longcat_ref.model.mla import MLA
+    from longcat_ref.model.router import Router
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 24, generator=g)
@@ -128,6 +129,17 @@ def test_linear_gemv_form_equals_the_module():
     torch.testing.assert_close(MLA.fold_query(q, w_uk, gemv=True), MLA.fold_query(q, w_uk), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(MLA.unfold_output(o, w_uv, gemv=True), MLA.unfold_output(o, w_uv),
                                atol=1e-5, rtol=1e-5)
+    for cfg in (L.tiny_longcat(), L.tiny_glm()):  # the router's fp32 logits, its weight in bf16 as loaded
+        router = L.init_weights(Router(cfg), seed=3, std=0.2).bfloat16()
+        h = torch.randn(5, cfg.hidden_size, generator=g).bfloat16()
+        want = h.float() @ router.weight.float().T  # (n, E): the formula, in fp32
+        got = router.logits(h, "gemv")
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(router.logits(h), want, atol=1e-5, rtol=1e-5)
+        w_g, i_g = router(h, "plain", "gemv")
+        w_p, i_p = router(h)
+        assert torch.equal(i_g.sort(-1).values, i_p.sort(-1).values)
     with pytest.raises(ValueError, match="linear form 'cublas' is not one of"):
         L.Forms(linear="cublas")
 

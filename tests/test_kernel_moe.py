@@ -204,8 +204,8 @@ def test_many_tiles_per_scale_block():
     x, w, idx, gu, d = make(3, H, I, 2, 2, seed=6)
     q = quantize_experts(gu, d, (16, 16))
     got = moe_decode._launch(x, w, idx, q["gate_up"], q["down"], 0, q["gate_up_scale"], q["down_scale"], 16, 16,
-                             tiles=(4, 8, 4, 8))
-    close(got, fused_moe_reference(x, w, idx, **q), 1e-5)
+                             tiles=(4, 8, 4, 8))  # (n, k, H) fp32: the weighted outputs per slot
+    close(got.sum(1).to(x.dtype), fused_moe_reference(x, w, idx, **q), 1e-5)
 
 
 def test_tiles_must_divide_the_fp8_block():
@@ -217,10 +217,12 @@ def test_tiles_must_divide_the_fp8_block():
 
 
 def test_tile_heuristic():
-    assert choose_tiles(1, 4, 2048, 1536) == (8, 512, 16, 512)  # GLM-4.7-Flash, one token: 768 and 512 programs
-    assert choose_tiles(8, 4, 2048, 1536) == (32, 512, 32, 512)  # 8 tokens: 1536 and 2048 programs
-    assert choose_tiles(1, 12, 6144, 2048) == (32, 512, 32, 512)  # LongCat-Flash, one token: 768 and 2304
-    assert choose_tiles(1, 4, 2048, 1536, (128, 128), (True, True)) == (8, 512, 16, 512)  # real blocks: the same
+    assert choose_tiles(1, 4, 2048, 1536) == (8, 512, 8, 512)  # GLM-4.7-Flash, one token: 768 and 1024 programs
+    assert choose_tiles(8, 4, 2048, 1536) == (16, 512, 8, 512)  # 8 tokens: 3072 and 8192 programs
+    assert choose_tiles(64, 4, 2048, 1536) == (16, 512, 32, 512)  # 64 tokens: down wide again (16384 programs)
+    assert choose_tiles(1, 12, 6144, 2048) == (16, 512, 8, 512)  # LongCat-Flash, one token: 1536 and 9216
+    assert choose_tiles(1, 4, 2048, 1536, (128, 128), (True, True)) == (8, 512, 16, 512)  # real fp8 blocks: 512
+    assert choose_tiles(1, 12, 6144, 2048, (128, 128), (True, True)) == (32, 512, 32, 512)  # ... programs at least
     assert choose_tiles(3, 4, 40, 24, (8, 16), (True, True)) == (8, 64, 8, 32)  # the block caps the row tiles
     for block in [(16, 16), (32, 32), (8, 128), (24, 48), (128, 128)]:
         for n, k, h, i in [(1, 4, 2048, 1536), (8, 4, 40, 24), (64, 12, 6144, 2048)]:
@@ -235,8 +237,8 @@ def test_column_tiles_spanning_several_scale_blocks():
     q = quantize_experts(gu, d, (8, 16))
     for tiles in [(8, 64, 8, 32), (8, 32, 4, 64)]:
         got = moe_decode._launch(x, w, idx, q["gate_up"], q["down"], 0, q["gate_up_scale"], q["down_scale"], 8, 16,
-                                 tiles=tiles)
-        close(got, fused_moe_reference(x, w, idx, **q), 1e-5)
+                                 tiles=tiles)  # (n, k, H) fp32
+        close(got.sum(1).to(x.dtype), fused_moe_reference(x, w, idx, **q), 1e-5)
 
 
 def test_bad_arguments_are_refused_by_name():
@@ -259,8 +261,9 @@ def test_custom_op_eager_and_compiled_graph():
     q = quantize_experts(gu, d, (16, 16))
     want = fused_moe(x, w, idx, **q)
     op = torch.ops.longcat_ref.fused_moe(x, w, idx, q["gate_up"], q["down"], 0, q["gate_up_scale"], q["down_scale"],
-                                         16, 16)
-    assert torch.equal(op, want)
+                                         16, 16)  # (n, k, H) fp32: the slots, which fused_moe sums
+    assert op.shape == (*idx.shape, H) and op.dtype == torch.float32
+    assert torch.equal(op.sum(1).to(x.dtype), want)
 
     def step(x, w, idx, gate_up, down, gate_up_scale, down_scale):
         y = fused_moe(x * 1, w, idx, gate_up, down, gate_up_scale=gate_up_scale, down_scale=down_scale,
@@ -287,7 +290,7 @@ def test_custom_op_opcheck_and_fake_shape():
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) if torch.is_tensor(t) else t for t in args]
         out = torch.ops.longcat_ref.fused_moe(*fake)
-    assert out.shape == (2, H) and out.dtype == torch.bfloat16
+    assert out.shape == (2, 2, H) and out.dtype == torch.float32  # (n, k, H): the weighted slots
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU error")

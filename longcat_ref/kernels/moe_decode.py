@@ -34,7 +34,12 @@ tiny: a few KB).
         program (p, ob), p = token * k + slot:
             part[p, rows] = w[p] * sum_i W_down[e, rows, i] * act[p, i]     over BLOCK_K chunks of I, fp32
                                                                             rows = [ob*BLOCK_O, +BLOCK_O) of H
-    then  out[token] = sum_j part[token * k + j]     (one small reduction over the k slots: fixed order, no atomics)
+    then  out[token] = sum_j part[token * k + j]     (the sum over the k slots: fixed order, no atomics)
+
+    The custom op returns the partials (n, k, H) and `fused_moe` sums them in ordinary PyTorch: under
+    torch.compile that sum is fused into the kernel that adds the MoE output to the residual stream, instead of
+    two launches of its own (a reduction and a cast) inside the op. (Measured, one H200, 2026-12-02: those two were
+    ~5 us of each of GLM-4.7-Flash's 46 MoE layers at batch 1.)
 
     (The first version looped over the k slots inside each program of kernel 2: n * H / BLOCK_O programs, too few
     loads in flight -- GLM-4.7-Flash's down projection ran at a sixth of the bandwidth on an H200. One program per
@@ -86,6 +91,12 @@ from .fp8_linear import dequantize
 
 WHAT = "fused_moe (the fused MoE decode kernels)"
 TARGET_PROGRAMS = 512  # enough programs in flight to keep an H200's memory busy (~4 per SM on 132 SMs)
+# 16-bit banks, measured (one H200, 2026-12-02, `python -m longcat_ref.tools.tune_moe`, docs/perf-run8/tiles.json):
+# kernel 1's row tile at most 16 (LongCat-Flash: 32 -> 16 rows, 297 -> 281 us per layer), and kernel 2's row tile
+# as narrow as 8 rows until there are DOWN_TARGET_PROGRAMS programs (LongCat-Flash: 32 -> 8 rows, 297 -> 231 us;
+# GLM-4.7-Flash: 16 -> 8 rows, 28.7 -> 26.2 us). FP8 banks kept the first rule: every tile within ~5% there.
+ROW_CAP_16BIT = 16
+DOWN_TARGET_PROGRAMS = 8192
 NUM_WARPS = 4
 
 
@@ -187,12 +198,12 @@ def _pow2_divisor(b: int) -> int:
     return b & -b
 
 
-def _rows_tile(rows: int, row_programs: int, cap: int) -> int:
-    """The widest row tile in 32, 16, 8 that still launches TARGET_PROGRAMS programs, else 8; never more than cap
+def _rows_tile(rows: int, row_programs: int, cap: int, target: int = TARGET_PROGRAMS) -> int:
+    """The widest row tile in 32, 16, 8 that still launches `target` programs, else 8; never more than cap
     or than the rows there are (rounded up to a power of two)."""
     tile = 8
     for t in (32, 16):
-        if row_programs * math.ceil(rows / t) >= TARGET_PROGRAMS:
+        if row_programs * math.ceil(rows / t) >= target:
             tile = t
             break
     return max(1, min(tile, cap, _next_pow2(rows)))
@@ -212,8 +223,10 @@ def choose_tiles(n: int, k: int, H: int, I: int, block=None, fp8=(False, False))
     * Reduction axes (BLOCK_H over H in kernel 1, BLOCK_K over I in kernel 2): up to 512 columns per load, 1 KB of
       a bf16 row, 512 bytes of fp8.
     * Row axes (BLOCK_I over I, BLOCK_O over H): the widest of 32 / 16 / 8 rows that still gives at least
-      TARGET_PROGRAMS programs (n*k * cdiv(I, BLOCK_I) in kernel 1, n*k * cdiv(H, BLOCK_O) in kernel 2). E.g.
-      GLM-4.7-Flash (H=2048, I=1536, k=4), one token: BLOCK_I = 8 (768 programs), BLOCK_O = 16 (512 programs).
+      TARGET_PROGRAMS programs (n*k * cdiv(I, BLOCK_I) in kernel 1, n*k * cdiv(H, BLOCK_O) in kernel 2). For
+      16-bit banks, measured: BLOCK_I at most ROW_CAP_16BIT, and kernel 2 aims at DOWN_TARGET_PROGRAMS programs
+      (narrower down tiles, more loads in flight). E.g. GLM-4.7-Flash (H=2048, I=1536, k=4), one token, bf16:
+      BLOCK_I = 8 (768 programs), BLOCK_O = 8 (1024 programs).
     * FP8 (fp8 = (gate_up is fp8, down is fp8), block = (bo, bi)): a row tile is capped to the largest power of two
       dividing bo, so that its rows lie in one block row; the columns' scales are a vector (see the kernels).
 
@@ -221,9 +234,10 @@ def choose_tiles(n: int, k: int, H: int, I: int, block=None, fp8=(False, False))
     """
     big = 1 << 30
     bo = block[0] if block is not None else big
-    block_i = _rows_tile(I, n * k, _pow2_divisor(bo) if fp8[0] else big)
+    block_i = _rows_tile(I, n * k, _pow2_divisor(bo) if fp8[0] else ROW_CAP_16BIT)
     block_h = max(1, min(512, _next_pow2(H)))
-    block_o = _rows_tile(H, n * k, _pow2_divisor(bo) if fp8[1] else big)
+    block_o = (_rows_tile(H, n * k, _pow2_divisor(bo)) if fp8[1]
+               else _rows_tile(H, n * k, big, DOWN_TARGET_PROGRAMS))
     block_k = max(1, min(512, _next_pow2(I)))
     return block_i, block_h, block_o, block_k
 
@@ -270,8 +284,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the launcher
-def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, bo, bi, tiles=None):
-    """Run the two kernels: (n, H) in x.dtype. tiles=(BLOCK_I, BLOCK_H, BLOCK_O, BLOCK_K) overrides choose_tiles."""
+def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, bo, bi, tiles=None, warps=None):
+    """Run the two kernels: the weighted per-slot outputs (n, k, H) fp32. tiles=(BLOCK_I, BLOCK_H, BLOCK_O, BLOCK_K)
+    overrides choose_tiles, warps=(kernel 1's, kernel 2's) NUM_WARPS (both for tuning scripts)."""
     support.require(x, WHAT)
     _check(x, w, idx, gate_up, down, gate_up_scale, down_scale, bo, bi)
     n, H = x.shape
@@ -286,7 +301,8 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
         raise ValueError(f"fused_moe: with fp8 block ({bo}, {bi}) the row tiles must divide {bo}, so that a tile's "
                          f"rows lie in one block row: got BLOCK_I={block_i}, BLOCK_O={block_o}")
     if n == 0 or k == 0 or E == 0:
-        return torch.zeros(n, H, dtype=x.dtype, device=x.device)
+        return torch.zeros(n, k, H, dtype=torch.float32, device=x.device)
+    warps_1, warps_2 = warps or (NUM_WARPS, NUM_WARPS)
     x = x.contiguous()  # (n, H): tiny
     w = w.contiguous().view(-1)  # (n*k,)
     idx = idx.contiguous().view(-1)  # (n*k,)
@@ -300,15 +316,14 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
         x, idx, gate_up, gus, act,
         first_expert, E, H, I, _cdiv(I, bo_),
         *gate_up.stride(), *gus_st,
-        K=k, BO=bo_, BI=bi_, FP8=fp8[0], BLOCK_I=block_i, BLOCK_H=block_h, num_warps=NUM_WARPS)
+        K=k, BO=bo_, BI=bi_, FP8=fp8[0], BLOCK_I=block_i, BLOCK_H=block_h, num_warps=warps_1)
     part = torch.empty(n * k, H, dtype=torch.float32, device=x.device)  # (n*k, H) weighted, fp32
     _down_kernel[(n * k, triton.cdiv(H, block_o))](
         act, w, idx, down, ds, part,
         first_expert, E, H, I,
         *down.stride(), *ds_st,
-        BO=bo_, BI=bi_, FP8=fp8[1], BLOCK_O=block_o, BLOCK_K=block_k, num_warps=NUM_WARPS)
-    return part.view(n, k, H).sum(1).to(x.dtype)  # (n, H): the sum over slots in fp32, in a fixed order
-    return out
+        BO=bo_, BI=bi_, FP8=fp8[1], BLOCK_O=block_o, BLOCK_K=block_k, num_warps=warps_2)
+    return part.view(n, k, H)  # (n, k, H) fp32: summed over the slots by `fused_moe`
 
 
 # The custom op: torch.compile sees one opaque node with a known output shape (register_fake) and never traces into
@@ -323,7 +338,7 @@ def _fused_moe_op(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: 
 @_fused_moe_op.register_fake
 def _(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, block_o, block_i):
     _check(x, w, idx, gate_up, down, gate_up_scale, down_scale, block_o, block_i)
-    return x.new_empty(x.shape[0], x.shape[1])
+    return x.new_empty(x.shape[0], idx.shape[1], x.shape[1], dtype=torch.float32)  # (n, k, H) fp32
 
 
 def fused_moe(x, w, idx, gate_up, down, *, first_expert=0, gate_up_scale=None, down_scale=None,
@@ -340,10 +355,12 @@ def fused_moe(x, w, idx, gate_up, down, *, first_expert=0, gate_up_scale=None, d
 
     Runs where kernels/support.can_run(x) (CUDA; the CPU under TRITON_INTERPRET=1), else raises a one-line error.
     Fixed launch shapes and no host sync: it can be captured in a CUDA graph; it is the custom op
-    torch.ops.longcat_ref.fused_moe, opaque to torch.compile.
+    torch.ops.longcat_ref.fused_moe, opaque to torch.compile; the op returns the weighted per-slot outputs (n, k, H)
+    fp32, and the sum over slots is here, where the compiler can fuse it with what follows.
     """
     bo, bi = block if block is not None else (0, 0)
-    return _fused_moe_op(x, w, idx, gate_up, down, int(first_expert), gate_up_scale, down_scale, int(bo), int(bi))
+    part = _fused_moe_op(x, w, idx, gate_up, down, int(first_expert), gate_up_scale, down_scale, int(bo), int(bi))
+    return part.sum(1).to(x.dtype)  # (n, H): the sum over the k slots in fp32, in a fixed order, rounded once
 
 
 # ------------------------------------------------------------------------------------------------ the reference

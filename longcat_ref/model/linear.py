@@ -41,11 +41,16 @@ def resolve(form: str, x: torch.Tensor, weight_numel: int) -> str:
     return form
 
 
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """The "gemv" form of x W^T (+ b): x (..., K), W (N, K) -> (..., N) in x.dtype, products and sum in fp32."""
+    y = (x.float()[..., None, :] * weight.float()).sum(-1)  # (..., N): fp32 products and sum
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)  # (..., N), rounded once
+
+
 def linear(m: nn.Module, x: torch.Tensor, form: str = "plain") -> torch.Tensor:
     """m(x) in the given form: x (..., K) -> (..., N)."""
     if type(m) is nn.Linear and resolve(form, x, m.weight.numel()) == "gemv":
-        y = (x.float()[..., None, :] * m.weight.float()).sum(-1)  # (..., N): fp32 products and sum
-        if m.bias is not None:
-            y = y + m.bias.float()
-        return y.to(x.dtype)  # (..., N), rounded once
+        return gemv(x, m.weight, m.bias)  # (..., N)
     return m(x)  # (..., N)

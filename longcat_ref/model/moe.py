@@ -62,10 +62,10 @@ class MoE(nn.Module):
     def compute(self, x: torch.Tensor, experts: str = "loop", router: str = "plain", linear: str = "plain"):
         """x (b, t, H) -> this module's MoE output (b, t, H). experts: the Experts form ("loop" is the reference;
         any other form also sums the zero experts vectorised, with no host sync); router: the Router form;
-        linear: the shared experts' Linear form."""
+        linear: the Linear form of the router's logits and of the shared experts."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (n, H), n = b*t
-        w, idx = self.router(flat, router)  # (n, k) fp32, (n, k)
+        w, idx = self.router(flat, router, linear)  # (n, k) fp32, (n, k)
         if not torch.compiler.is_compiling() and not _capturing(x):
             self.last_idx = idx
         out = torch.zeros_like(flat)  # (n, H)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..kernels import support
 from ..kernels.router import route
+from .linear import gemv, resolve
 
 FUSED_MAX_TOKENS = 64  # "auto" routes up to this many tokens in the kernel (one program per token)
 # ... and only for up to this many router experts. Measured on one H200 (2026-12-02, docs/perf-run7/), compiled
@@ -47,9 +48,16 @@ class Router(nn.Module):
         # model dtype, as transformers does, to stay bit-identical.
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, linear: str = "plain") -> torch.Tensor:
+        """x (n, H) -> fp32 logits x W^T (n, E); linear: the Linear form of model/linear.py (under torch.compile
+        "gemv" is one reduction kernel that reads W in its own dtype, where "plain" first copies W to fp32)."""
+        if resolve(linear, x, self.weight.numel()) == "gemv":
+            return gemv(x.float(), self.weight)  # (n, E) fp32
+        return F.linear(x.float(), self.weight.float())  # (n, E) fp32
+
+    def scores(self, x: torch.Tensor, linear: str = "plain") -> torch.Tensor:
         """x (n, H) -> fp32 scores (n, E): softmax probabilities or sigmoid gates."""
-        logits = F.linear(x.float(), self.weight.float())  # (n, E) fp32
+        logits = self.logits(x, linear)  # (n, E) fp32
         return logits.softmax(dim=-1) if self.kind == "softmax" else logits.sigmoid()
 
     def select(self, s: torch.Tensor) -> torch.Tensor:
@@ -64,8 +72,8 @@ class Router(nn.Module):
             choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, -1)  # masked groups lose
         return choice.topk(self.top_k, dim=-1, sorted=False).indices  # (n, k)
 
-    def forward(self, x: torch.Tensor, form: str = "plain"):
-        """x (n, H) -> weights (n, k) fp32, expert ids (n, k) int64.
+    def forward(self, x: torch.Tensor, form: str = "plain", linear: str = "plain"):
+        """x (n, H) -> weights (n, k) fp32, expert ids (n, k) int64; linear: the logits' Linear form.
 
         form: "plain" (below) | "fused": the selection after the matmul in one Triton kernel (kernels/router.py),
         where it can run and for ungrouped routing; the same experts and weights, listed best first | "auto": fused
@@ -74,10 +82,10 @@ class Router(nn.Module):
             few = x.shape[0] <= FUSED_MAX_TOKENS and self.n_experts <= FUSED_MAX_EXPERTS
             form = "fused" if x.is_cuda and few else "plain"
         if form == "fused" and self.n_group == 1 and support.can_run(x):
-            logits = F.linear(x.float(), self.weight.float())  # (n, E) fp32
+            logits = self.logits(x, linear)  # (n, E) fp32
             return route(logits, self.e_score_correction_bias, self.top_k, self.kind == "softmax",
                          self.norm_topk_prob, self.scaling)
-        s = self.scores(x)  # (n, E) fp32
+        s = self.scores(x, linear)  # (n, E) fp32
         with torch.no_grad():
             idx = self.select(s)  # (n, k)
         w = s.gather(1, idx)  # (n, k): unbiased scores of the winners
