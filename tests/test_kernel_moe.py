@@ -157,6 +157,28 @@ def test_kernel_equals_reference(dtype, n, k, tol):
     assert fused_moe(x, w, idx, gu, d).dtype == dtype
 
 
+@pytest.mark.parametrize("dtype,n,tol", [(torch.float32, 1, 1e-5), (torch.float32, 3, 1e-5), (torch.bfloat16, 2, 2e-2)],
+                         ids=["fp32-n1", "fp32-n3", "bf16-n2"])
+def test_shared_expert_as_a_slot(dtype, n, tol):
+    """shared=(gate, up, down): the shared expert in the same launches, one more slot of weight 1, equals the
+    routed sum plus the shared SwiGLU written out; with every routed slot someone else's, the shared one alone."""
+    x, w, idx, gu, d = make(6, H, I, n, 3, dtype, seed=12)
+    g = torch.Generator(device=DEV).manual_seed(13)
+    sg, su, sd = [(torch.randn(*shape, generator=g, device=DEV) * 0.2).to(dtype) for shape in ((I, H), (I, H), (H, I))]
+    f = lambda t: t.double()  # noqa: E731
+    swiglu = (F.silu(f(x) @ f(sg).T) * (f(x) @ f(su).T)) @ f(sd).T  # (n, H)
+    by_hand = f(fused_moe_reference(x, w, idx, gu, d)) + swiglu
+    got = fused_moe(x, w, idx, gu, d, shared=(sg, su, sd))
+    assert got.dtype == dtype
+    close(got, fused_moe_reference(x, w, idx, gu, d, shared=(sg, su, sd)), tol)
+    close(got.double(), by_hand, tol)
+    nobody = torch.full_like(idx, 99)  # no routed expert is ours: only the shared slot is left
+    close(fused_moe(x, w, idx=nobody, gate_up=gu, down=d, shared=(sg, su, sd)),
+          fused_moe_reference(x, w, nobody, gu, d, shared=(sg, su, sd)), tol)
+    with pytest.raises(ValueError, match="shared must be"):
+        fused_moe(x, w, idx, gu, d, shared=(sg, su, sd[:, :-1]))
+
+
 @pytest.mark.parametrize("block", [(16, 16), (32, 32)], ids=["block16", "block32"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 def test_kernel_fp8_partial_blocks(block, dtype, tol):
@@ -360,3 +382,20 @@ def test_gpu_cuda_graph_and_torch_compile(fp8):
         assert torch.equal(got_y, eager)
         close(got_sum, x + eager, 1e-2)
         close(eager, fused_moe_reference(x, w, idx, **kw), 2e-2)
+
+
+def test_glm_moe_block_folds_its_shared_expert_into_the_kernels():
+    """GLM's MoE block with experts="fused": the shared expert runs as the kernels' last slot (can_fold), and the
+    block equals the readable loop + separate SwiGLU; no shared expert (LongCat) never folds."""
+    import longcat_ref as L
+    from longcat_ref.model.moe import MoE
+
+    cfg = L.tiny_glm()
+    moe = L.init_weights(MoE(cfg), seed=4, std=0.2, bias_std=0.05).to(DEV)
+    assert moe.experts.can_fold(moe.shared_experts)
+    x = torch.randn(2, 3, cfg.hidden_size, generator=torch.Generator().manual_seed(5)).to(DEV)
+    with torch.no_grad():
+        close(moe(x, experts="fused"), moe(x, experts="loop"), 1e-5)
+    assert not moe.experts.can_fold(None)
+    with pytest.raises(ValueError, match="only in the 'fused' form"):
+        moe.experts(x[0], *moe.router(x[0]), torch.zeros_like(x[0]), impl="gather", shared=moe.shared_experts)

@@ -48,6 +48,11 @@ tiny: a few KB).
 Both grids depend only on shapes: no data-dependent launch, no host sync, so the pair can be captured in a CUDA graph
 and, wrapped as the custom op `longcat_ref::fused_moe`, sits opaque inside `torch.compile(fullgraph=True)`.
 
+The shared expert (GLM-4.7-Flash: one SwiGLU of the experts' width, added unweighted) can ride along as one more
+slot per token, `shared=(gate, up, down)`: slot k of each token points at the shared matrices instead of the bank
+and has weight 1, so the dense FFN costs no launches of its own (it would be two reductions per layer). The grids
+become (n*(k+1), ...), and everything else is the same.
+
 Slots that are not ours (zero-computation experts, i.e. idx >= E; other ranks' experts under expert parallelism,
 i.e. idx - first_expert outside [0, E)) are handled with masks: the program's weight loads are all masked off (no
 byte of any expert is read for them), kernel 1 writes zeros and kernel 2 weights them 0.
@@ -111,23 +116,36 @@ if support.have_triton():
         idx_ptr,  # (n*k,) global expert ids, int64 (or int32)
         gu_ptr,  # (E, 2I, H) gate_up bank, x.dtype or fp8, strides s_gu_*
         gus_ptr,  # (E, 2*nbg, ceil(H/bi)) fp32 scales (FP8 only; any tensor otherwise), strides s_gus_*
-        act_ptr,  # (n*k, I) contiguous, x.dtype: the output
+        act_ptr,  # (n*KS, I) contiguous, x.dtype: the output
+        sg_ptr, su_ptr,  # (I, H) the shared expert's gate and up (SHARED only; any tensor otherwise), strides s_sh_*
         first_expert, n_local, H, I, nbg,
-        s_gu_e, s_gu_r, s_gu_c, s_gus_e, s_gus_r, s_gus_c,
-        K: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr, FP8: tl.constexpr,
-        BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+        s_gu_e, s_gu_r, s_gu_c, s_gus_e, s_gus_r, s_gus_c, s_sh_r, s_sh_c,
+        K: tl.constexpr, KS: tl.constexpr, SHARED: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+        FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
     ):
-        p = tl.program_id(0)  # the (token, slot) pair: token * K + slot
+        p = tl.program_id(0)  # the (token, slot) pair: token * KS + slot; KS = K, or K + 1 with the shared expert
         ib = tl.program_id(1)  # which BLOCK_I rows of gate (and of up)
-        tok = p // K
-        e = tl.load(idx_ptr + p).to(tl.int64) - first_expert  # scalar local expert id, int64
+        tok = p // KS
+        slot = p % KS
+        j = tok * K + tl.minimum(slot, K - 1)  # its entry in idx (the shared slot reads a neighbour's, unused)
+        e = tl.load(idx_ptr + j).to(tl.int64) - first_expert  # scalar local expert id, int64
         mine = (e >= 0) & (e < n_local)  # scalar: do we hold this expert?
         e = tl.where(mine, e, 0)  # keep the pointers inside the bank even where every load is masked
+        g_base = gu_ptr + e * s_gu_e  # scalar pointer: gate_e's row 0
+        u_base = g_base + I * s_gu_r  # up_e's row 0 (row I of the stacked matrix)
+        s_r, s_c = s_gu_r, s_gu_c
+        if SHARED:  # the last slot is the shared expert: its own matrices, weight 1
+            sh = slot == K
+            mine = mine | sh
+            g_base = tl.where(sh, sg_ptr, g_base)
+            u_base = tl.where(sh, su_ptr, u_base)
+            s_r = tl.where(sh, s_sh_r, s_gu_r)
+            s_c = tl.where(sh, s_sh_c, s_gu_c)
         i = ib * BLOCK_I + tl.arange(0, BLOCK_I)  # (BLOCK_I,) rows of gate_e, i.e. rows I + i of up_e
         # (a limit of 0 rather than `(i < I) & mine`: Triton 3.9's interpreter turns block & scalar bool into int32)
         imask = i < tl.where(mine, I, 0)  # (BLOCK_I,): not ours -> no row, nothing is loaded
-        g_rows = gu_ptr + e * s_gu_e + i.to(tl.int64)[:, None] * s_gu_r  # (BLOCK_I, 1) row pointers, int64 offsets
-        u_rows = gu_ptr + e * s_gu_e + (i + I).to(tl.int64)[:, None] * s_gu_r  # (BLOCK_I, 1) the same rows of up_e
+        g_rows = g_base + i.to(tl.int64)[:, None] * s_r  # (BLOCK_I, 1) row pointers, int64 offsets
+        u_rows = u_base + i.to(tl.int64)[:, None] * s_r  # (BLOCK_I, 1) the same rows of up_e
         if FP8:  # the tile's rows lie in one block row (BLOCK_I | bo): gate's and up's scale rows, as pointers
             sg_row = gus_ptr + e * s_gus_e + ((ib * BLOCK_I) // BO) * s_gus_r
             su_row = gus_ptr + e * s_gus_e + (nbg + (ib * BLOCK_I) // BO) * s_gus_r
@@ -139,8 +157,8 @@ if support.have_triton():
             hmask = h < H  # (BLOCK_H,)
             xv = tl.load(x_ptr + tok * H + h, mask=hmask, other=0.0).to(tl.float32)  # (BLOCK_H,)
             m = imask[:, None] & hmask[None, :]  # (BLOCK_I, BLOCK_H)
-            wg = tl.load(g_rows + h[None, :] * s_gu_c, mask=m, other=0.0).to(tl.float32)  # (BLOCK_I, BLOCK_H)
-            wu = tl.load(u_rows + h[None, :] * s_gu_c, mask=m, other=0.0).to(tl.float32)  # (BLOCK_I, BLOCK_H)
+            wg = tl.load(g_rows + h[None, :] * s_c, mask=m, other=0.0).to(tl.float32)  # (BLOCK_I, BLOCK_H)
+            wu = tl.load(u_rows + h[None, :] * s_c, mask=m, other=0.0).to(tl.float32)  # (BLOCK_I, BLOCK_H)
             xg, xu = xv, xv
             if FP8:  # W[r, c] x[c] = W8[r, c] (S[r // bo, c // bi] x[c]): the column's scale folded into x
                 xg = xv * tl.load(sg_row + (h // BI) * s_gus_c, mask=h < h_end, other=0.0)  # (BLOCK_H,)
@@ -161,20 +179,33 @@ if support.have_triton():
         idx_ptr,  # (n*k,) global expert ids
         d_ptr,  # (E, H, I) down bank, x.dtype or fp8, strides s_d_*
         ds_ptr,  # (E, ceil(H/bo), ceil(I/bi)) fp32 scales (FP8 only; any tensor otherwise), strides s_ds_*
-        part_ptr,  # (n*k, H) fp32: each slot's weighted output, summed over slots afterwards
+        part_ptr,  # (n*KS, H) fp32: each slot's weighted output, summed over slots afterwards
+        sd_ptr,  # (H, I) the shared expert's down (SHARED only; any tensor otherwise), strides s_sd_*
         first_expert, n_local, H, I,
-        s_d_e, s_d_r, s_d_c, s_ds_e, s_ds_r, s_ds_c,
-        BO: tl.constexpr, BI: tl.constexpr, FP8: tl.constexpr,
-        BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+        s_d_e, s_d_r, s_d_c, s_ds_e, s_ds_r, s_ds_c, s_sd_r, s_sd_c,
+        K: tl.constexpr, KS: tl.constexpr, SHARED: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+        FP8: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        p = tl.program_id(0)  # the (token, slot) pair
+        p = tl.program_id(0)  # the (token, slot) pair: token * KS + slot
         ob = tl.program_id(1)  # which BLOCK_O rows of down (= output features of H)
         o = ob * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
-        e = tl.load(idx_ptr + p).to(tl.int64) - first_expert  # scalar local expert id
+        tok = p // KS
+        slot = p % KS
+        j = tok * K + tl.minimum(slot, K - 1)  # its entry in idx and w
+        e = tl.load(idx_ptr + j).to(tl.int64) - first_expert  # scalar local expert id
         mine = (e >= 0) & (e < n_local)
         e = tl.where(mine, e, 0)
-        wj = tl.where(mine, tl.load(w_ptr + p).to(tl.float32), 0.0)  # scalar router weight, 0 if not ours
-        rows = d_ptr + e * s_d_e + o.to(tl.int64)[:, None] * s_d_r  # (BLOCK_O, 1) row pointers, int64
+        wj = tl.where(mine, tl.load(w_ptr + j).to(tl.float32), 0.0)  # scalar router weight, 0 if not ours
+        d_base = d_ptr + e * s_d_e  # scalar pointer: down_e's row 0
+        s_r, s_c = s_d_r, s_d_c
+        if SHARED:  # the shared expert: its own matrix, weight 1
+            sh = slot == K
+            mine = mine | sh
+            wj = tl.where(sh, 1.0, wj)
+            d_base = tl.where(sh, sd_ptr, d_base)
+            s_r = tl.where(sh, s_sd_r, s_d_r)
+            s_c = tl.where(sh, s_sd_c, s_d_c)
+        rows = d_base + o.to(tl.int64)[:, None] * s_r  # (BLOCK_O, 1) row pointers, int64
         rmask = o < tl.where(mine, H, 0)  # (BLOCK_O,): not ours -> no row, nothing is loaded
         i_end = tl.where(mine, I, 0)  # scalar: the activation's length, 0 if not ours
         if FP8:  # the tile's rows lie in one block row (BLOCK_O | bo)
@@ -186,7 +217,7 @@ if support.have_triton():
             a = tl.load(act_ptr + p * I + c, mask=cmask, other=0.0).to(tl.float32)  # (BLOCK_K,)
             if FP8:  # the column's scale folded into the activation
                 a = a * tl.load(s_row + (c // BI) * s_ds_c, mask=cmask, other=0.0)  # (BLOCK_K,)
-            wd = tl.load(rows + c[None, :] * s_d_c, mask=rmask[:, None] & cmask[None, :],
+            wd = tl.load(rows + c[None, :] * s_c, mask=rmask[:, None] & cmask[None, :],
                          other=0.0).to(tl.float32)  # (BLOCK_O, BLOCK_K)
             y += tl.sum(wd * a[None, :], axis=1)  # (BLOCK_O,)
         tl.store(part_ptr + p * H + o, wj * y, mask=o < H)
@@ -284,8 +315,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ the launcher
-def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, bo, bi, tiles=None, warps=None):
-    """Run the two kernels: the weighted per-slot outputs (n, k, H) fp32. tiles=(BLOCK_I, BLOCK_H, BLOCK_O, BLOCK_K)
+def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, bo, bi, tiles=None, warps=None,
+            shared=None):
+    """Run the two kernels: the weighted per-slot outputs (n, k, H) fp32 -- (n, k + 1, H) with shared = (gate (I, H),
+    up (I, H), down (H, I)), the shared expert as a last slot of weight 1. tiles=(BLOCK_I, BLOCK_H, BLOCK_O, BLOCK_K)
     overrides choose_tiles, warps=(kernel 1's, kernel 2's) NUM_WARPS (both for tuning scripts)."""
     support.require(x, WHAT)
     _check(x, w, idx, gate_up, down, gate_up_scale, down_scale, bo, bi)
@@ -293,7 +326,10 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
     k = idx.shape[1]
     E, I = gate_up.shape[0], gate_up.shape[1] // 2
     fp8 = (gate_up.dtype == torch.float8_e4m3fn, down.dtype == torch.float8_e4m3fn)
-    block_i, block_h, block_o, block_k = tiles or choose_tiles(n, k, H, I, (bo, bi) if any(fp8) else None, fp8)
+    if shared is not None:
+        _check_shared(x, gate_up, shared)
+    ks = k + (shared is not None)  # slots per token
+    block_i, block_h, block_o, block_k = tiles or choose_tiles(n, ks, H, I, (bo, bi) if any(fp8) else None, fp8)
     for t in (block_i, block_h, block_o, block_k):
         if t < 1 or t & (t - 1):
             raise ValueError(f"fused_moe: tiles must be powers of two, got {(block_i, block_h, block_o, block_k)}")
@@ -301,29 +337,46 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
         raise ValueError(f"fused_moe: with fp8 block ({bo}, {bi}) the row tiles must divide {bo}, so that a tile's "
                          f"rows lie in one block row: got BLOCK_I={block_i}, BLOCK_O={block_o}")
     if n == 0 or k == 0 or E == 0:
-        return torch.zeros(n, k, H, dtype=torch.float32, device=x.device)
+        return torch.zeros(n, ks, H, dtype=torch.float32, device=x.device)
     warps_1, warps_2 = warps or (NUM_WARPS, NUM_WARPS)
     x = x.contiguous()  # (n, H): tiny
     w = w.contiguous().view(-1)  # (n*k,)
     idx = idx.contiguous().view(-1)  # (n*k,)
-    act = torch.empty(n * k, I, dtype=x.dtype, device=x.device)  # (n*k, I): silu(gate) * up per (token, slot)
+    act = torch.empty(n * ks, I, dtype=x.dtype, device=x.device)  # (n*ks, I): silu(gate) * up per (token, slot)
     gus = gate_up_scale if fp8[0] else w  # an unused pointer when not fp8 (FP8=False compiles its loads away)
     ds = down_scale if fp8[1] else w
     gus_st = gus.stride() if fp8[0] else (0, 0, 0)
     ds_st = ds.stride() if fp8[1] else (0, 0, 0)
     bo_, bi_ = (bo, bi) if any(fp8) else (1, 1)
-    _gate_up_act_kernel[(n * k, triton.cdiv(I, block_i))](
-        x, idx, gate_up, gus, act,
+    sg, su, sd = shared if shared is not None else (gate_up, gate_up, down)  # unused pointers without SHARED
+    sh_st = sg.stride() if shared is not None else (0, 0)
+    sd_st = sd.stride() if shared is not None else (0, 0)
+    _gate_up_act_kernel[(n * ks, triton.cdiv(I, block_i))](
+        x, idx, gate_up, gus, act, sg, su,
         first_expert, E, H, I, _cdiv(I, bo_),
-        *gate_up.stride(), *gus_st,
-        K=k, BO=bo_, BI=bi_, FP8=fp8[0], BLOCK_I=block_i, BLOCK_H=block_h, num_warps=warps_1)
-    part = torch.empty(n * k, H, dtype=torch.float32, device=x.device)  # (n*k, H) weighted, fp32
-    _down_kernel[(n * k, triton.cdiv(H, block_o))](
-        act, w, idx, down, ds, part,
+        *gate_up.stride(), *gus_st, *sh_st,
+        K=k, KS=ks, SHARED=shared is not None, BO=bo_, BI=bi_, FP8=fp8[0], BLOCK_I=block_i, BLOCK_H=block_h,
+        num_warps=warps_1)
+    part = torch.empty(n * ks, H, dtype=torch.float32, device=x.device)  # (n*ks, H) weighted, fp32
+    _down_kernel[(n * ks, triton.cdiv(H, block_o))](
+        act, w, idx, down, ds, part, sd,
         first_expert, E, H, I,
-        *down.stride(), *ds_st,
-        BO=bo_, BI=bi_, FP8=fp8[1], BLOCK_O=block_o, BLOCK_K=block_k, num_warps=warps_2)
-    return part.view(n, k, H)  # (n, k, H) fp32: summed over the slots by `fused_moe`
+        *down.stride(), *ds_st, *sd_st,
+        K=k, KS=ks, SHARED=shared is not None, BO=bo_, BI=bi_, FP8=fp8[1], BLOCK_O=block_o, BLOCK_K=block_k,
+        num_warps=warps_2)
+    return part.view(n, ks, H)  # (n, ks, H) fp32: summed over the slots by `fused_moe`
+
+
+def _check_shared(x, gate_up, shared):
+    """The shared expert as a slot: 16-bit matrices in x's dtype, gate and up (I, H) with one layout, down (H, I)."""
+    E, I2, H = gate_up.shape
+    sg, su, sd = shared
+    ok = (gate_up.dtype == x.dtype and all(t.dtype == x.dtype and t.device == x.device for t in shared)
+          and tuple(sg.shape) == tuple(su.shape) == (I2 // 2, H) and tuple(sd.shape) == (H, I2 // 2)
+          and sg.stride() == su.stride())
+    if not ok:
+        raise ValueError(f"fused_moe: shared must be (gate (I, H), up (I, H), down (H, I)) with I={I2 // 2}, H={H}, "
+                         f"in x's dtype ({x.dtype}), banks not fp8; got {[(tuple(t.shape), t.dtype) for t in shared]}")
 
 
 # The custom op: torch.compile sees one opaque node with a known output shape (register_fake) and never traces into
@@ -331,18 +384,24 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
 @torch.library.custom_op("longcat_ref::fused_moe", mutates_args=())
 def _fused_moe_op(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                   first_expert: int, gate_up_scale: Optional[torch.Tensor], down_scale: Optional[torch.Tensor],
-                  block_o: int, block_i: int) -> torch.Tensor:
-    return _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, block_o, block_i)
+                  block_o: int, block_i: int, shared_gate: Optional[torch.Tensor] = None,
+                  shared_up: Optional[torch.Tensor] = None, shared_down: Optional[torch.Tensor] = None) -> torch.Tensor:
+    shared = None if shared_gate is None else (shared_gate, shared_up, shared_down)
+    return _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, block_o, block_i, shared=shared)
 
 
 @_fused_moe_op.register_fake
-def _(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, block_o, block_i):
+def _(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, block_o, block_i, shared_gate=None,
+      shared_up=None, shared_down=None):
     _check(x, w, idx, gate_up, down, gate_up_scale, down_scale, block_o, block_i)
-    return x.new_empty(x.shape[0], idx.shape[1], x.shape[1], dtype=torch.float32)  # (n, k, H) fp32
+    if shared_gate is not None:
+        _check_shared(x, gate_up, (shared_gate, shared_up, shared_down))
+    slots = idx.shape[1] + (shared_gate is not None)
+    return x.new_empty(x.shape[0], slots, x.shape[1], dtype=torch.float32)  # (n, slots, H) fp32
 
 
 def fused_moe(x, w, idx, gate_up, down, *, first_expert=0, gate_up_scale=None, down_scale=None,
-              block=None) -> torch.Tensor:
+              block=None, shared=None) -> torch.Tensor:
     """sum_j w[n,j] * expert_{idx[n,j]}(x[n]) -> (n, H) in x.dtype, summed over slots in fp32.
 
     x (n, H) bf16/fp32; w (n, k) fp32 router weights; idx (n, k) int64 GLOBAL expert ids; local id = idx - first_expert;
@@ -357,9 +416,14 @@ def fused_moe(x, w, idx, gate_up, down, *, first_expert=0, gate_up_scale=None, d
     Fixed launch shapes and no host sync: it can be captured in a CUDA graph; it is the custom op
     torch.ops.longcat_ref.fused_moe, opaque to torch.compile; the op returns the weighted per-slot outputs (n, k, H)
     fp32, and the sum over slots is here, where the compiler can fuse it with what follows.
+
+    shared (optional): the shared expert's (gate (I, H), up (I, H), down (H, I)) in x.dtype (16-bit banks of the
+    same width I): computed in the same two launches as one more slot of weight 1, and added to the sum.
     """
     bo, bi = block if block is not None else (0, 0)
-    part = _fused_moe_op(x, w, idx, gate_up, down, int(first_expert), gate_up_scale, down_scale, int(bo), int(bi))
+    sg, su, sd = shared if shared is not None else (None, None, None)
+    part = _fused_moe_op(x, w, idx, gate_up, down, int(first_expert), gate_up_scale, down_scale, int(bo), int(bi),
+                         sg, su, sd)
     return part.sum(1).to(x.dtype)  # (n, H): the sum over the k slots in fp32, in a fixed order, rounded once
 
 
@@ -372,7 +436,7 @@ def _take(bank: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 
 def fused_moe_reference(x, w, idx, gate_up, down, *, first_expert=0, gate_up_scale=None, down_scale=None,
-                        block=None) -> torch.Tensor:
+                        block=None, shared=None) -> torch.Tensor:
     """Plain PyTorch: dequantize (if fp8) the chosen experts' weights in fp32, then the forward_gather math:
     gate,up = x@W_gu^T chunks; a = silu(gate)*up; y = a@W_d^T; sum_j w*y in fp32 (non-local slots weighted 0); cast to
     x.dtype.
@@ -396,4 +460,8 @@ def fused_moe_reference(x, w, idx, gate_up, down, *, first_expert=0, gate_up_sca
     gate, up = torch.einsum("nh,nkih->nki", x, gu).chunk(2, dim=-1)  # (n, k, I) each
     y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, d)  # (n, k, H)
     wk = torch.where(mine, w.float(), 0.0)  # (n, k) fp32
-    return torch.einsum("nkh,nk->nh", y.float(), wk).to(x.dtype)  # (n, H)
+    out = torch.einsum("nkh,nk->nh", y.float(), wk)  # (n, H) fp32
+    if shared is not None:  # the shared expert, weight 1: silu(x G^T) * (x U^T) D^T in x.dtype
+        sg, su, sd = shared
+        out = out + ((F.silu(x @ sg.T) * (x @ su.T)) @ sd.T).float()  # (n, H)
+    return out.to(x.dtype)  # (n, H)

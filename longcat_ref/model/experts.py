@@ -26,7 +26,8 @@ tests/test_fast.py proves them equal):
   expert's weights are read once, in place -- no copy, no sort, no grouped-GEMM tiles that are 1/64 full.
 
 * `forward_fused` ("fused"): the Triton kernels of kernels/moe_decode.py, two launches that read each chosen
-  expert's weights in place (bf16 or kept FP8), for a few decode tokens on a GPU.
+  expert's weights in place (bf16 or kept FP8), for a few decode tokens on a GPU. A shared SwiGLU that `can_fold`
+  (GLM's) is computed in the same launches as one more slot of weight 1 (MoE.compute decides).
 
 "auto" picks fused for up to 64 (token, slot) pairs on CUDA (kept FP8: up to FUSED_MAX_PAIRS), gemv for tiny decode
 batches inside torch.compile, gather for tiny batches on the CPU, grouped otherwise.
@@ -117,17 +118,36 @@ class Experts(nn.Module):
         return F.linear(F.silu(gate) * up, self.down(e, x.dtype))  # (m, H)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, out: torch.Tensor,
-                impl: str = "loop") -> torch.Tensor:
+                impl: str = "loop", shared=None) -> torch.Tensor:
         """Add sum_j w[n,j] * expert_{idx[n,j]}(x[n]) into out (n, H), for the experts this module holds.
 
         x (n, H); w (n, k) fp32; idx (n, k) global expert ids (others -- zero experts, other ranks' -- are skipped).
         impl: "loop" (the readable reference) | "grouped" | "gather" | "gemv" | "auto" (the fast one for this call).
+        shared: a SwiGLU to add too, computed inside the fused kernels (only with impl "fused"; see MoE.compute).
         """
         if impl == "auto":
             impl = self.choose(x, idx)
+        if shared is not None:
+            if impl != "fused":
+                raise ValueError(f"Experts: a shared expert is computed inside the experts only in the 'fused' form, "
+                                 f"not {impl!r}")
+            return self.forward_fused(x, w, idx, out, shared)
         forms = {"loop": self.forward_loop, "grouped": self.forward_grouped, "gather": self.forward_gather,
                  "gemv": self.forward_gemv, "fused": self.forward_fused}
         return forms[impl](x, w, idx, out)
+
+    def can_fold(self, shared) -> bool:
+        """Whether the fused kernels can compute this shared SwiGLU as one more slot: plain nn.Linear matrices in
+        the banks' (16-bit) dtype and of the experts' width (GLM-4.7-Flash's one shared expert, unsharded)."""
+        if self.fp8 or shared is None:
+            return False
+        mods = (shared.gate_proj, shared.up_proj, shared.down_proj)
+        return (all(type(m) is torch.nn.Linear and m.bias is None and m.weight.dtype == self.gate_up_proj.dtype
+                    for m in mods)
+                and tuple(shared.gate_proj.weight.shape) == tuple(shared.up_proj.weight.shape)
+                == (self.inter, self.gate_up_proj.shape[2])
+                and tuple(shared.down_proj.weight.shape) == (self.gate_up_proj.shape[2], self.inter)
+                and shared.gate_proj.weight.stride() == shared.up_proj.weight.stride())
 
     def choose(self, x, idx) -> str:
         """The fast form for this call: on CUDA the fused kernels for up to 64 (token, slot) pairs (FP8 banks: up to
@@ -216,10 +236,13 @@ class Experts(nn.Module):
         wk = torch.where(mine, w, 0.0)  # (n, k) fp32
         return out.add_(torch.einsum("nkh,nk->nh", y, wk).to(out.dtype))
 
-    def forward_fused(self, x, w, idx, out):
-        """The Triton kernels of kernels/moe_decode.py: two launches, the chosen experts read in place (FP8 too)."""
+    def forward_fused(self, x, w, idx, out, shared=None):
+        """The Triton kernels of kernels/moe_decode.py: two launches, the chosen experts read in place (FP8 too);
+        with `shared` (a SwiGLU that `can_fold`) its three matrices as one more slot of weight 1."""
         fp8 = dict(gate_up_scale=self.gate_up_proj_scale_inv, down_scale=self.down_proj_scale_inv,
                    block=self.fp8_block) if self.fp8 else {}
+        if shared is not None:
+            fp8["shared"] = (shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
         y = fused_moe(x, w, idx, self.gate_up_proj, self.down_proj, first_expert=self.first_expert, **fp8)  # (n, H)
         return out.add_(y.to(out.dtype))
 

@@ -69,12 +69,14 @@ class MoE(nn.Module):
         if not torch.compiler.is_compiling() and not _capturing(x):
             self.last_idx = idx
         out = torch.zeros_like(flat)  # (n, H)
-        self.experts(flat, w, idx, out, impl=experts)  # real experts
+        impl = self.experts.choose(flat, idx) if experts == "auto" else experts
+        fold = impl == "fused" and self.experts.can_fold(self.shared_experts)  # the shared expert in the kernels
+        self.experts(flat, w, idx, out, impl=impl, shared=self.shared_experts if fold else None)  # real experts
         if self.add_zero_experts:
             add = add_identity_experts if experts == "loop" else add_identity_experts_vectorised
             add(flat, w, idx, self.n_routed, out)  # zero-computation experts
         out = out.view(shape)  # (b, t, H)
-        if self.shared_experts is not None:
+        if self.shared_experts is not None and not fold:
             out = out + self.shared_experts(x, linear)
         return out
 
