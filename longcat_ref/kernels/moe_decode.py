@@ -368,7 +368,8 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
 
 
 def _check_shared(x, gate_up, shared):
-    """The shared expert as a slot: 16-bit matrices in x's dtype, gate and up (I, H) with one layout, down (H, I)."""
+    """The shared expert as a slot: matrices in x's dtype (banks too, not fp8), gate and up (I, H) with one layout,
+    down (H, I)."""
     E, I2, H = gate_up.shape
     sg, su, sd = shared
     ok = (gate_up.dtype == x.dtype and all(t.dtype == x.dtype and t.device == x.device for t in shared)
@@ -417,8 +418,8 @@ def fused_moe(x, w, idx, gate_up, down, *, first_expert=0, gate_up_scale=None, d
     torch.ops.longcat_ref.fused_moe, opaque to torch.compile; the op returns the weighted per-slot outputs (n, k, H)
     fp32, and the sum over slots is here, where the compiler can fuse it with what follows.
 
-    shared (optional): the shared expert's (gate (I, H), up (I, H), down (H, I)) in x.dtype (16-bit banks of the
-    same width I): computed in the same two launches as one more slot of weight 1, and added to the sum.
+    shared (optional): the shared expert's (gate (I, H), up (I, H), down (H, I)) in x.dtype, of the experts' width
+    I, with banks in x.dtype (not fp8): computed in the same two launches as one more slot of weight 1, and added.
     """
     bo, bi = block if block is not None else (0, 0)
     sg, su, sd = shared if shared is not None else (None, None, None)
