@@ -307,6 +307,9 @@ def test_custom_op_opcheck_and_fake_shape():
 
     x, w, idx, gu, d = make(4, H, I, 2, 2, torch.bfloat16, seed=10)
     torch.library.opcheck(torch.ops.longcat_ref.fused_moe.default, (x, w, idx, gu, d, 0, None, None, 0, 0))
+    shared = [t.contiguous() for t in (gu[0, :I], gu[0, I:], d[0])]  # a shared expert's gate, up, down
+    torch.library.opcheck(torch.ops.longcat_ref.fused_moe.default, (x, w, idx, gu, d, 0, None, None, 0, 0, *shared))
+    assert torch.ops.longcat_ref.fused_moe(x, w, idx, gu, d, 0, None, None, 0, 0, *shared).shape == (2, 3, H)
     q = quantize_experts(gu, d, (16, 16))  # (opcheck's schema check cannot compare fp8 tensors on the CPU)
     args = (x, w, idx, q["gate_up"], q["down"], 0, q["gate_up_scale"], q["down_scale"], 16, 16)
     with FakeTensorMode() as mode:
