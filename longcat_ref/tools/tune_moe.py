@@ -27,9 +27,10 @@ CASES = {  # name: (E experts in the bank, hidden H, expert width I, k slots, fp
     "longcat_bf16": (512, 6144, 2048, 12, False),
     "longcat_fp8": (512, 6144, 2048, 12, True),
 }
-KERNEL_1 = [dict(block_i=bi, block_h=bh, warps=w) for bi, bh, w in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8))]
-KERNEL_2 = [dict(block_o=bo, block_k=bk, warps=w) for bo, bk, w in itertools.product((4, 8, 16, 32, 64), (128, 256, 512, 1024), (4, 8))
-            if bo * bk <= 32768]
+KERNEL_1 = [dict(block_i=bi, block_h=bh, warps=w)
+            for bi, bh, w in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8))]
+KERNEL_2 = [dict(block_o=bo, block_k=bk, warps=w)
+            for bo, bk, w in itertools.product((4, 8, 16, 32, 64), (128, 256, 512, 1024), (4, 8)) if bo * bk <= 32768]
 
 def make_case(name, device, repeats, seed=0):
     """The bank (random values: only the bytes matter), x, and `repeats` router choices of k distinct experts."""
