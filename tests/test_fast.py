@@ -51,11 +51,13 @@ def test_expert_forms_equal(n, first):
     w = torch.rand(n, 3, generator=g)
     ref = ex.forward_loop(x, w, idx, torch.zeros(n, 16))
     assert ref.abs().sum() > 0
-    kernels = ("fused",) if can_run(x) else ()  # the Triton kernels, here in the interpreter (GPU: test_kernel_moe)
+    kernels = ("fused", "grouped_triton") if can_run(x) else ()  # the Triton kernels, here in the interpreter
     for impl in ("grouped", "gather", "gemv", "auto") + kernels:
         with torch.no_grad():
             torch.testing.assert_close(ex(x, w, idx, torch.zeros(n, 16), impl=impl), ref, rtol=1e-5, atol=1e-5,
                                        msg=impl)
+    with pytest.raises(ValueError, match="gemm 'cublas' is not"):
+        ex.forward_grouped(x, w, idx, torch.zeros(n, 16), gemm="cublas")
 
 
 def test_auto_picks_gemv_only_inside_compile(monkeypatch):
@@ -277,8 +279,9 @@ def test_cuda_grouped_experts_equal_loop():
     idx = torch.randint(0, 24, (40, 4), device="cuda", generator=g)
     w = torch.rand(40, 4, device="cuda", generator=g)
     ref = copy.deepcopy(ex).float().forward_loop(x.float(), w, idx, torch.zeros(40, 64, device="cuda"))
-    for impl in ("grouped", "gather", "gemv"):
-        got = getattr(ex, "forward_" + impl)(x, w, idx, torch.zeros(40, 64, device="cuda", dtype=torch.bfloat16))
+    assert ex.choose(x, idx) == "grouped_triton"  # 160 pairs over 16 experts: short groups
+    for impl in ("grouped", "gather", "gemv", "grouped_triton", "fused"):
+        got = ex(x, w, idx, torch.zeros(40, 64, device="cuda", dtype=torch.bfloat16), impl=impl)
         assert float((got.float() - ref).norm() / ref.norm()) < 2e-2, impl
 
 
@@ -293,3 +296,31 @@ def test_fast_generate_on_cuda_captures_and_matches(dtype):
     assert fast.shape == (2, 29)
     if dtype == torch.float32:
         assert torch.equal(fast, m.generate(ids, 24))
+
+
+def test_compiled_static_cache_write_is_in_place():
+    """torch.compile writes a decode token into the StaticCache in place: no kernel of the compiled code runs over a
+    sublayer's whole cache (indexing the stacked tensor inside the step made inductor copy all of it per step)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from longcat_ref.model.cache import StaticCache
+
+    n, b, slots, r, rope = 3, 2, 4099, 24, 8  # odd sizes: a full copy's element count is easy to spot
+    cache = StaticCache(n, b, slots, r, rope)
+
+    def step(latent, k_rope, pos):
+        out = 0
+        for layer in range(n):
+            lat, kr = cache.update(layer, latent * (layer + 1), k_rope, pos)  # (b, slots, r), (b, slots, rope)
+            out = out + lat[:, :2].sum() + kr[:, :2].sum()
+        return out
+
+    torch._dynamo.reset()
+    latent, k_rope, pos = torch.randn(b, 1, r), torch.randn(b, 1, rope), torch.tensor([7])
+    _, code = run_and_get_code(torch.compile(step, fullgraph=True), latent, k_rope, pos)
+    code = "\n".join(code)
+    for full in (b * slots * r, n * b * slots * r, b * slots * rope, n * b * slots * rope):
+        assert f"{full}L" not in code and f"{full})" not in code, f"a loop over {full} cache elements"
+    for layer in range(n):  # and the writes landed
+        torch.testing.assert_close(cache.latent[layer, :, 7], latent[:, 0] * (layer + 1))
+        torch.testing.assert_close(cache.k_rope[layer, :, 7], k_rope[:, 0])

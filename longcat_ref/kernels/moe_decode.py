@@ -397,7 +397,7 @@ def _(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, block_o
     _check(x, w, idx, gate_up, down, gate_up_scale, down_scale, block_o, block_i)
     if shared_gate is not None:
         _check_shared(x, gate_up, (shared_gate, shared_up, shared_down))
-    slots = idx.shape[1] + (shared_gate is not None)
+    slots = idx.shape[1] + (0 if shared_gate is None else 1)  # (an int: a bool would reach the symbolic shape)
     return x.new_empty(x.shape[0], slots, x.shape[1], dtype=torch.float32)  # (n, slots, H) fp32
 
 

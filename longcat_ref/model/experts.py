@@ -9,7 +9,7 @@ It holds only the *routed* experts (512 in LongCat-Flash): zero-computation expe
 handled by the MoE block (moe.py) as identities. (transformers 5.x allocates gate_up_proj for 768 experts; that is
 a bug, see docs in moe.py.)
 
-Five forms of the same sum, chosen per call by `impl` (`CausalLM.forward(..., forms=Forms(experts=...))`;
+Six forms of the same sum, chosen per call by `impl` (`CausalLM.forward(..., forms=Forms(experts=...))`;
 tests/test_fast.py proves them equal):
 
 * `forward_loop` ("loop", the default and the readable reference): for each expert that received tokens, gather
@@ -18,6 +18,10 @@ tests/test_fast.py proves them equal):
 * `forward_grouped` ("grouped"): sort the (token, slot) pairs by expert, then ONE grouped matmul for gate_up and one
   for down (`torch._grouped_mm`: a jagged batch of GEMMs whose group sizes live on the device). No host sync, fixed
   shapes: it can sit inside a CUDA graph. Where the torch build has no grouped matmul: a padded batched matmul.
+  "grouped_triton": the same sort, the two GEMMs in kernels/grouped_gemm.py's Triton kernel (CUDA; FP8 banks on
+  CUDA use it in "grouped" too). For short groups (a decode batch: a few rows per expert) it reads the weights
+  faster than torch._grouped_mm (tools/bench_experts.py, one H200: GLM-4.7-Flash 32 tokens 415 vs 446 us,
+  LongCat-Flash 32 tokens 5.1 vs 6.6 ms).
 * `forward_gather` ("gather"): for a handful of tokens (decode), gather each slot's expert weights and run one
   batched matmul per projection. No sort, no sync; reads k experts' weights per token.
 * `forward_gemv` ("gemv"): the gather form written as multiply-and-sum instead of a matmul. Eagerly that is the
@@ -30,7 +34,8 @@ tests/test_fast.py proves them equal):
   (GLM's) is computed in the same launches as one more slot of weight 1 (MoE.compute decides).
 
 "auto" picks fused for up to 64 (token, slot) pairs on CUDA (kept FP8: up to FUSED_MAX_PAIRS), gemv for tiny decode
-batches inside torch.compile, gather for tiny batches on the CPU, grouped otherwise.
+batches inside torch.compile, gather for tiny batches on the CPU, on CUDA grouped_triton for 16-bit banks while the
+groups are short (at most SHORT_GROUP_ROWS pairs per expert on average), grouped otherwise.
 
 FP8 banks (model/quant.py, `fp8="keep"`): loop, gather and gemv dequantize the experts they read (`gate_up`,
 `down`); grouped runs kernels/grouped_gemm.py on CUDA and dequantizes FP8_CHUNK experts at a time elsewhere.
@@ -55,6 +60,7 @@ from .linear import linear as _linear
 
 FP8_CHUNK = 16  # experts dequantized at a time by the grouped form of an FP8 bank
 FUSED_MAX_PAIRS = 512  # "auto": up to this many (token, slot) pairs an FP8 bank runs the fused kernels
+SHORT_GROUP_ROWS = 16  # "auto": up to this many pairs per expert (decode) 16-bit banks run "grouped_triton"
 
 
 class SwiGLU(nn.Module):
@@ -132,6 +138,8 @@ class Experts(nn.Module):
                 raise ValueError(f"Experts: a shared expert is computed inside the experts only in the 'fused' form, "
                                  f"not {impl!r}")
             return self.forward_fused(x, w, idx, out, shared)
+        if impl == "grouped_triton":
+            return self.forward_grouped(x, w, idx, out, gemm="triton")
         forms = {"loop": self.forward_loop, "grouped": self.forward_grouped, "gather": self.forward_gather,
                  "gemv": self.forward_gemv, "fused": self.forward_fused}
         return forms[impl](x, w, idx, out)
@@ -151,14 +159,17 @@ class Experts(nn.Module):
 
     def choose(self, x, idx) -> str:
         """The fast form for this call: on CUDA the fused kernels for up to 64 (token, slot) pairs (FP8 banks: up to
-        FUSED_MAX_PAIRS); gemv for a few pairs inside torch.compile, gather for a few on the CPU, grouped
-        otherwise."""
+        FUSED_MAX_PAIRS); gemv for a few pairs inside torch.compile, gather for a few on the CPU; on CUDA
+        grouped_triton while 16-bit groups are short (decode batches), grouped otherwise."""
         if x.is_cuda and support.have_triton() and idx.numel() <= (FUSED_MAX_PAIRS if self.fp8 else 64):
             return "fused"  # FP8 banks: the only form that reads FP8 in place
         if idx.numel() <= 16 and torch.compiler.is_compiling():
             return "gemv"
         if idx.numel() <= 64 and x.device.type == "cpu":
             return "gather"
+        if (x.is_cuda and support.have_triton() and not self.fp8
+                and idx.numel() <= SHORT_GROUP_ROWS * self.n_local):
+            return "grouped_triton"  # short groups: the Triton grouped GEMM reads the weights faster
         if x.is_cuda and not grouped_mm_native(x, self.gate_up_proj, self.down_proj):
             # the padded fallback needs a host sync, which a CUDA graph capture cannot contain (e.g. fp32 decode)
             return "gather" if torch.cuda.is_current_stream_capturing() or idx.numel() <= 64 else "grouped"
@@ -180,9 +191,13 @@ class Experts(nn.Module):
         mine = (local >= 0) & (local < self.n_local)  # (n, k)
         return local.clamp(0, self.n_local - 1), mine
 
-    def forward_grouped(self, x, w, idx, out):
+    def forward_grouped(self, x, w, idx, out, gemm: str = "torch"):
+        """gemm: which grouped GEMM multiplies 16-bit banks: "torch" (torch._grouped_mm, cuBLAS/CUTLASS) or
+        "triton" (kernels/grouped_gemm.py, CUDA; FP8 banks on CUDA always use it: it reads FP8 in place)."""
+        if gemm not in ("torch", "triton"):
+            raise ValueError(f"Experts.forward_grouped: gemm {gemm!r} is not 'torch' or 'triton'")
         if not self.fp8 or (x.is_cuda and support.have_triton()):  # FP8 on CUDA: a grouped GEMM reading FP8
-            return self._grouped(x, w, idx, out, self.gate_up_proj, self.down_proj, self.first_expert)
+            return self._grouped(x, w, idx, out, self.gate_up_proj, self.down_proj, self.first_expert, gemm)
         # FP8 banks elsewhere: dequantize FP8_CHUNK experts at a time and run the same grouped form on them, as if
         # they were an expert-parallel shard (the others' slots are weighted 0 there). No host sync; the temporary
         # weights are FP8_CHUNK experts' worth.
@@ -191,7 +206,7 @@ class Experts(nn.Module):
             self._grouped(x, w, idx, out, self.gate_up(c, x.dtype), self.down(c, x.dtype), self.first_expert + c0)
         return out
 
-    def _grouped(self, x, w, idx, out, gate_up, down, first):
+    def _grouped(self, x, w, idx, out, gate_up, down, first, gemm="torch"):
         n, k = idx.shape
         E = gate_up.shape[0]
         local = idx - first  # (n, k)
@@ -206,11 +221,15 @@ class Experts(nn.Module):
         if gate_up.dtype == torch.float8_e4m3fn:  # kept FP8 (CUDA): kernels/grouped_gemm.py reads it in place
             h = grouped_gemm(xs, gate_up, ends, scale=self.gate_up_proj_scale_inv, block=self.fp8_block,
                              split_rows=self.inter)  # (n*k, 2I)
+        elif gemm == "triton":
+            h = grouped_gemm(xs, gate_up, ends)  # (n*k, 2I); rows past ends[-1] are 0
         else:
             h = grouped_mm(xs, gate_up.transpose(1, 2), ends)  # (n*k, 2I); rows past ends[-1] are junk
         gate, up = h.chunk(2, dim=-1)  # (n*k, I) each
         if down.dtype == torch.float8_e4m3fn:
             y = grouped_gemm(F.silu(gate) * up, down, ends, scale=self.down_proj_scale_inv, block=self.fp8_block)
+        elif gemm == "triton":
+            y = grouped_gemm(F.silu(gate) * up, down, ends)  # (n*k, H)
         else:
             y = grouped_mm(F.silu(gate) * up, down.transpose(1, 2), ends)  # (n*k, H)
         ys = torch.empty_like(y)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ATTENTION_FORMS = ("naive", "absorbed", "sdpa", "fused", "auto")  # mla.py ("fused": kernels/mla_decode.py)
-EXPERT_FORMS = ("loop", "grouped", "gather", "gemv", "fused", "auto")  # experts.py ("fused": kernels/moe_decode.py)
+EXPERT_FORMS = ("loop", "grouped", "grouped_triton", "gather", "gemv", "fused", "auto")  # experts.py ("fused":
+#   kernels/moe_decode.py; "grouped_triton": the grouped form's GEMMs in kernels/grouped_gemm.py)
 ROUTER_FORMS = ("plain", "fused", "auto")  # router.py ("fused": kernels/router.py)
 LINEAR_FORMS = ("plain", "gemv", "auto")  # linear.py (the dense projections; "gemv": inside torch.compile)
 
@@ -23,7 +24,7 @@ class Forms:
     attention: str = "naive"  # "naive" | "absorbed" (attend over the latent) | "sdpa" (naive through SDPA)
     #                           | "fused" (absorbed, its attention in one Triton kernel: CUDA)
     #                           | "auto" (fused for a few query tokens on CUDA, else absorbed)
-    experts: str = "loop"  # "loop" | "grouped" | "gather" | "gemv" | "fused" (Triton kernels: CUDA)
+    experts: str = "loop"  # "loop" | "grouped" | "grouped_triton" | "gather" | "gemv" | "fused" (Triton: CUDA)
     #                        | "auto" (the fast one for each call)
     router: str = "plain"  # "plain" (softmax/sigmoid, torch.topk, gather) | "fused" (the selection in one Triton
     #                        kernel) | "auto" (fused for a few tokens and up to 256 experts on CUDA, else plain)

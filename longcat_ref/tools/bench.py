@@ -655,7 +655,8 @@ def bench_b1(args, ceil, res) -> dict:
     res["rows"] = []
     _, _, layer = longcat_layer(device, dtype, 4096, small)  # our layer; its weights came from transformers'
     variants = args.b1_variants.split(",")
-    b1_rows(layer.requires_grad_(False), "longcat_layer", 64 if small else 1024, device, ceil, res["rows"], variants)
+    b1_rows(layer.requires_grad_(False), "longcat_layer", 64 if small else 1024, device, ceil, res["rows"], variants,
+            args.b1_batch)
     del layer
     torch.cuda.empty_cache() if device != "cpu" else None
     if args.b1_layer_only:
@@ -664,27 +665,27 @@ def bench_b1(args, ceil, res) -> dict:
         glm = CausalLM(tiny_glm() if small else glm_4_7_flash()).to(dtype)
     glm = glm.to_empty(device=device).eval().requires_grad_(False)
     synth_(glm)
-    b1_rows(glm, "glm", 128, device, ceil, res["rows"], variants)
+    b1_rows(glm, "glm", 128, device, ceil, res["rows"], variants, args.b1_batch)
     return res
 
 
-def b1_rows(model, name, ctx, device, ceil, rows, variants=("graph", "compiled")):
+def b1_rows(model, name, ctx, device, ceil, rows, variants=("graph", "compiled"), batch=1):
     for variant in variants:
         torch._dynamo.reset()
         t0 = time.perf_counter()
-        t, dec = ours_decode(model, 1, ctx, device, **VARIANTS[variant])
+        t, dec = ours_decode(model, batch, ctx, device, **VARIANTS[variant])
         if any(m.last_idx is None for m in model.moe_blocks()):  # a compiled step records no routing: one eager
             with torch.no_grad():  # step on the same token gives the experts it touches (for the roofline)
                 model(dec.ids[:, None], forms=DECODE)
-        row = dict(model=name, ctx=ctx, variant=variant, ours_s=t, tok_s=1 / t,
-                   setup_wall_s=time.perf_counter() - t0, **decode_roofline(model, 1, ctx, ceil))
+        row = dict(model=name, ctx=ctx, batch=batch, variant=variant, ours_s=t, tok_s=batch / t,
+                   setup_wall_s=time.perf_counter() - t0, **decode_roofline(model, batch, ctx, ceil))
         row["over_roofline"] = t / row["roofline_s"]
         if dec.graphs:
             row.update(kernel_stats(dec))
         rows.append(row)
         del dec
         checkpoint()
-        print(f"  b1 {name} ctx={ctx} {variant}: {t * 1e3:.3f} ms = {1 / t:,.0f} tok/s, roofline "
+        print(f"  b1 {name} b={batch} ctx={ctx} {variant}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s, roofline "
               f"{row['roofline_s'] * 1e3:.3f} ms ({row['over_roofline']:.2f}x), "
               f"{row.get('kernels_per_step', '?')} kernels (setup {row['setup_wall_s']:.0f} s)", flush=True)
 
@@ -894,6 +895,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step (layer)")
     ap.add_argument("--b1-layer-only", action="store_true", help="b1: the LongCat layer only (skip the full GLM)")
+    ap.add_argument("--b1-batch", type=int, default=1, help="b1: the decode step's batch (default 1; e.g. 32 for "
+                    "the batch-32 step's profile)")
     ap.add_argument("--b1-variants", default="graph,compiled",
                     help=f"b1: comma-separated decode variants, of {', '.join(VARIANTS)}")
     ap.add_argument("--e2e-variants", default="fast,fast_compile,hf",
