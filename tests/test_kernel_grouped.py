@@ -211,12 +211,14 @@ def test_custom_op_opcheck_and_fake_shape():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     a, b, ends = make([2, 0, 5], 24, 32, torch.float32, seed=7)
-    torch.library.opcheck(torch.ops.longcat_ref.grouped_gemm.default, (a, b, ends, None, None, None))
+    bm = gg.choose_tiles(a.shape[0], 24, 32, 3, a.dtype)[0]
+    tiles = gg._tile_map(ends, a.shape[0], bm, a.shape[0] // bm + 1 + 3)  # (group, row0, row_end)
+    torch.library.opcheck(torch.ops.longcat_ref.grouped_gemm.default, (a, b, *tiles, bm, None, None, None))
     q, s = quantize_blockwise(b, (16, 16))  # (opcheck cannot compare fp8 tensors on the CPU: the fake shape only)
-    real = (a.bfloat16(), q, ends, s)
+    real = (a.bfloat16(), q, *tiles, s)
     with FakeTensorMode() as mode:
         args = [mode.from_tensor(t) for t in real]
-        out = torch.ops.longcat_ref.grouped_gemm(*args[:3], args[3], [16, 16], None)
+        out = torch.ops.longcat_ref.grouped_gemm(*args[:5], bm, args[5], [16, 16], None)
     assert out.shape == (a.shape[0], 24) and out.dtype == torch.bfloat16
 
 

@@ -14,10 +14,11 @@ The tile -> group map (what vLLM's moe_align_block_size does, written plainly). 
 multiple of BM: group g then occupies exactly tiles_g = cdiv(size_g, BM) M-tiles of BM rows, and the tiles of all
 groups, one after another, number at most
 
-    sum_g cdiv(size_g, BM)  <=  sum_g (size_g / BM + 1)  =  m / BM + G  <=  cdiv(m, BM) + G   (= n_tiles)
+    sum_g cdiv(size_g, BM)  <=  sum_g (size_g / BM + 1)  =  m / BM + G  <=  floor(m / BM) + 1 + G   (= n_tiles)
 
 which depends on the shapes (m, G, BM) only. The grid is n_tiles x cdiv(N, BN) programs, every call the same. A few
-device-side torch ops (`_tile_map`, no host sync) turn `ends` into, for each tile index t:
+device-side torch ops (`_tile_map`, no host sync) turn `ends` into, for each tile index t (they run in the wrapper,
+outside the opaque custom op, where torch.compile fuses them):
 
     tiles_g     = cdiv(size_g, BM)                          (G,)  an empty group has no tile
     tile_end    = cumsum(tiles_g)                           (G,)  tile_end[g-1] <= t < tile_end[g]: t is g's
@@ -215,20 +216,29 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, *, scale:
     support.require(a, "the grouped GEMM kernel")
     _check(a, b, ends, scale, block, split_rows)
     _k_step(b.shape[2], a.dtype, block)  # a block width the kernel cannot step through: ValueError here
-    return torch.ops.longcat_ref.grouped_gemm(a, b, ends, scale, None if block is None else list(block), split_rows)
+    (m, K), (G, N) = a.shape, b.shape[:2]
+    bm = choose_tiles(m, N, K, G, a.dtype, block)[0]
+    n_tiles = m // bm + 1 + G  # >= cdiv(m, bm) + G: the bound on the padded groups' tiles (module doc)
+    # The tile map is plain torch ops here, outside the opaque op, so that torch.compile fuses them into a kernel
+    # or two (and shares them between the gate_up and down GEMMs of one MoE call: same rows, same groups); inside
+    # the op they ran eagerly as ~20 small kernels per call.
+    group, row0, row_end = _tile_map(ends, m, bm, n_tiles)  # (n_tiles,) each, on the device
+    return torch.ops.longcat_ref.grouped_gemm(a, b, group, row0, row_end, bm, scale,
+                                              None if block is None else list(block), split_rows)
 
 
 @torch.library.custom_op("longcat_ref::grouped_gemm", mutates_args=())
-def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, scale: torch.Tensor | None,
-                     block: list[int] | None, split_rows: int | None) -> torch.Tensor:
+def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, row0: torch.Tensor,
+                     row_end: torch.Tensor, bm: int, scale: torch.Tensor | None, block: list[int] | None,
+                     split_rows: int | None) -> torch.Tensor:
+    """The kernel launch, given the tile map (`_tile_map`: each M-tile's group and row range) and its BM."""
     m, K = a.shape
     G, N = b.shape[:2]
     out = torch.zeros(m, N, device=a.device, dtype=a.dtype)  # (m, N): rows of no group stay 0
     if m == 0 or N == 0 or G == 0:
         return out
-    bm, bn, bk, warps = choose_tiles(m, N, K, G, a.dtype, block)
-    n_tiles = math.ceil(m / bm) + G  # the bound on the padded groups' tiles (module doc)
-    group, row0, row_end = _tile_map(ends, m, bm, n_tiles)  # (n_tiles,) each, on the device
+    _, bn, bk, warps = choose_tiles(m, N, K, G, a.dtype, block)
+    n_tiles = group.shape[0]
     if scale is None:
         s, sb_n, sb_k, nb_n, nb_k, split, nbg = out, 1, 1, 0, 0, N, 0  # (s unused: HAS_SCALE=False)
     else:
@@ -245,5 +255,5 @@ def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, scale
 
 
 @_grouped_gemm_op.register_fake
-def _(a, b, ends, scale, block, split_rows):
+def _(a, b, group, row0, row_end, bm, scale, block, split_rows):
     return a.new_empty(a.shape[0], b.shape[1])
