@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepared for the next one-H200 session (not run yet). Each line is one device call (10 minutes at most).
+# Prepared for the 2026-12-02 evening session, and run there: docs/perf-run9/README.md has the results.
 #   1. the kernel tests on the GPU (the shared-expert slot has only run in Triton's interpreter), then the compiled
 #      batch-1 step with the shared expert folded into the fused MoE kernels
 #   2. GLM end to end at batch 1, ours and transformers' best setting in the same run

@@ -423,6 +423,9 @@ def fused_moe(x, w, idx, gate_up, down, *, first_expert=0, gate_up_scale=None, d
     """
     bo, bi = block if block is not None else (0, 0)
     sg, su, sd = shared if shared is not None else (None, None, None)
+    # contiguous here, outside the opaque op: torch.compile then writes x, w, idx contiguously where they are made
+    # (inside the op a strided input cost one eager copy kernel per call)
+    x, w, idx = x.contiguous(), w.contiguous(), idx.contiguous()  # (n, H), (n, k), (n, k)
     part = _fused_moe_op(x, w, idx, gate_up, down, int(first_expert), gate_up_scale, down_scale, int(bo), int(bi),
                          sg, su, sd)
     return part.sum(1).to(x.dtype)  # (n, H): the sum over the k slots in fp32, in a fixed order, rounded once
