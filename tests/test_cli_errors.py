@@ -108,6 +108,8 @@ def test_an_unexpected_exception_is_one_line(capsys, ckpt, monkeypatch):
     (["-m", "longcat_ref.tools.train", "--out", "/proc/no/such/dir"], "--out"),
     (["-m", "longcat_ref.runtime.plan", "--gpu-gib", "nan"], "--gpu-gib"),
     (["-m", "longcat_ref.runtime.plan", "--model", "/no/such/dir"], "/no/such/dir"),
+    (["-m", "longcat_ref.tools.bench_experts", "--case", "nope"], "nope"),
+    (["-m", "longcat_ref.tools.bench_experts", "--tokens", "4,x"], "--tokens"),
 ])
 def test_train_and_plan_keep_their_contract(argv, word):
     r = run_cli(*argv)

@@ -10,6 +10,7 @@ token count n, it times `Experts.forward` in each form on n tokens routed to k d
                    in place (an expert chosen by two tokens is read twice, from L2 if the two are close in time)
     grouped        the pairs sorted by expert, two torch._grouped_mm (cuBLAS/CUTLASS): each expert read once
     grouped_triton the same sort, kernels/grouped_gemm.py's Triton grouped GEMM instead of torch._grouped_mm
+                   (`Forms(experts=...)` names these forms; "auto" chooses among them by this table)
     gather         each pair's expert gathered into a (n, k, 2I, H) copy, then batched matmuls (small n only)
 
 Each timing replays a CUDA graph of R calls whose routings differ (R random draws), so the weights come from
@@ -27,18 +28,14 @@ import time
 
 import torch
 
+from .tune_moe import graph_us
+
 CASES = {  # name: (E experts, hidden H, expert width I, k slots)
     "glm": (64, 2048, 1536, 4),
     "longcat": (512, 6144, 2048, 12),
 }
 FORMS = ("fused", "grouped", "grouped_triton", "gather")
 GATHER_MAX_PAIRS = 64  # the gather form copies n * k experts: beyond this it is neither fast nor small
-
-
-def run_form(experts, form, x, w, idx, out):
-    if form == "grouped_triton":
-        return experts.forward_grouped(x, w, idx, out, gemm="triton")
-    return experts.forward(x, w, idx, out, impl=form)
 
 
 def time_form(experts, form, n, k, repeats, trials=5, seed=0):
@@ -54,24 +51,9 @@ def time_form(experts, form, n, k, repeats, trials=5, seed=0):
 
     def run():
         for idx in idxs:
-            run_form(experts, form, x, w, idx, out)
+            experts(x, w, idx, out, impl=form)
 
-    run()  # compile the Triton kernels outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    graph.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(trials):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / repeats)
-    return best, touched
+    return graph_us(run, repeats, trials), touched
 
 
 def bench_case(name, tokens, forms, repeats, deadline):
@@ -121,10 +103,16 @@ def main(argv=None) -> int:
         print(f"error: unknown case or form {bad}; cases: {', '.join(CASES)}; forms: {', '.join(FORMS)}",
               file=sys.stderr)
         return 2
+    try:
+        tokens = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        tokens = []
+    if not tokens or min(tokens) < 1:
+        print(f"error: --tokens {args.tokens!r}: give comma-separated positive integers, e.g. 1,8,32", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: bench_experts times CUDA kernels and needs a GPU", file=sys.stderr)
         return 2
-    tokens = [int(t) for t in args.tokens.split(",")]
     deadline = time.monotonic() + args.time_limit
     res = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
                device=torch.cuda.get_device_name(), rows=[])

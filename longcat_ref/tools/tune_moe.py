@@ -64,7 +64,13 @@ def time_launch(case, tiles, warps, repeats, trials=5):
         for idx in idxs:
             moe_decode._launch(x, w, idx, gate_up, down, 0, gus, ds, bo, bi, tiles=tiles, warps=warps)
 
-    run()  # compile the Triton variants outside the capture
+    return graph_us(run, repeats, trials)
+
+
+def graph_us(run, repeats, trials=5) -> float:
+    """Microseconds per call of `run()` (which makes `repeats` calls): run once eagerly (compiling the Triton
+    kernels outside the capture), capture it as a CUDA graph, replay; the best of `trials` replays."""
+    run()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
