@@ -192,6 +192,44 @@ def test_generate_fast_equals_plain(kind):
     assert len(m._decoders) == 2  # batch 3 and batch 1, one bucket each
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefill_graph_pads_to_the_bucket_and_gives_the_same_tokens(kind):
+    """prefill_graph=True: the prompt left-padded to its bucket (on the CPU eagerly, the same padding) gives the
+    plain path's tokens, greedy and sampled, already-padded rows included; the cache then holds the bucket."""
+    from longcat_ref.model.generate import prompt_bucket
+
+    m = tiny(kind)
+    ids, mask = padded_batch(5)  # (3, 10), rows 0 and 2 left-padded already
+    a = m.generate(ids, max_new_tokens=8, attention_mask=mask)
+    b = m.generate(ids, max_new_tokens=8, attention_mask=mask, fast=True, prefill_graph=True)
+    assert torch.equal(a, b)
+    dec = next(d for d in m._decoders.values() if d.prefill_graph)
+    assert list(dec.prefills) == [prompt_bucket(10)] == [16] and dec.length == 16 + 7  # bucket + decoded steps
+    a = m.generate(ids[:1, 3:], max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3)
+    b = m.generate(ids[:1, 3:], max_new_tokens=6, temperature=0.8, top_p=0.9, seed=3, fast=True, prefill_graph=True)
+    assert torch.equal(a, b)
+    with torch.no_grad():  # the last position's logits themselves, padded prefill against the prompt as it is
+        plain = Decoder(m, 3, 64).prefill(ids, mask)
+        padded = Decoder(m, 3, 64, prefill_graph=True).prefill(ids, mask)
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_graph_falls_back_when_the_bucket_leaves_no_room():
+    m = tiny("longcat")
+    ids = torch.randint(4, 500, (1, 20), generator=torch.Generator().manual_seed(1))  # bucket 32
+    dec = Decoder(m, 1, 40, prefill_graph=True)
+    with torch.no_grad():
+        dec.prefill(ids, room=10)  # 32 + 10 > 40: prefilled as it is
+    assert dec.prefills == {} and dec.length == 20
+    with torch.no_grad():
+        dec.prefill(ids, room=8)  # 32 + 8 fits
+    assert list(dec.prefills) == [32] and dec.length == 32
+    with pytest.raises(ValueError, match="prefill_graph=True captures the fast path"):
+        m.generate(ids, 4, prefill_graph=True)
+    with pytest.raises(ValueError, match="prefill_graph must be True or False"):
+        m.generate(ids, 4, fast=True, prefill_graph="yes")
+
+
 def test_bucket_len():
     from longcat_ref.model.generate import bucket_len
 
@@ -245,7 +283,7 @@ def test_compiled_decode_step_equals_eager_and_compiles_once():
             got = m.generate(p, n, attention_mask=pm, fast=True, compile=True)
             assert torch.equal(got, m.generate(p, n, attention_mask=pm)), p.shape
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-    assert m._decoders[(3, 256, True, m.dtype, m.device)].setup_s > 0  # the one-time compile was timed
+    assert m._decoders[(3, 256, True, False, m.dtype, m.device)].setup_s > 0  # the one-time compile was timed
 
 
 def test_bench_cli_rejects_unknown_section():
@@ -296,6 +334,19 @@ def test_fast_generate_on_cuda_captures_and_matches(dtype):
     assert fast.shape == (2, 29)
     if dtype == torch.float32:
         assert torch.equal(fast, m.generate(ids, 24))
+
+
+@CUDA
+def test_prefill_graph_captures_on_cuda_and_matches():
+    """The prefill captured as a CUDA graph per bucket: fp32 greedy tokens equal the readable path's, for two
+    prompt lengths in one bucket (the second replays the first's graph) and one in another."""
+    m = L.from_pretrained(Path(L.__file__).parent / "assets" / "tiny-longcat", dtype=torch.float32, device="cuda")
+    g = torch.Generator().manual_seed(4)
+    for t in (9, 13, 20):
+        ids = torch.randint(4, m.config.vocab_size, (2, t), generator=g).cuda()
+        assert torch.equal(m.generate(ids, 12, fast=True, prefill_graph=True), m.generate(ids, 12)), t
+    dec = next(d for d in m._decoders.values() if d.prefill_graph)
+    assert sorted(dec.prefills) == [16, 32] and all(v[2] is not None for v in dec.prefills.values())
 
 
 def test_compiled_static_cache_write_is_in_place():

@@ -159,7 +159,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
              cache_len: int | None = None, *, do_sample: bool | None = None, top_k: int | None = None,
              repetition_penalty: float = 1.0, stop_strings=None, tokenizer=None, pad_token_id=None,
              max_length: int | None = None, streamer=None, past_key_values: DynamicCache | None = None,
-             speculative=False) -> torch.Tensor:
+             speculative=False, prefill_graph: bool = False) -> torch.Tensor:
     """input_ids (b, s) -> (b, s + n) with n <= max_new_tokens (fewer only if every row stopped).
 
     Length: max_new_tokens new tokens, or max_length = prompt + new tokens in total (max_new_tokens wins when both
@@ -192,6 +192,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     fast=True: static cache, fixed-shape decode step, a CUDA graph on GPU (module docstring); compile=True (with
     fast) also torch.compiles that step, once per model and bucket ("tuned": with inductor's coordinate-descent
     tuning, a longer compile). cache_len (fast only): the static cache's size (default: a bucket, `bucket_len`).
+    prefill_graph=True (fast only): the prompt is left-padded to a power-of-two bucket (`prompt_bucket`, masked) and
+    its prefill, a fixed shape then, is captured once per bucket as a CUDA graph and replayed (on the CPU it runs
+    eagerly at the padded shape): an eager prefill of a short prompt is bound by launching ~15k small kernels. Used
+    where the bucket fits the cache with max_new_tokens to spare and b x bucket <= PREFILL_GRAPH_ROWS, else the
+    prompt is prefilled as it is.
     Every option above gives the same tokens with fast=True as without (tests/test_generate.py).
     """
     cfg = model.config
@@ -224,6 +229,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         raise ValueError("streamer must have put() and end() methods (transformers' BaseStreamer protocol)")
     if compile and not fast:
         raise ValueError("compile=True compiles the fast decode step: pass fast=True as well")
+    if prefill_graph not in (True, False):
+        raise ValueError(f"prefill_graph must be True or False, got {prefill_graph!r}")
+    if prefill_graph and not fast:
+        raise ValueError("prefill_graph=True captures the fast path's prefill: pass fast=True as well")
     b, s = input_ids.shape
     if past_key_values is not None:
         if fast:
@@ -247,7 +256,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     pad = pad[0]
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     if (spec := _speculative.as_speculation(speculative)) is not None:
-        extras = dict(top_k=top_k, stop_strings=stop_strings, streamer=streamer, past_key_values=past_key_values)
+        extras = dict(top_k=top_k, stop_strings=stop_strings, streamer=streamer, past_key_values=past_key_values,
+                      prefill_graph=prefill_graph)
         unsupported = [k for k, v in extras.items() if v] + (["repetition_penalty"] if repetition_penalty != 1.0 else [])
         if unsupported:
             raise ValueError(f"speculative decoding does not support {', '.join(unsupported)} yet: drop "
@@ -256,8 +266,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
                                      spec, on_token, fast, cache_len, compile)
 
     if fast:
-        dec = Decoder.get(model, b, cache_len or bucket_len(s + max_new_tokens, cfg), compile=compile)
-        logits = dec.prefill(input_ids, mask)  # (b, vocab)
+        dec = Decoder.get(model, b, cache_len or bucket_len(s + max_new_tokens, cfg), compile=compile,
+                          prefill_graph=prefill_graph)
+        logits = dec.prefill(input_ids, mask, room=max_new_tokens)  # (b, vocab)
         step_fn = dec.step  # nxt (b,) -> (b, vocab): one fixed-shape step
     else:
         cache = DynamicCache.for_model(cfg) if past_key_values is None else past_key_values
@@ -302,6 +313,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
 
 
 # ------------------------------------------------------------------------------------------------- fast decoding
+PREFILL_GRAPH_ROWS = 4096  # prefill_graph: captured prefills of at most this many (batch x bucket) token rows;
+#   beyond, a prefill is compute-bound and the graph's memory pool would hold large activations for nothing
+
+
+def prompt_bucket(t: int, smallest: int = 16) -> int:
+    """The fixed prefill length for a t-token prompt (prefill_graph): the next power of two >= max(t, smallest)."""
+    return max(smallest, 1 << max(0, t - 1).bit_length())
+
+
 def bucket_len(total: int, cfg, smallest: int = 256) -> int:
     """The static cache size for `total` tokens: the next power of two >= max(total, smallest), capped at the
     model's max_position_embeddings. Every prompt + max_new_tokens inside one bucket shares one compiled step."""
@@ -347,7 +367,7 @@ class Decoder:
     keep = 2  # decoders kept per model (each holds a static cache)
 
     def __init__(self, model, batch: int, max_len: int, compile: bool = False, graphs: bool | None = None,
-                 forms=DECODE):
+                 forms=DECODE, prefill_graph: bool = False):
         if max_len > model.config.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds max_position_embeddings="
                              f"{model.config.max_position_embeddings}")
@@ -366,25 +386,36 @@ class Decoder:
         self.logits = None
         self.length = 0  # tokens in the cache (host side, for the overflow check only)
         self.setup_s = None  # wall time of the first step: compile + capture (None until it ran)
+        # prefill_graph: pad each prompt on the left to its bucket (`prompt_bucket`) and run the prefill at that
+        # fixed shape, captured once per bucket as a CUDA graph on GPU (eagerly elsewhere: the same padding)
+        self.prefill_graph = prefill_graph
+        self.prefills = {}  # bucket P -> (ids (b, P), positions (P,), graph or None, logits or None)
 
     @classmethod
-    def get(cls, model, batch: int, max_len: int, compile: bool = False) -> "Decoder":
+    def get(cls, model, batch: int, max_len: int, compile: bool = False, prefill_graph: bool = False) -> "Decoder":
         kept = model.__dict__.setdefault("_decoders", {})  # on the model: freed with it
-        key = (batch, max_len, compile, model.dtype, model.device)
+        key = (batch, max_len, compile, prefill_graph, model.dtype, model.device)
         if key not in kept:
             while len(kept) >= cls.keep:  # free the oldest static cache
                 kept.pop(next(iter(kept)))
-            kept[key] = cls(model, batch, max_len, compile=compile)
+            kept[key] = cls(model, batch, max_len, compile=compile, prefill_graph=prefill_graph)
         return kept[key]
 
     @torch.no_grad()
-    def prefill(self, input_ids, attention_mask=None):
-        """input_ids (b, t) [+ 0/1 attention_mask (b, t), left padding] -> logits (b, vocab) of the last position."""
+    def prefill(self, input_ids, attention_mask=None, room: int = 1):
+        """input_ids (b, t) [+ 0/1 attention_mask (b, t), left padding] -> logits (b, vocab) of the last position.
+
+        room: the tokens still to be decoded after it. With prefill_graph, a prompt whose bucket P leaves that room
+        (P + room <= max_len) and holds at most PREFILL_GRAPH_ROWS token rows (b * P) is padded on the left to P
+        tokens (masked: the same positions and logits) and run at that fixed shape; any other runs as it is."""
         b, t = input_ids.shape
         if b != self.batch or t > self.max_len:
             raise ValueError(f"prefill of {tuple(input_ids.shape)} does not fit batch={self.batch}, "
                              f"max_len={self.max_len}")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        P = prompt_bucket(t)
+        if self.prefill_graph and P + room <= self.max_len and b * P <= PREFILL_GRAPH_ROWS:
+            return self._prefill_bucket(input_ids, mask, P)
         self.attention_mask.zero_()
         self.attention_mask[:, :t] = mask
         pos = torch.arange(t, device=input_ids.device)
@@ -393,6 +424,47 @@ class Decoder:
         self.cache_position.fill_(t)
         self.length = t
         return logits
+
+    def _prefill_bucket(self, input_ids, mask, P):
+        """The prompt left-padded to P tokens in fixed buffers; its prefill replayed (a CUDA graph per P on GPU)."""
+        b, t = input_ids.shape
+        if P not in self.prefills:
+            self.prefills[P] = self._prefill_setup(P)
+        ids, pos, graph, logits = self.prefills[P]
+        ids.zero_()  # (b, P): pad slots hold id 0, masked out below
+        ids[:, P - t:] = input_ids
+        self.attention_mask.zero_()  # (b, max_len)
+        self.attention_mask[:, P - t:P] = mask  # the pads are 0: never attended, positions count real tokens only
+        if graph is not None:
+            graph.replay()
+            logits = logits.clone()  # (b, vocab)
+        else:
+            logits = self._prefill_run(ids, pos)
+        self.cache_position.fill_(P)
+        self.length = P
+        return logits
+
+    def _prefill_run(self, ids, pos):
+        return self.model(ids, attention_mask=self.attention_mask, cache=self.cache, cache_position=pos,
+                          forms=PREFILL, logits_to_keep=1)[:, -1]  # (b, vocab)
+
+    def _prefill_setup(self, P):
+        """Fixed buffers for bucket P; on GPU a warm-up run, then the prefill captured as a CUDA graph. (The
+        warm-up writes slots [0, P) of the cache, which the real prefill then overwrites.)"""
+        dev = self.ids.device
+        ids = torch.zeros(self.batch, P, dtype=torch.long, device=dev)  # (b, P)
+        pos = torch.arange(P, device=dev)  # (P,)
+        if not self.graphs:
+            return ids, pos, None, None
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            self._prefill_run(ids, pos)  # warm-up: kernel compilation, cuBLAS handles
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._prefill_run(ids, pos)  # (b, vocab), a static output
+        return ids, pos, graph, logits
 
     def capture(self):
         """Record one decode step as a CUDA graph (after a warm-up run; the state it advanced is restored)."""

@@ -725,7 +725,9 @@ def bench_e2e(args, ceil, res) -> dict:
             ids = torch.randint(4, V, (batch, plen), device=device, generator=torch.Generator(device).manual_seed(0))
             row = dict(batch=batch, prompt=plen, new_tokens=new)
             variants = [("fast", dict(fast=True)), ("fast_compile", dict(fast=True, compile=True)),
-                        ("fast_compile_tuned", dict(fast=True, compile="tuned"))]
+                        ("fast_compile_tuned", dict(fast=True, compile="tuned")),
+                        ("fast_pg", dict(fast=True, prefill_graph=True)),  # the prefill captured per prompt bucket
+                        ("fast_compile_pg", dict(fast=True, compile=True, prefill_graph=True))]
             variants = [(n, dict(kw, eos_token_id=[])) for n, kw in variants]  # exactly `new` tokens, as transformers
             want = args.e2e_variants.split(",")
             variants = [v for v in variants if v[0] in want]
@@ -900,7 +902,8 @@ def main(argv=None) -> int:
     ap.add_argument("--b1-variants", default="graph,compiled",
                     help=f"b1: comma-separated decode variants, of {', '.join(VARIANTS)}")
     ap.add_argument("--e2e-variants", default="fast,fast_compile,hf",
-                    help="e2e: which of fast, fast_compile, fast_compile_tuned, hf to time")
+                    help="e2e: which of fast, fast_compile, fast_compile_tuned, fast_pg, fast_compile_pg (_pg: "
+                    "prefill_graph=True), hf to time")
     ap.add_argument("--hf-experts", default="batched_mm",
                     help="e2e: transformers' experts_implementation (batched_mm: best at batch 1; grouped_mm: batch 32)")
     ap.add_argument("--batches", default=None, help="e2e: comma-separated batch sizes (default 1,32)")
