@@ -2,6 +2,7 @@
 
     python -m longcat_ref.tools.tune_moe                       # GLM-4.7-Flash and LongCat-Flash shapes, bf16 + fp8
     python -m longcat_ref.tools.tune_moe --cases glm_bf16 --json tiles.json
+    python -m longcat_ref.tools.tune_moe --cases glm_bf16_shared    # with GLM's shared expert as a 5th slot
 
 For each case (a model's expert shapes, one decode token, its k slots) it times the pair of kernels
 (`moe_decode._launch`) for a sweep of one kernel's tiles and warps while the other kernel keeps the heuristic's
@@ -24,6 +25,7 @@ import torch
 
 CASES = {  # name: (E experts in the bank, hidden H, expert width I, k slots, fp8)
     "glm_bf16": (64, 2048, 1536, 4, False),
+    "glm_bf16_shared": (64, 2048, 1536, 4, False),  # + GLM's shared expert as one more slot (what DECODE runs)
     "longcat_bf16": (512, 6144, 2048, 12, False),
     "longcat_fp8": (512, 6144, 2048, 12, True),
 }
@@ -49,7 +51,11 @@ def make_case(name, device, repeats, seed=0):
     x = torch.randn(1, H, device=device, generator=g).to(dtype)
     w = torch.rand(1, k, device=device, generator=g)
     idxs = [torch.randperm(E, device=device, generator=g)[:k].view(1, k) for _ in range(repeats)]
-    weight_bytes = k * (gate_up[0].numel() * gate_up.element_size() + down[0].numel() * down.element_size())
+    slots = k + name.endswith("_shared")
+    if name.endswith("_shared"):  # a shared expert's gate, up, down per call (each layer has its own: not from L2)
+        kw["shared"] = [tuple(torch.empty(*shape, device=device, dtype=dtype).uniform_(-0.05, 0.05, generator=g)
+                              for shape in ((I, H), (I, H), (H, I))) for _ in range(repeats)]
+    weight_bytes = slots * (gate_up[0].numel() * gate_up.element_size() + down[0].numel() * down.element_size())
     return x, w, idxs, gate_up, down, kw, weight_bytes
 
 def time_launch(case, tiles, warps, repeats, trials=5):
@@ -60,9 +66,11 @@ def time_launch(case, tiles, warps, repeats, trials=5):
     gus, ds = kw.get("gate_up_scale"), kw.get("down_scale")
     bo, bi = kw.get("bo", 0), kw.get("bi", 0)
 
+    shareds = kw.get("shared", [None] * len(idxs))
+
     def run():
-        for idx in idxs:
-            moe_decode._launch(x, w, idx, gate_up, down, 0, gus, ds, bo, bi, tiles=tiles, warps=warps)
+        for idx, shared in zip(idxs, shareds):
+            moe_decode._launch(x, w, idx, gate_up, down, 0, gus, ds, bo, bi, tiles=tiles, warps=warps, shared=shared)
 
     return graph_us(run, repeats, trials)
 
@@ -93,7 +101,7 @@ def sweep(name, device, repeats, deadline):
     case = make_case(name, device, repeats)
     E, H, I, k, fp8 = CASES[name]
     nbytes = case[-1]
-    base = moe_decode.choose_tiles(1, k, H, I, (128, 128) if fp8 else None, (fp8, fp8))
+    base = moe_decode.choose_tiles(1, k + name.endswith("_shared"), H, I, (128, 128) if fp8 else None, (fp8, fp8))
     nw = moe_decode.NUM_WARPS
     rows = []
 
