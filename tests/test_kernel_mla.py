@@ -153,6 +153,22 @@ def test_all_masked_split_combines():
         torch.testing.assert_close(out[1, :, 1], x[2][1].mean(0).expand(h, r), atol=1e-5, rtol=1e-5)
 
 
+def test_combine_reads_the_chunks_in_tiles():
+    """More chunks than the merge reads at a time (COMBINE_BLOCK_SP): two steps, the second partial; r = 512 gives
+    several channel blocks per row; whole chunks masked among them."""
+    b, h, t, r, d, S = 1, 3, 1, 512, 16, 640
+    bs = K.block_sizes(r, d, S, 4)[2]  # 16 slots a tile in fp32 at r = 512 -> 40 tiles
+    assert K.split_plan(b, h * t, S, bs, splits=40) == (40, 1) and 40 > K.COMBINE_BLOCK_SP
+    x = inputs(b, h, t, r, d, S, seed=5)
+    valid = torch.ones(b, t, S, dtype=torch.bool, device=DEV)
+    valid[:, :, 5 * bs: 9 * bs] = False  # chunks 5-8 all masked
+    valid[:, :, 33 * bs: 35 * bs] = False  # and two in the second step
+    bias = masked_bias(valid, torch.float32)
+    out = K.mla_decode(*x, bias, 0.1, splits=40)
+    torch.testing.assert_close(out, K.mla_decode_reference(*x, bias, 0.1), **TOL[torch.float32])
+    torch.testing.assert_close(out.double(), exact(*x, bias, 0.1), **TOL[torch.float32])
+
+
 def test_padded_sizes_and_row_masking():
     """r, d not powers of two (nor >= 16) are padded inside; 20 heads (GLM-4.7-Flash) leave padding rows in the
     second 16-row block; the cache is read in place through strides (k_rope a slice of one (b, S, r+d) buffer,
