@@ -226,8 +226,17 @@ def test_prefill_graph_falls_back_when_the_bucket_leaves_no_room():
     assert list(dec.prefills) == [32] and dec.length == 32
     with pytest.raises(ValueError, match="prefill_graph=True captures the fast path"):
         m.generate(ids, 4, prefill_graph=True)
-    with pytest.raises(ValueError, match="prefill_graph must be True or False"):
+    with pytest.raises(ValueError, match="prefill_graph must be None"):
         m.generate(ids, 4, fast=True, prefill_graph="yes")
+
+
+def test_prefill_graph_default_is_off_on_the_cpu():
+    """prefill_graph=None (the default) captures only on CUDA: on the CPU the prompt is prefilled as it is (padding
+    would only cost there). (tests/test_mtp.py runs speculative decoding with fast=True and this default.)"""
+    m = tiny("longcat")
+    ids = torch.randint(4, m.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(2))
+    m.generate(ids, 3, fast=True)
+    assert [d.prefill_graph for d in m._decoders.values()] == [False]
 
 
 def test_bucket_len():
@@ -344,7 +353,7 @@ def test_prefill_graph_captures_on_cuda_and_matches():
     g = torch.Generator().manual_seed(4)
     for t in (9, 13, 20):
         ids = torch.randint(4, m.config.vocab_size, (2, t), generator=g).cuda()
-        assert torch.equal(m.generate(ids, 12, fast=True, prefill_graph=True), m.generate(ids, 12)), t
+        assert torch.equal(m.generate(ids, 12, fast=True), m.generate(ids, 12)), t  # default on CUDA: captured
     dec = next(d for d in m._decoders.values() if d.prefill_graph)
     assert sorted(dec.prefills) == [16, 32] and all(v[2] is not None for v in dec.prefills.values())
 

@@ -159,7 +159,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
              cache_len: int | None = None, *, do_sample: bool | None = None, top_k: int | None = None,
              repetition_penalty: float = 1.0, stop_strings=None, tokenizer=None, pad_token_id=None,
              max_length: int | None = None, streamer=None, past_key_values: DynamicCache | None = None,
-             speculative=False, prefill_graph: bool = False) -> torch.Tensor:
+             speculative=False, prefill_graph: bool | None = None) -> torch.Tensor:
     """input_ids (b, s) -> (b, s + n) with n <= max_new_tokens (fewer only if every row stopped).
 
     Length: max_new_tokens new tokens, or max_length = prompt + new tokens in total (max_new_tokens wins when both
@@ -192,11 +192,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     fast=True: static cache, fixed-shape decode step, a CUDA graph on GPU (module docstring); compile=True (with
     fast) also torch.compiles that step, once per model and bucket ("tuned": with inductor's coordinate-descent
     tuning, a longer compile). cache_len (fast only): the static cache's size (default: a bucket, `bucket_len`).
-    prefill_graph=True (fast only): the prompt is left-padded to a power-of-two bucket (`prompt_bucket`, masked) and
-    its prefill, a fixed shape then, is captured once per bucket as a CUDA graph and replayed (on the CPU it runs
-    eagerly at the padded shape): an eager prefill of a short prompt is bound by launching ~15k small kernels. Used
-    where the bucket fits the cache with max_new_tokens to spare and b x bucket <= PREFILL_GRAPH_ROWS, else the
-    prompt is prefilled as it is.
+    prefill_graph (fast only; default None = True on CUDA, False on the CPU): the prompt is left-padded to a
+    power-of-two bucket (`prompt_bucket`, masked) and its prefill, a fixed shape then, is captured once per bucket
+    as a CUDA graph and replayed (on the CPU it runs eagerly at the padded shape, which only costs there): an eager
+    prefill of a short prompt is bound by launching ~15k small kernels. Used where the bucket fits the cache with
+    max_new_tokens to spare and b x bucket <= PREFILL_GRAPH_ROWS, else the prompt is prefilled as it is. Measured
+    (one H200, 2026-12-02, GLM-4.7-Flash, prompt 128 + 128, compile=True): batch 1 223 tok/s end to end against 183
+    without it, time to first token 32 ms against 154; batch 32 the same speed (1,649 against 1,647 tok/s).
     Every option above gives the same tokens with fast=True as without (tests/test_generate.py).
     """
     cfg = model.config
@@ -229,8 +231,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
         raise ValueError("streamer must have put() and end() methods (transformers' BaseStreamer protocol)")
     if compile and not fast:
         raise ValueError("compile=True compiles the fast decode step: pass fast=True as well")
-    if prefill_graph not in (True, False):
-        raise ValueError(f"prefill_graph must be True or False, got {prefill_graph!r}")
+    if prefill_graph not in (None, True, False):
+        raise ValueError(f"prefill_graph must be None (auto), True or False, got {prefill_graph!r}")
     if prefill_graph and not fast:
         raise ValueError("prefill_graph=True captures the fast path's prefill: pass fast=True as well")
     b, s = input_ids.shape
@@ -257,7 +259,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     if (spec := _speculative.as_speculation(speculative)) is not None:
         extras = dict(top_k=top_k, stop_strings=stop_strings, streamer=streamer, past_key_values=past_key_values,
-                      prefill_graph=prefill_graph)
+                      prefill_graph=prefill_graph is True)  # asked for by name; None (auto) is not a request
         unsupported = [k for k, v in extras.items() if v] + (["repetition_penalty"] if repetition_penalty != 1.0 else [])
         if unsupported:
             raise ValueError(f"speculative decoding does not support {', '.join(unsupported)} yet: drop "
@@ -266,6 +268,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
                                      spec, on_token, fast, cache_len, compile)
 
     if fast:
+        if prefill_graph is None:  # auto: capture where a CUDA graph exists; on the CPU padding would only cost
+            prefill_graph = device.type == "cuda"
         dec = Decoder.get(model, b, cache_len or bucket_len(s + max_new_tokens, cfg), compile=compile,
                           prefill_graph=prefill_graph)
         logits = dec.prefill(input_ids, mask, room=max_new_tokens)  # (b, vocab)

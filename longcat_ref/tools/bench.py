@@ -726,11 +726,18 @@ def bench_e2e(args, ceil, res) -> dict:
             row = dict(batch=batch, prompt=plen, new_tokens=new)
             variants = [("fast", dict(fast=True)), ("fast_compile", dict(fast=True, compile=True)),
                         ("fast_compile_tuned", dict(fast=True, compile="tuned")),
-                        ("fast_pg", dict(fast=True, prefill_graph=True)),  # the prefill captured per prompt bucket
-                        ("fast_compile_pg", dict(fast=True, compile=True, prefill_graph=True))]
+                        ("fast_compile_tuned_pg", dict(fast=True, compile="tuned", prefill_graph=True)),
+                        # the prefill captured per prompt bucket (the default on CUDA since 2026-12-02) / not
+                        ("fast_pg", dict(fast=True, prefill_graph=True)),
+                        ("fast_compile_pg", dict(fast=True, compile=True, prefill_graph=True)),
+                        ("fast_eager_prefill", dict(fast=True, prefill_graph=False)),
+                        ("fast_compile_eager_prefill", dict(fast=True, compile=True, prefill_graph=False))]
             variants = [(n, dict(kw, eos_token_id=[])) for n, kw in variants]  # exactly `new` tokens, as transformers
             want = args.e2e_variants.split(",")
-            variants = [v for v in variants if v[0] in want]
+            if unknown := sorted(set(want) - {n for n, _ in variants} - {"hf"}):
+                raise SystemExit(f"--e2e-variants: unknown {', '.join(unknown)} (see --help)")
+            variants = sorted((v for v in variants if v[0] in want), key=lambda v: want.index(v[0]))  # as asked:
+            # the first one pays the compile; the later ones find inductor's cache warm
             for name, kw in variants:
                 torch._dynamo.reset()
                 first = wall(lambda: ours.generate(ids, new, **kw), device)  # includes the one-time compile/capture
@@ -902,8 +909,9 @@ def main(argv=None) -> int:
     ap.add_argument("--b1-variants", default="graph,compiled",
                     help=f"b1: comma-separated decode variants, of {', '.join(VARIANTS)}")
     ap.add_argument("--e2e-variants", default="fast,fast_compile,hf",
-                    help="e2e: which of fast, fast_compile, fast_compile_tuned, fast_pg, fast_compile_pg (_pg: "
-                    "prefill_graph=True), hf to time")
+                    help="e2e: which of fast, fast_compile, fast_compile_tuned[_pg], fast[_compile]_pg, "
+                    "fast[_compile]_eager_prefill, hf to time, in this order (the first pays the cold compile; _pg: "
+                    "prefill_graph=True, _eager_prefill: False, neither: generate()'s default)")
     ap.add_argument("--hf-experts", default="batched_mm",
                     help="e2e: transformers' experts_implementation (batched_mm: best at batch 1; grouped_mm: batch 32)")
     ap.add_argument("--batches", default=None, help="e2e: comma-separated batch sizes (default 1,32)")
