@@ -315,6 +315,14 @@ def test_cuda_graph_decode_equals_eager(kind):
     torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=2e-2, rtol=2e-2)
 
 
+def test_short_group_bound_grows_with_the_hidden_size():
+    """"auto"'s grouped_triton bound: 16 pairs per expert per 2048 of hidden size (the measured crossovers: GLM,
+    hidden 2048, between 16 and 32; LongCat, hidden 6144, between 48 and 192), never below 16."""
+    from longcat_ref.model.experts import short_group_rows
+
+    assert [short_group_rows(h) for h in (64, 2048, 4095, 6144)] == [16, 16, 16, 48]
+
+
 @CUDA
 def test_cuda_grouped_experts_equal_loop():
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -19,9 +19,9 @@ tests/test_fast.py proves them equal):
   for down (`torch._grouped_mm`: a jagged batch of GEMMs whose group sizes live on the device). No host sync, fixed
   shapes: it can sit inside a CUDA graph. Where the torch build has no grouped matmul: a padded batched matmul.
   "grouped_triton": the same sort, the two GEMMs in kernels/grouped_gemm.py's Triton kernel (CUDA; FP8 banks on
-  CUDA use it in "grouped" too). For short groups (a decode batch: a few rows per expert) it reads the weights
-  faster than torch._grouped_mm (tools/bench_experts.py, one H200: GLM-4.7-Flash 32 tokens 415 vs 446 us,
-  LongCat-Flash 32 tokens 5.1 vs 6.6 ms).
+  CUDA use it in "grouped" too). For short groups (a decode batch, or LongCat-Flash's 2k-token prefill: up to a
+  few dozen rows per expert) it reads the weights faster than torch._grouped_mm (tools/bench_experts.py, one
+  H200: GLM-4.7-Flash 32 tokens 415 vs 446 us, LongCat-Flash 32 tokens 5.1 vs 6.6 ms, 2,048 tokens 12.2 vs 14.0 ms).
 * `forward_gather` ("gather"): for a handful of tokens (decode), gather each slot's expert weights and run one
   batched matmul per projection. No sort, no sync; reads k experts' weights per token.
 * `forward_gemv` ("gemv"): the gather form written as multiply-and-sum instead of a matmul. Eagerly that is the
@@ -35,7 +35,8 @@ tests/test_fast.py proves them equal):
 
 "auto" picks fused for up to 64 (token, slot) pairs on CUDA (kept FP8: up to FUSED_MAX_PAIRS), gemv for tiny decode
 batches inside torch.compile, gather for tiny batches on the CPU, on CUDA grouped_triton for 16-bit banks while the
-groups are short (at most SHORT_GROUP_ROWS pairs per expert on average), grouped otherwise.
+groups are short (`short_group_rows`: at most 16 pairs per expert on average per 2048 of hidden size), grouped
+otherwise.
 
 FP8 banks (model/quant.py, `fp8="keep"`): loop, gather and gemv dequantize the experts they read (`gate_up`,
 `down`); grouped runs kernels/grouped_gemm.py on CUDA and dequantizes FP8_CHUNK experts at a time elsewhere.
@@ -60,7 +61,19 @@ from .linear import linear as _linear
 
 FP8_CHUNK = 16  # experts dequantized at a time by the grouped form of an FP8 bank
 FUSED_MAX_PAIRS = 512  # "auto": up to this many (token, slot) pairs an FP8 bank runs the fused kernels
-SHORT_GROUP_ROWS = 16  # "auto": up to this many pairs per expert (decode) 16-bit banks run "grouped_triton"
+SHORT_GROUP_ROWS = 16  # "auto": 16-bit banks run "grouped_triton" up to this many pairs per expert per 2048 hidden
+
+
+def short_group_rows(hidden: int) -> int:
+    """Up to how many (token, slot) pairs per expert, on average, "auto" runs grouped_triton (16-bit banks, CUDA).
+
+    Where our Triton grouped GEMM stops beating torch._grouped_mm, measured (tools/bench_experts.py, one H200,
+    2026-12-02, docs/perf-run10/experts_tall.json): GLM-4.7-Flash (hidden 2048) between 16 pairs per expert (256
+    tokens: 505 vs 515 us) and 32 (512 tokens: 576 vs 543 us); LongCat-Flash (hidden 6144) between 48 (2,048 tokens:
+    12.2 vs 14.0 ms) and 192 (8,192 tokens: 32.5 vs 23.4 ms). Longer rows (a larger hidden size) keep the weight
+    reads dominant over more rows, so the bound grows with it: 16 per 2048 of hidden size, a fit to those two
+    crossovers rather than a model of the kernel."""
+    return SHORT_GROUP_ROWS * max(1, hidden // 2048)
 
 
 class SwiGLU(nn.Module):
@@ -168,7 +181,7 @@ class Experts(nn.Module):
         if idx.numel() <= 64 and x.device.type == "cpu":
             return "gather"
         if (x.is_cuda and support.have_triton() and not self.fp8
-                and idx.numel() <= SHORT_GROUP_ROWS * self.n_local):
+                and idx.numel() <= short_group_rows(self.gate_up_proj.shape[2]) * self.n_local):
             return "grouped_triton"  # short groups: the Triton grouped GEMM reads the weights faster
         if x.is_cuda and not grouped_mm_native(x, self.gate_up_proj, self.down_proj):
             # the padded fallback needs a host sync, which a CUDA graph capture cannot contain (e.g. fp32 decode)

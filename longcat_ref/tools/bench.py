@@ -310,11 +310,13 @@ def hf_layer_prefill(layer, rot, t, device, dtype):
 
 
 def kernel_stats(dec) -> dict:
-    """CUDA kernels launched by one (eager) decode step and their summed device time (torch.profiler)."""
+    """CUDA kernels launched by one (eager) decode step and their summed device time (torch.profiler). dec: a
+    Decoder (its step is run), or any callable (e.g. a prefill)."""
     from torch.profiler import ProfilerActivity, profile
 
+    run = dec if callable(dec) else dec.run_step
     with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:  # no_grad: as in step(); a
-        dec.run_step()  # compiled step run with grad enabled would recompile (and autotune) inside the profile
+        run()  # compiled step run with grad enabled would recompile (and autotune) inside the profile
         torch.cuda.synchronize()
     ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     dt = lambda e: getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) / 1e6  # noqa: E731
@@ -398,7 +400,7 @@ def bench_layer(args, ceil, res) -> dict:
     res.update(config="LongCat-Flash, one layer (2 MLA + 2 dense FFN + MoE 512+256 experts top-12), "
                       "+ vocab-1024 embedding/head", rows=[])
     contexts = [64, 128] if small else [1024, 32768]
-    for batch in (1, 32):
+    for batch in () if args.layer_prefill_only else (1, 32):
         for ctx in contexts:
             row = dict(batch=batch, ctx=ctx)
             names = ["graph", "graph_gather"] if batch == 1 else ["graph"]
@@ -422,12 +424,17 @@ def bench_layer(args, ceil, res) -> dict:
         ts = timed(lambda: ours(ids, forms=PREFILL, logits_to_keep=1), device, reps=3)  # causal SDPA, no cache
         fl = prefill_flops(ours, t)
         row = dict(tokens=t, ours_s=ts, ours_tok_s=t / ts, flops=fl, ours_flops_frac=fl / ts / ceil["bf16_flops"])
+        if args.layer_prefill_only and device != "cpu":  # where the prefill's time goes
+            row.update(kernel_stats(lambda: ours(ids, forms=PREFILL, logits_to_keep=1)))
         row["hf_s"] = hf_layer_prefill(layer, rot, t, device, dtype)
         row["hf_tok_s"] = t / row["hf_s"]
         res["prefill"].append(row)
         checkpoint()
         print(f"  layer prefill {t}: ours {t / ts:,.0f} tok/s ({row['ours_flops_frac']:.0%} of peak), "
               f"transformers {row['hf_tok_s']:,.0f} tok/s", flush=True)
+    if args.layer_prefill_only:
+        del layer, ours
+        return res
     # 128k context: KV bytes and step latency
     ctx = 131072 - 128 if not small else 256
     per_tok = ours.config.kv_cache_bytes_per_token()  # == StaticCache.bytes_per_token() (tests/test_fast.py)
@@ -904,6 +911,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step (layer)")
     ap.add_argument("--b1-layer-only", action="store_true", help="b1: the LongCat layer only (skip the full GLM)")
+    ap.add_argument("--layer-prefill-only", action="store_true", help="layer: only the prefill rows (2k, 8k tokens), with their kernel profiles")
     ap.add_argument("--b1-batch", type=int, default=1, help="b1: the decode step's batch (default 1; e.g. 32 for "
                     "the batch-32 step's profile)")
     ap.add_argument("--b1-variants", default="graph,compiled",
