@@ -911,7 +911,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step (layer)")
     ap.add_argument("--b1-layer-only", action="store_true", help="b1: the LongCat layer only (skip the full GLM)")
-    ap.add_argument("--layer-prefill-only", action="store_true", help="layer: only the prefill rows (2k, 8k tokens), with their kernel profiles")
+    ap.add_argument("--layer-prefill-only", action="store_true",
+                    help="layer: only the prefill rows (2k, 8k tokens), with their kernel profiles")
     ap.add_argument("--b1-batch", type=int, default=1, help="b1: the decode step's batch (default 1; e.g. 32 for "
                     "the batch-32 step's profile)")
     ap.add_argument("--b1-variants", default="graph,compiled",
