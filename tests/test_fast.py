@@ -128,8 +128,8 @@ def test_linear_gemv_form_equals_the_module():
     assert torch.equal(linear(d, x, "gemv"), d(x))
     q, w_uk = torch.randn(2, 4, 3, 6, generator=g), torch.randn(4, 6, 10, generator=g)
     o, w_uv = torch.randn(2, 4, 3, 10, generator=g), torch.randn(4, 5, 10, generator=g)
-    torch.testing.assert_close(MLA.fold_query(q, w_uk, gemv=True), MLA.fold_query(q, w_uk), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(MLA.unfold_output(o, w_uv, gemv=True), MLA.unfold_output(o, w_uv),
+    torch.testing.assert_close(MLA.fold_query(q, w_uk, "gemv"), MLA.fold_query(q, w_uk), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(MLA.unfold_output(o, w_uv, "gemv"), MLA.unfold_output(o, w_uv),
                                atol=1e-5, rtol=1e-5)
     for cfg in (L.tiny_longcat(), L.tiny_glm()):  # the router's fp32 logits, its weight in bf16 as loaded
         router = L.init_weights(Router(cfg), seed=3, std=0.2).bfloat16()

@@ -120,7 +120,7 @@ def test_the_package_works_without_triton():
 import sys; sys.modules["triton"] = None
 import torch
 import longcat_ref as L
-from longcat_ref.kernels import fp8_linear, grouped_gemm, mla_decode, moe_decode, router, support
+from longcat_ref.kernels import fp8_linear, gemv, grouped_gemm, mla_decode, moe_decode, router, support
 from longcat_ref.model.quant import quantize_blockwise
 assert not support.have_triton()
 w8, s = quantize_blockwise(torch.randn(32, 32), (16, 16))
@@ -135,6 +135,7 @@ calls = [
     (grouped_gemm.grouped_gemm_reference, grouped_gemm.grouped_gemm,
      (torch.ones(3, 8), torch.ones(2, 4, 8), torch.tensor([1, 3]))),
     (router.route_reference, router.route, (torch.randn(2, 8), torch.zeros(8), 2, True, False, 1.0)),
+    (gemv.gemv_reference, gemv.batched_gemv, (torch.randn(1, 2, 8), torch.randn(1, 3, 8))),
 ]
 for ref, kernel, args in calls:
     ref(*args)
@@ -148,6 +149,7 @@ m = L.init_weights(L.CausalLM(L.tiny_longcat()), seed=0).eval()
 ids = torch.randint(4, 512, (1, 6))
 with torch.no_grad():
     torch.testing.assert_close(m(ids, forms=L.DECODE), m(ids), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(m(ids, forms=L.Forms(linear="triton")), m(ids), atol=1e-5, rtol=1e-5)  # plain here
 print("ok")
 """
     root = str(ROOT.parent)

@@ -13,7 +13,8 @@ ATTENTION_FORMS = ("naive", "absorbed", "sdpa", "fused", "auto")  # mla.py ("fus
 EXPERT_FORMS = ("loop", "grouped", "grouped_triton", "gather", "gemv", "fused", "auto")  # experts.py ("fused":
 #   kernels/moe_decode.py; "grouped_triton": the grouped form's GEMMs in kernels/grouped_gemm.py)
 ROUTER_FORMS = ("plain", "fused", "auto")  # router.py ("fused": kernels/router.py)
-LINEAR_FORMS = ("plain", "gemv", "auto")  # linear.py (the dense projections; "gemv": inside torch.compile)
+LINEAR_FORMS = ("plain", "gemv", "triton", "auto")  # linear.py (the dense projections; "gemv": inside
+#   torch.compile; "triton": kernels/gemv.py on CUDA)
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,9 @@ class Forms:
     #                        | "auto" (the fast one for each call)
     router: str = "plain"  # "plain" (softmax/sigmoid, torch.topk, gather) | "fused" (the selection in one Triton
     #                        kernel) | "auto" (fused for a few tokens and up to 256 experts on CUDA, else plain)
-    linear: str = "plain"  # "plain" (cuBLAS) | "gemv" (multiply-and-sum, for torch.compile to fuse) | "auto" (gemv
-    #                        for a few tokens and weights up to 16M elements while compiling, else plain)
+    linear: str = "plain"  # "plain" (cuBLAS) | "gemv" (multiply-and-sum, for torch.compile to fuse) | "triton"
+    #                        (the split-K GEMV kernel for up to 16 tokens: CUDA) | "auto" (gemv for a few tokens
+    #                        and weights up to 16M elements while compiling, else plain)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_FORMS:

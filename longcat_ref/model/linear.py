@@ -12,6 +12,11 @@ Two forms of the same product, chosen per call (`CausalLM.forward(..., forms=For
   SiLU * up or the residual add after) into the same kernel. At batch 1 on a GPU a cuBLAS GEMV of a 1-20 MB
   weight is bound by launch and tail effects rather than by bandwidth (GLM-4.7-Flash runs nine per layer); this
   is the same trick as the experts' "gemv" form (experts.py).
+* "triton": the same sum in our Triton kernel (kernels/gemv.py: a split-K GEMV whose tile follows the weight's
+  layout, ~4 K fp32 products per chunk), on CUDA for up to TRITON_MAX_TOKENS tokens, plain otherwise. Opaque to
+  torch.compile: what inductor fused into the gemv form's reduction (a norm before, an add after) runs beside it.
+  Opt-in only: measured slower than the gemv form (one H200, 2026-12-02: GLM-4.7-Flash's compiled batch-1 step
+  4.916 against 4.428 ms; kernels/gemv.py's docstring has the numbers).
 * "auto": gemv for up to GEMV_MAX_TOKENS tokens while torch.compile traces and for weights of at most
   GEMV_MAX_WEIGHT elements, plain otherwise. Why the size cap (one H200, 2026-12-02, docs/perf-run7/): every
   GLM-4.7-Flash projection is below it (at most 10.5M elements), and gemv made its compiled batch-1 step 6.47 ->
@@ -19,7 +24,7 @@ Two forms of the same product, chosen per call (`CausalLM.forward(..., forms=For
   dense down projection taking 72 us as a reduction against ~31 us in cuBLAS, which is near the bandwidth for a
   weight that large. (The LongCat layer with this cap -- small ones gemv, large ones cuBLAS -- was not timed.)
 
-Only a plain `nn.Linear` (exactly that class, weight in the model dtype) takes the gemv form; any subclass runs its
+Only a plain `nn.Linear` (exactly that class, weight in x's dtype) takes the gemv and triton forms; any subclass runs its
 own forward. The fp32 sum rounds once to the model dtype, like cuBLAS's fp32 accumulation (the order of the sum
 differs, so bf16 results may differ in the last bit). tests/test_fast.py proves the forms equal.
 """
@@ -29,15 +34,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import support
+from ..kernels.gemv import gemv as triton_gemv
+
 GEMV_MAX_TOKENS = 4  # "auto": the gemv form for up to this many tokens (decode, a short speculative verify)
 GEMV_MAX_WEIGHT = 16 * 2**20  # "auto": ... and weights of up to this many elements (32 MiB in bf16)
+TRITON_MAX_TOKENS = 16  # "triton": the kernel for up to this many tokens (its token tile is a power of two)
 
 
 def resolve(form: str, x: torch.Tensor, weight_numel: int) -> str:
-    """"auto" -> "gemv" or "plain" for input x (..., K) and a weight of weight_numel elements; others unchanged."""
+    """The form one product runs in, for input x (..., K) and a weight of weight_numel elements: "auto" -> "gemv"
+    or "plain"; "triton" -> "triton" where the kernel can run (kernels/support.py) for up to TRITON_MAX_TOKENS
+    tokens, else "plain"; the others unchanged."""
     if form == "auto":
         few = x[..., 0].numel() <= GEMV_MAX_TOKENS and weight_numel <= GEMV_MAX_WEIGHT
         return "gemv" if torch.compiler.is_compiling() and few else "plain"
+    if form == "triton":
+        return "triton" if support.can_run(x) and x[..., 0].numel() <= TRITON_MAX_TOKENS else "plain"
     return form
 
 
@@ -51,6 +64,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
 
 def linear(m: nn.Module, x: torch.Tensor, form: str = "plain") -> torch.Tensor:
     """m(x) in the given form: x (..., K) -> (..., N)."""
-    if type(m) is nn.Linear and resolve(form, x, m.weight.numel()) == "gemv":
-        return gemv(x, m.weight, m.bias)  # (..., N)
+    if type(m) is nn.Linear:
+        f = resolve(form, x, m.weight.numel())
+        if f == "gemv":
+            return gemv(x, m.weight, m.bias)  # (..., N)
+        if f == "triton" and m.weight.dtype == x.dtype:
+            return triton_gemv(x, m.weight, m.bias)  # (..., N)
     return m(x)  # (..., N)

@@ -44,6 +44,7 @@ from einops import rearrange
 from torch import nn
 
 from ..kernels import support
+from ..kernels.gemv import batched_gemv
 from ..kernels.mla_decode import mla_decode
 from .linear import linear as _linear
 from .linear import resolve as resolve_linear
@@ -135,8 +136,8 @@ class MLA(nn.Module):
         if form == "auto":  # decoding a few tokens on a GPU: the kernel; otherwise the absorbed einsums
             form = "fused" if x.shape[1] <= FUSED_MAX_QUERIES and support.can_run(x) and x.is_cuda else "absorbed"
         if form in ("absorbed", "fused"):
-            gemv = resolve_linear(linear, x, self.kv_b_proj.weight.numel() // 2) == "gemv"  # W_uk or W_uv
-            attend = functools.partial(self._absorbed if form == "absorbed" else self._fused, gemv=gemv)
+            per_head = resolve_linear(linear, x, self.kv_b_proj.weight.numel() // 2)  # W_uk / W_uv's form
+            attend = functools.partial(self._absorbed if form == "absorbed" else self._fused, linear=per_head)
         else:
             attend = {"naive": self._naive, "sdpa": self._sdpa}[form]
         o = attend(q_nope, q_rope, latent, k_rope, mask)  # (b, h, t, v)
@@ -164,36 +165,43 @@ class MLA(nn.Module):
         return w[:, : self.nope], w[:, self.nope:]
 
     @staticmethod
-    def fold_query(q_nope, w_uk, gemv: bool = False):
-        """q_nope (b, h, t, nope), W_uk (h, nope, r) -> q_lat (b, h, t, r) = W_uk^T q_nope per head. gemv: as
-        multiply-and-sum in fp32 (for torch.compile, linear.py)."""
-        if gemv:
+    def fold_query(q_nope, w_uk, linear: str = "plain"):
+        """q_nope (b, h, t, nope), W_uk (h, nope, r) -> q_lat (b, h, t, r) = W_uk^T q_nope per head. linear (a
+        resolved form of linear.py): "gemv" as multiply-and-sum in fp32 (for torch.compile), "triton" in
+        kernels/gemv.py (its sum runs over nope, W_uk's strided axis: the kernel's wide tile)."""
+        if linear == "gemv":
             return (q_nope.float()[..., None] * w_uk.float()[:, None]).sum(-2).to(q_nope.dtype)  # (b, h, t, r)
+        if linear == "triton":
+            y = batched_gemv(rearrange(q_nope, "b h t d -> h (b t) d"), w_uk.transpose(1, 2))  # (h, b*t, r)
+            return rearrange(y, "h (b t) r -> b h t r", b=q_nope.shape[0])  # (b, h, t, r)
         return torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (b, h, t, r)
 
     @staticmethod
-    def unfold_output(o_lat, w_uv, gemv: bool = False):
-        """o_lat (b, h, t, r), W_uv (h, v, r) -> o (b, h, t, v) = W_uv o_lat per head. gemv: as fold_query."""
-        if gemv:
+    def unfold_output(o_lat, w_uv, linear: str = "plain"):
+        """o_lat (b, h, t, r), W_uv (h, v, r) -> o (b, h, t, v) = W_uv o_lat per head. linear: as fold_query."""
+        if linear == "gemv":
             return (o_lat.float()[..., None, :] * w_uv.float()[:, None]).sum(-1).to(o_lat.dtype)  # (b, h, t, v)
+        if linear == "triton":
+            y = batched_gemv(rearrange(o_lat, "b h t r -> h (b t) r"), w_uv)  # (h, b*t, v)
+            return rearrange(y, "h (b t) v -> b h t v", b=o_lat.shape[0])  # (b, h, t, v)
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v)
 
-    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask, gemv=False):
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask, linear="plain"):
         w_uk, w_uv = self.kv_b_split()  # (h, nope, r), (h, v, r)
-        q_lat = self.fold_query(q_nope, w_uk, gemv)  # (b, h, t, r): W_uk folded into the query
+        q_lat = self.fold_query(q_nope, w_uk, linear)  # (b, h, t, r): W_uk folded into the query
         scores = (torch.einsum("bhtr,bsr->bhts", q_lat, latent)  # (b, h, t, s) latent part
                   + torch.einsum("bhtd,bsd->bhts", q_rope, k_rope)) * self.softmax_scale  # + shared rope part
         p = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (b, h, t, s)
         o_lat = torch.einsum("bhts,bsr->bhtr", p, latent)  # (b, h, t, r): attend over the latent
-        return self.unfold_output(o_lat, w_uv, gemv)  # (b, h, t, v): W_uv folded into the output
+        return self.unfold_output(o_lat, w_uv, linear)  # (b, h, t, v): W_uv folded into the output
 
-    def _fused(self, q_nope, q_rope, latent, k_rope, mask, gemv=False):
+    def _fused(self, q_nope, q_rope, latent, k_rope, mask, linear="plain"):
         """The absorbed form with its attention over the latent in one Triton kernel (kernels/mla_decode.py):
         the scores never leave the chip and the latent cache is read once. For decoding (a few query tokens)."""
         w_uk, w_uv = self.kv_b_split()  # (h, nope, r), (h, v, r)
-        q_lat = self.fold_query(q_nope, w_uk, gemv)  # (b, h, t, r)
+        q_lat = self.fold_query(q_nope, w_uk, linear)  # (b, h, t, r)
         o_lat = mla_decode(q_lat, q_rope, latent, k_rope, mask, self.softmax_scale)  # (b, h, t, r)
-        return self.unfold_output(o_lat, w_uv, gemv)  # (b, h, t, v)
+        return self.unfold_output(o_lat, w_uv, linear)  # (b, h, t, v)
 
     def _sdpa(self, q_nope, q_rope, latent, k_rope, mask):
         k, v = self.expand_kv(latent, k_rope)  # (b, h, s, qk), (b, h, s, v)

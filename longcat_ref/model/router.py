@@ -51,7 +51,7 @@ class Router(nn.Module):
     def logits(self, x: torch.Tensor, linear: str = "plain") -> torch.Tensor:
         """x (n, H) -> fp32 logits x W^T (n, E); linear: the Linear form of model/linear.py (under torch.compile
         "gemv" is one reduction kernel that reads W in its own dtype, where "plain" first copies W to fp32)."""
-        if resolve(linear, x, self.weight.numel()) == "gemv":
+        if resolve(linear, x, self.weight.numel()) in ("gemv", "triton"):  # "triton" too: tiny fp32 logits
             return gemv(x.float(), self.weight)  # (n, E) fp32
         return F.linear(x.float(), self.weight.float())  # (n, E) fp32
 

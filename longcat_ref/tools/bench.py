@@ -359,6 +359,8 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     "compiled_gemv": dict(experts="gemv", compile=True),  # the compiled step of the previous round (gemv experts)
     "compiled_decode": dict(experts="auto", attention="auto", router="auto", linear="auto", compile=True),
     # generate(fast, compile)'s DECODE forms: on CUDA the MLA, MoE and router kernels, the projections as gemv
+    "compiled_decode_triton": dict(experts="auto", attention="auto", router="auto", linear="triton", compile=True),
+    # ... with the projections (and MLA's W_uk / W_uv products) in kernels/gemv.py's split-K GEMV kernel
     "compiled_decode_cublas": dict(experts="auto", attention="auto", router="auto", compile=True),  # ... with the
     # projections through cuBLAS (= compiled_fused_mla, plus the router kernel where "auto" picks it: GLM)
     "tuned_decode": dict(experts="auto", attention="auto", router="auto", linear="auto", compile="tuned"),  # ...
