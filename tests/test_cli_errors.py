@@ -110,6 +110,7 @@ def test_an_unexpected_exception_is_one_line(capsys, ckpt, monkeypatch):
     (["-m", "longcat_ref.runtime.plan", "--model", "/no/such/dir"], "/no/such/dir"),
     (["-m", "longcat_ref.tools.bench_experts", "--case", "nope"], "nope"),
     (["-m", "longcat_ref.tools.bench_experts", "--tokens", "4,x"], "--tokens"),
+    (["-m", "longcat_ref.tools.tune_gemv", "--shapes", "q_a,nope"], "nope"),
 ])
 def test_train_and_plan_keep_their_contract(argv, word):
     r = run_cli(*argv)

@@ -142,3 +142,21 @@ def test_glm_shapes_in_bf16_on_cuda(N, K, G, transposed):
     want = torch.einsum("gmk,gnk->gmn", x.float(), w.float())
     got = batched_gemv(x, w).float()
     assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+def test_tune_gemv_lists_each_layers_reads_and_valid_sweeps():
+    """tools/tune_gemv.py's table: GLM-4.7-Flash's six reads (~44 MB a layer in bf16) and LongCat's dense SwiGLU;
+    every swept configuration covers K with whole chunks and no empty split."""
+    from longcat_ref.model.config import glm_4_7_flash, longcat_flash_chat
+    from longcat_ref.tools.tune_gemv import shapes, sweep_configs
+
+    glm = shapes(glm_4_7_flash())
+    assert list(glm) == ["q_a", "kv_a", "q_b", "w_uk", "w_uv", "o_proj"]
+    assert glm["w_uk"] == (20, 512, 192, True) and glm["o_proj"] == (1, 2048, 5120, False)
+    assert 40e6 < sum(G * N * K * 2 for G, N, K, _ in glm.values()) < 48e6
+    assert "dense_gate" in shapes(longcat_flash_chat(), dense=True)
+    for G, N, K, t in glm.values():
+        configs = list(sweep_configs(G, N, K, t))
+        assert configs
+        for (bm, bn, bk, ks, split), warps in configs:
+            assert ks % bk == 0 and split * ks >= K and (split - 1) * ks < K and bm * bn * bk <= 16384

@@ -144,7 +144,7 @@ def _check(x, w):
 
 @torch.library.custom_op("longcat_ref::gemv_partials", mutates_args=())
 def _gemv_op(x: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, block_k: int, k_split: int,
-             split: int) -> torch.Tensor:
+             split: int, num_warps: int = NUM_WARPS) -> torch.Tensor:
     support.require(x, WHAT)
     _check(x, w)
     G, M, K = x.shape
@@ -156,12 +156,12 @@ def _gemv_op(x: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, block
         raise ValueError(f"gemv: {M} tokens do not fit BLOCK_M={block_m}")
     _gemv_kernel[(G * triton.cdiv(N, block_n), split)](
         x, w, part, G, M, N, K, k_split, *x.stride(), *w.stride(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=NUM_WARPS)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     return part
 
 
 @_gemv_op.register_fake
-def _(x, w, block_m, block_n, block_k, k_split, split):
+def _(x, w, block_m, block_n, block_k, k_split, split, num_warps=NUM_WARPS):
     _check(x, w)
     return x.new_empty(split, x.shape[0], x.shape[1], w.shape[1], dtype=torch.float32)  # (SPLIT, G, M, N)
 
