@@ -43,6 +43,7 @@ def main():
             model = L.from_pretrained(os.path.join(d, kind), dtype=torch.float32, parallel=ctx)
         else:  # the demo's hook: joins the existing group, loads onto ctx.device
             model, ctx = load_parallel(os.path.join(d, kind), dtype=torch.float32)
+        assert model.world_size == ctx.world_size  # shard() marks it (generate's defaults read it)
         ids, mask = r["ids"], r["mask"]
         with torch.no_grad():
             naive = model(ids, attention_mask=mask)

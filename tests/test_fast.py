@@ -237,6 +237,11 @@ def test_prefill_graph_default_is_off_on_the_cpu():
     ids = torch.randint(4, m.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(2))
     m.generate(ids, 3, fast=True)
     assert [d.prefill_graph for d in m._decoders.values()] == [False]
+    from longcat_ref.model.generate import auto_prefill_graph
+
+    assert auto_prefill_graph(m, "cuda") and not auto_prefill_graph(m, "cpu")
+    m.world_size = 2  # as runtime/parallel.py's shard() marks a sharded model: not captured (not run on GPUs yet)
+    assert not auto_prefill_graph(m, "cuda")
 
 
 def test_bucket_len():

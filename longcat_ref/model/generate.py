@@ -192,7 +192,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
     fast=True: static cache, fixed-shape decode step, a CUDA graph on GPU (module docstring); compile=True (with
     fast) also torch.compiles that step, once per model and bucket ("tuned": with inductor's coordinate-descent
     tuning, a longer compile). cache_len (fast only): the static cache's size (default: a bucket, `bucket_len`).
-    prefill_graph (fast only; default None = True on CUDA, False on the CPU): the prompt is left-padded to a
+    prefill_graph (fast only; default None = True on CUDA in one process, else False): the prompt is left-padded to a
     power-of-two bucket (`prompt_bucket`, masked) and its prefill, a fixed shape then, is captured once per bucket
     as a CUDA graph and replayed (on the CPU it runs eagerly at the padded shape, which only costs there): an eager
     prefill of a short prompt is bound by launching ~15k small kernels. Used where the bucket fits the cache with
@@ -268,8 +268,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
                                      spec, on_token, fast, cache_len, compile)
 
     if fast:
-        if prefill_graph is None:  # auto: capture where a CUDA graph exists; on the CPU padding would only cost
-            prefill_graph = device.type == "cuda"
+        if prefill_graph is None:
+            prefill_graph = auto_prefill_graph(model, device)
         dec = Decoder.get(model, b, cache_len or bucket_len(s + max_new_tokens, cfg), compile=compile,
                           prefill_graph=prefill_graph)
         logits = dec.prefill(input_ids, mask, room=max_new_tokens)  # (b, vocab)
@@ -319,6 +319,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
 # ------------------------------------------------------------------------------------------------- fast decoding
 PREFILL_GRAPH_ROWS = 4096  # prefill_graph: captured prefills of at most this many (batch x bucket) token rows;
 #   beyond, a prefill is compute-bound and the graph's memory pool would hold large activations for nothing
+
+
+def auto_prefill_graph(model, device) -> bool:
+    """generate()'s default prefill_graph: capture where a CUDA graph exists (on the CPU padding would only cost),
+    for a model in one process (a sharded model's captured prefill has not run on several GPUs yet)."""
+    return torch.device(device).type == "cuda" and getattr(model, "world_size", 1) == 1
 
 
 def prompt_bucket(t: int, smallest: int = 16) -> int:

@@ -103,6 +103,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor, cache_position: torch.T
 class CausalLM(nn.Module):
     """LongCat-Flash or GLM-4.7-Flash: embeddings -> layers -> final norm -> untied lm_head."""
 
+    world_size = 1  # the processes this model is sharded over (runtime/parallel.py's shard() sets it)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg

@@ -230,6 +230,7 @@ class ParallelContext:
         self.check(cfg)
         W, r, g = self.world_size, self.rank, self.group
         self.plan = {}
+        model.world_size = W
         dev, dt = model.lm_head.weight.device, model.lm_head.weight.dtype
         kw = dict(device=dev, dtype=dt)
 
