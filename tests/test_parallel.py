@@ -93,6 +93,13 @@ def torchrun(d, nnodes, nproc, extra=(), timeout=240):
     return codes, "\n".join(logs), results
 
 
+def failure(log: str) -> str:
+    """What to show when an agent failed: the first worker traceback (the agents' own summary, printed last, names
+    only exit codes) and the log's end."""
+    i = log.find("Traceback")
+    return (log[i:i + 4000] + "\n...\n" if i >= 0 else "") + log[-2000:]
+
+
 def check_ranks(results, ref, world):
     for r in range(world):
         res = results.get(f"rank{r}")
@@ -118,7 +125,7 @@ def test_parallel_equals_single_process(workdir, world):
     d, ref = workdir
     nnodes, nproc = (1, 2) if world == 2 else (2, 8)
     codes, log, results = torchrun(d, nnodes, nproc)
-    assert codes == [0] * nnodes, log[-3000:]
+    assert codes == [0] * nnodes, failure(log)
     check_ranks(results, ref, world)
 
 
