@@ -24,9 +24,10 @@ Two forms of the same product, chosen per call (`CausalLM.forward(..., forms=For
   dense down projection taking 72 us as a reduction against ~31 us in cuBLAS, which is near the bandwidth for a
   weight that large. (The LongCat layer with this cap -- small ones gemv, large ones cuBLAS -- was not timed.)
 
-Only a plain `nn.Linear` (exactly that class, weight in x's dtype) takes the gemv and triton forms; any subclass runs its
-own forward. The fp32 sum rounds once to the model dtype, like cuBLAS's fp32 accumulation (the order of the sum
-differs, so bf16 results may differ in the last bit). tests/test_fast.py proves the forms equal.
+Only a plain `nn.Linear` (exactly that class) takes the gemv form, and the triton form only with its weight in x's
+dtype; any subclass runs its own forward. The fp32 sum rounds once to the model dtype, like cuBLAS's fp32
+accumulation (the order of the sum differs, so bf16 results may differ in the last bit). tests/test_fast.py and
+tests/test_kernel_gemv.py prove the forms equal.
 """
 
 from __future__ import annotations
