@@ -30,8 +30,9 @@ test: $(VENV)/.installed-dev
 # fast decoding, MTP), without the notebooks; each GPU-only test skips elsewhere
 test-gpu:
 	python3 -m pytest -o addopts="" -q -ra -p no:cacheprovider tests/test_kernel_moe.py tests/test_kernel_mla.py \
-		tests/test_kernel_grouped.py tests/test_kernel_router.py tests/test_kernel_gemv.py tests/test_fp8.py \
-		tests/test_fp8_keep.py tests/test_cli_errors.py tests/test_fast.py tests/test_mtp.py tests/test_core.py $(ARGS)
+		tests/test_kernel_grouped.py tests/test_kernel_router.py tests/test_kernel_gemv.py tests/test_kernel_rope.py \
+		tests/test_fp8.py tests/test_fp8_keep.py tests/test_cli_errors.py tests/test_fast.py tests/test_mtp.py \
+		tests/test_core.py $(ARGS)
 
 # ARGS go to jupyter (e.g. ARGS='--no-browser --port 8889'); as root jupyter refuses to start without --allow-root
 lab: $(VENV)/.installed-dev

@@ -120,7 +120,7 @@ def test_the_package_works_without_triton():
 import sys; sys.modules["triton"] = None
 import torch
 import longcat_ref as L
-from longcat_ref.kernels import fp8_linear, gemv, grouped_gemm, mla_decode, moe_decode, router, support
+from longcat_ref.kernels import fp8_linear, gemv, grouped_gemm, mla_decode, moe_decode, rope_cache, router, support
 from longcat_ref.model.quant import quantize_blockwise
 assert not support.have_triton()
 w8, s = quantize_blockwise(torch.randn(32, 32), (16, 16))
@@ -136,6 +136,9 @@ calls = [
      (torch.ones(3, 8), torch.ones(2, 4, 8), torch.tensor([1, 3]))),
     (router.route_reference, router.route, (torch.randn(2, 8), torch.zeros(8), 2, True, False, 1.0)),
     (gemv.gemv_reference, gemv.batched_gemv, (torch.randn(1, 2, 8), torch.randn(1, 3, 8))),
+    (rope_cache.rope_cache_reference, rope_cache.rope_cache_write,
+     (torch.randn(1, 1, 20), torch.randn(1, 1, 1, 8), torch.ones(16), 1e-6, torch.ones(1, 1, 4), torch.zeros(1, 1, 4),
+      torch.zeros(1, 4, 16), torch.zeros(1, 4, 4), torch.tensor([2]), 4)),
 ]
 for ref, kernel, args in calls:
     ref(*args)
@@ -150,6 +153,8 @@ ids = torch.randint(4, 512, (1, 6))
 with torch.no_grad():
     torch.testing.assert_close(m(ids, forms=L.DECODE), m(ids), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(m(ids, forms=L.Forms(linear="triton")), m(ids), atol=1e-5, rtol=1e-5)  # plain here
+    c = L.StaticCache.for_model(m.config, 1, 8)
+    torch.testing.assert_close(m(ids, cache=c, forms=L.DECODE), m(ids), atol=1e-5, rtol=1e-5)  # rope "auto": plain
 print("ok")
 """
     root = str(ROOT.parent)

@@ -106,9 +106,13 @@ class StaticCache:
             raise ValueError(f"KV cache overflow: {self.length + t} tokens > max_len {self.max_len}")
         return torch.arange(self.length, self.length + t, device=device)  # (t,)
 
+    def slots(self, layer: int):
+        """One sublayer's cache, every slot: (b, max_len, r), (b, max_len, rope) views, to be written in place."""
+        return self.latent_layers[layer], self.k_rope_layers[layer]
+
     def update(self, layer: int, latent: torch.Tensor, k_rope: torch.Tensor, cache_position: torch.Tensor):
         """Write (b, t, r) / (b, t, rope) at slots cache_position (t,); return all slots (b, max_len, r|rope)."""
-        lat, rope = self.latent_layers[layer], self.k_rope_layers[layer]  # (b, max_len, r), (b, max_len, rope)
+        lat, rope = self.slots(layer)  # (b, max_len, r), (b, max_len, rope)
         lat.index_copy_(1, cache_position, latent)  # in place: no new shapes, no host sync
         rope.index_copy_(1, cache_position, k_rope)
         return lat, rope

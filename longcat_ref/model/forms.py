@@ -15,6 +15,8 @@ EXPERT_FORMS = ("loop", "grouped", "grouped_triton", "gather", "gemv", "fused", 
 ROUTER_FORMS = ("plain", "fused", "auto")  # router.py ("fused": kernels/router.py)
 LINEAR_FORMS = ("plain", "gemv", "triton", "auto")  # linear.py (the dense projections; "gemv": inside
 #   torch.compile; "triton": kernels/gemv.py on CUDA)
+ROPE_FORMS = ("plain", "fused", "auto")  # mla.py, between the projections and the attention ("fused":
+#   kernels/rope_cache.py)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class Forms:
     linear: str = "plain"  # "plain" (cuBLAS) | "gemv" (multiply-and-sum, for torch.compile to fuse) | "triton"
     #                        (the split-K GEMV kernel for up to 16 tokens: CUDA) | "auto" (gemv for a few tokens
     #                        and weights up to 16M elements while compiling, else plain)
+    rope: str = "plain"  # MLA's latent norm, RoPE of q and k and the cache write: "plain" (norm.py, rope.py,
+    #                      cache.py) | "fused" (one Triton kernel: a static cache) | "auto" (fused for a few
+    #                      query tokens on CUDA with a static cache, else plain)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_FORMS:
@@ -42,10 +47,13 @@ class Forms:
             raise ValueError(f"router form {self.router!r} is not one of {ROUTER_FORMS}")
         if self.linear not in LINEAR_FORMS:
             raise ValueError(f"linear form {self.linear!r} is not one of {LINEAR_FORMS}")
+        if self.rope not in ROPE_FORMS:
+            raise ValueError(f"rope form {self.rope!r} is not one of {ROPE_FORMS}")
 
 
 REFERENCE = Forms()  # what the notebooks teach, and what transformers computes
 PREFILL = Forms(attention="sdpa", experts="auto")  # many tokens: flash attention, grouped expert GEMMs
-DECODE = Forms(attention="auto", experts="auto", router="auto", linear="auto")  # a few tokens: attend over the
-#   latent, gathered experts, on CUDA each of the three in its Triton kernel (kernels/mla_decode.py, moe_decode.py,
-#   router.py); inside torch.compile the projections as multiply-and-sum, which inductor fuses (linear.py)
+DECODE = Forms(attention="auto", experts="auto", router="auto", linear="auto", rope="auto")  # a few tokens:
+#   attend over the latent, gathered experts, on CUDA each of the four in its Triton kernel (kernels/mla_decode.py,
+#   moe_decode.py, router.py, rope_cache.py); inside torch.compile the projections as multiply-and-sum, which
+#   inductor fuses (linear.py)

@@ -30,6 +30,11 @@ Four forms of the same attention, chosen per call by `form` (the caller's choice
 
 All four read the same cache (cache.py) and `tests/test_core.py` / `tests/test_fast.py` prove them equal.
 
+Between the projections and the attention, `rope` picks how the latent is normalised, q and k rotated and the
+cache written: "plain" (norm.py, rope.py, cache.py: the lines of `project` and `StaticCache.update`), "fused" (one
+Triton kernel for all of it, kernels/rope_cache.py; a static cache), "auto" (fused for a few query tokens on a GPU
+with a static cache). tests/test_kernel_rope.py proves them equal.
+
 The mask is additive, (b, 1, t, s), built once per forward by `attention_bias` (the package's only mask builder).
 mask=None means plain causal attention over this chunk's own t tokens (no cache before it, no padding).
 """
@@ -46,6 +51,7 @@ from torch import nn
 from ..kernels import support
 from ..kernels.gemv import batched_gemv
 from ..kernels.mla_decode import mla_decode
+from ..kernels.rope_cache import rope_cache_write
 from .linear import linear as _linear
 from .linear import resolve as resolve_linear
 from .norm import RMSNorm
@@ -96,15 +102,18 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, H, bias=cfg.attention_bias)
 
     # ----------------------------------------------------------------------------------------------------------
-    def project(self, x, cos, sin, linear: str = "plain"):
-        """x (b, t, H) -> q_nope (b, h, t, nope), q_rope (b, h, t, rope), latent (b, t, r), k_rope (b, t, rope).
-        linear: the form of the projections (linear.py)."""
+    def queries(self, x, linear: str = "plain"):
+        """x (b, t, H) -> q (b, h, t, nope+rope), before any scale or RoPE. linear: the projections' form."""
         if hasattr(self, "q_proj"):
             q = _linear(self.q_proj, x, linear)  # (b, t, h*qk)
         else:
             q = _linear(self.q_b_proj, self.q_a_layernorm(_linear(self.q_a_proj, x, linear)), linear)  # (b, t, h*qk)
-        q = rearrange(q, "b t (h d) -> b h t d", h=self.n_heads)  # (b, h, t, nope+rope)
-        q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
+        return rearrange(q, "b t (h d) -> b h t d", h=self.n_heads)  # (b, h, t, nope+rope)
+
+    def project(self, x, cos, sin, linear: str = "plain"):
+        """x (b, t, H) -> q_nope (b, h, t, nope), q_rope (b, h, t, rope), latent (b, t, r), k_rope (b, t, rope).
+        linear: the form of the projections (linear.py)."""
+        q_nope, q_rope = self.queries(x, linear).split([self.nope, self.rope_dim], dim=-1)
         kv = _linear(self.kv_a_proj_with_mqa, x, linear)  # (b, t, r+rope)
         latent, k_rope = kv.split([self.rank, self.rope_dim], dim=-1)  # (b, t, r), (b, t, rope)
         latent = self.kv_a_layernorm(latent)  # (b, t, r)
@@ -116,20 +125,44 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope[:, None], cos, sin, self.interleaved)[:, 0]  # (b, t, rope): one shared head
         return q_nope, q_rope, latent, k_rope
 
+    def project_into_cache(self, x, cos, sin, cache, cache_position, linear: str = "plain"):
+        """`project` and the cache write in one kernel (kernels/rope_cache.py) after the projections: returns
+        q_nope (b, h, t, nope), q_rope (b, h, t, rope) and the whole cache, latent (b, S, r), k_rope (b, S, rope)."""
+        q = self.queries(x, linear)  # (b, h, t, nope+rope)
+        kv = _linear(self.kv_a_proj_with_mqa, x, linear)  # (b, t, r+rope)
+        latent, k_rope = cache.slots(self.cache_idx)  # (b, S, r), (b, S, rope): written in place
+        norm = self.kv_a_layernorm
+        q_rope = rope_cache_write(kv, q, norm.weight, norm.eps, cos, sin, latent, k_rope, cache_position, self.nope,
+                                  self.interleaved, self.kv_scale, self.q_scale)  # (b, h, t, rope)
+        q_nope = q[..., : self.nope]  # (b, h, t, nope)
+        if self.q_scale != 1.0:
+            q_nope = q_nope * self.q_scale
+        return q_nope, q_rope, latent, k_rope
+
     def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, form: str = "naive",
-                linear: str = "plain"):
+                linear: str = "plain", rope: str = "plain"):
         """x (b, t, H); cos/sin (b, t, rope); mask additive (b, 1, t, s) or None (causal over these t tokens).
 
         With a cache, this chunk's latents are written at slots cache_position (t,) (default: 0..t-1) and
         attention reads every key slot the cache holds. form: "naive" | "absorbed" | "sdpa" | "fused" | "auto"
         (module docstring); linear: the form of the projections, and of the absorbed forms' per-head products with
-        W_uk and W_uv (linear.py).
+        W_uk and W_uv (linear.py); rope: "plain" | "fused" | "auto" (module docstring).
         """
-        q_nope, q_rope, latent, k_rope = self.project(x, cos, sin, linear)
-        if cache is not None:
-            if cache_position is None:
-                cache_position = torch.arange(x.shape[1], device=x.device)  # (t,)
-            latent, k_rope = cache.update(self.cache_idx, latent, k_rope, cache_position)  # (b, s, r), (b, s, rope)
+        if cache is not None and cache_position is None:
+            cache_position = torch.arange(x.shape[1], device=x.device)  # (t,)
+        if rope == "auto":
+            rope = ("fused" if hasattr(cache, "slots") and x.shape[1] <= FUSED_MAX_QUERIES and support.can_run(x)
+                    and x.is_cuda else "plain")
+        if rope == "fused":
+            if not hasattr(cache, "slots"):
+                raise ValueError("rope='fused' writes a static cache in place: pass a StaticCache (or rope='plain')")
+            q_nope, q_rope, latent, k_rope = self.project_into_cache(x, cos, sin, cache, cache_position, linear)
+        elif rope != "plain":
+            raise ValueError(f"rope form {rope!r} is not one of ('plain', 'fused', 'auto')")
+        else:
+            q_nope, q_rope, latent, k_rope = self.project(x, cos, sin, linear)
+            if cache is not None:  # (b, s, r), (b, s, rope)
+                latent, k_rope = cache.update(self.cache_idx, latent, k_rope, cache_position)
         if mask is None and (form != "sdpa" or cache is not None):  # causal, spelled out (SDPA: is_causal)
             where = torch.arange(x.shape[1], device=x.device) if cache_position is None else cache_position
             mask = attention_bias(None, where, latent.shape[1], q_nope.dtype)  # (1, 1, t, s)

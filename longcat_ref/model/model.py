@@ -53,7 +53,7 @@ class LongcatLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, forms: Forms = REFERENCE):
         a = dict(mask=mask, cache=cache, cache_position=cache_position, form=forms.attention,
-                 linear=forms.linear)  # x (b, t, H)
+                 linear=forms.linear, rope=forms.rope)  # x (b, t, H)
         x = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, **a)
         h = self.post_attention_layernorm[0](x)  # (b, t, H): input of both mlp0 and the MoE
         # the MoE on the shortcut (a parallel MoE: its reduction in flight until finish)
@@ -77,7 +77,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, forms: Forms = REFERENCE):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, forms.attention,
-                               forms.linear)
+                               forms.linear, forms.rope)
         h = self.post_attention_layernorm(x)  # (b, t, H)
         if isinstance(self.mlp, MoE):
             return x + self.mlp(h, forms.experts, forms.router, forms.linear)  # (b, t, H)

@@ -135,7 +135,8 @@ class MTPHead(nn.Module):
                               else cache.next_positions(t, x.device))  # (t,)
         key_length = t if cache is None else cache.key_length(t)
         mask = attention_bias(attention_mask, cache_position, key_length, x.dtype)  # (b|1, 1, t, S)
-        x = x + attn(ln1(x), cos, sin, mask, cache, cache_position, forms.attention, forms.linear)  # (b, t, H)
+        x = x + attn(ln1(x), cos, sin, mask, cache, cache_position, forms.attention, forms.linear,
+                     forms.rope)  # (b, t, H)
         h = ln2(x)  # (b, t, H)
         moe = isinstance(ffn, MoE)
         x = x + (ffn(h, forms.experts, forms.router, forms.linear) if moe else ffn(h, forms.linear))  # (b, t, H)

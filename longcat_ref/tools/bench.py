@@ -331,9 +331,9 @@ def kernel_stats(dec) -> dict:
 
 
 def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20, attention="absorbed",
-                router="plain", linear="plain"):
+                router="plain", linear="plain", rope="plain"):
     """Seconds per decode step (a replayed CUDA graph on GPU) at context ctx, and the roofline inputs."""
-    forms = Forms(attention, experts, router, linear)
+    forms = Forms(attention, experts, router, linear, rope)
     dec = Decoder(model, batch, ctx + 4 * steps + 16, compile=compile, forms=forms)
     fill_context(dec, ctx)
     ids = torch.randint(4, model.config.vocab_size, (batch,), device=device)
@@ -357,13 +357,19 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     "compiled_fused": dict(experts="fused", compile=True),  # ... inside a compiled step
     "compiled_fused_mla": dict(experts="fused", attention="fused", compile=True),  # MoE + MLA kernels, plain router
     "compiled_gemv": dict(experts="gemv", compile=True),  # the compiled step of the previous round (gemv experts)
-    "compiled_decode": dict(experts="auto", attention="auto", router="auto", linear="auto", compile=True),
-    # generate(fast, compile)'s DECODE forms: on CUDA the MLA, MoE and router kernels, the projections as gemv
-    "compiled_decode_triton": dict(experts="auto", attention="auto", router="auto", linear="triton", compile=True),
+    "compiled_decode": dict(experts="auto", attention="auto", router="auto", linear="auto", rope="auto",
+                            compile=True),
+    # generate(fast, compile)'s DECODE forms: on CUDA the MLA, MoE, router and rope-cache kernels, the projections
+    # as gemv
+    "compiled_decode_rope_plain": dict(experts="auto", attention="auto", router="auto", linear="auto",
+                                       compile=True),  # ... with the latent's norm, RoPE and cache write as ops
+    "compiled_decode_triton": dict(experts="auto", attention="auto", router="auto", linear="triton", rope="auto",
+                                   compile=True),
     # ... with the projections (and MLA's W_uk / W_uv products) in kernels/gemv.py's split-K GEMV kernel
     "compiled_decode_cublas": dict(experts="auto", attention="auto", router="auto", compile=True),  # ... with the
     # projections through cuBLAS (= compiled_fused_mla, plus the router kernel where "auto" picks it: GLM)
-    "tuned_decode": dict(experts="auto", attention="auto", router="auto", linear="auto", compile="tuned"),  # ...
+    "tuned_decode": dict(experts="auto", attention="auto", router="auto", linear="auto", rope="auto",
+                         compile="tuned"),  # ...
     # with inductor's coordinate-descent tuning of its own kernels
 }
 
