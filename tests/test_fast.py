@@ -146,6 +146,26 @@ def test_linear_gemv_form_equals_the_module():
         L.Forms(linear="cublas")
 
 
+def test_w_uk_product_goes_to_cublas_under_auto(monkeypatch):
+    """linear="auto": W_uk's product (summed over the weight's strided axis) runs plain even where W_uv's runs as
+    gemv (measured faster, mla.fold_form); an explicit form is kept for both."""
+    from longcat_ref.model import mla
+
+    assert mla.fold_form("auto", "gemv") == "plain" and mla.fold_form("auto", "plain") == "plain"
+    assert mla.fold_form("gemv", "gemv") == "gemv" and mla.fold_form("triton", "triton") == "triton"
+    seen = []
+    fold = mla.MLA.fold_query
+    monkeypatch.setattr(mla.MLA, "fold_query", staticmethod(lambda q, w, linear="plain": seen.append(linear)
+                                                            or fold(q, w, linear)))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # where "auto" picks gemv for W_uv
+    m = tiny("glm")
+    with torch.no_grad():
+        m(torch.ones(1, 1, dtype=torch.long), forms=L.Forms(attention="absorbed", linear="auto"))
+        m(torch.ones(1, 1, dtype=torch.long), forms=L.Forms(attention="absorbed", linear="gemv"))
+    n = m.config.num_attn_sublayers
+    assert n > 0 and seen == ["plain"] * n + ["gemv"] * n
+
+
 def test_linear_auto_picks_gemv_only_while_compiling_for_few_tokens_and_small_weights(monkeypatch):
     from longcat_ref.model import linear as lin
 

@@ -114,12 +114,12 @@ def test_model_fused_rope_equals_plain(make):
     """The whole model, prefill then two decode steps through a static cache: rope="fused" == "plain"."""
     torch.manual_seed(0)
     cfg = make()
-    model = CausalLM(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, 7))
+    model = CausalLM(cfg).eval().to(DEV)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), device=DEV)
     logits, caches = {}, {}
     for rope in ("plain", "fused"):
         forms = Forms(attention="absorbed", rope=rope)
-        cache = StaticCache.for_model(cfg, 2, 12)
+        cache = StaticCache.for_model(cfg, 2, 12, device=DEV)
         with torch.no_grad():
             out = [model(ids[:, :5], cache=cache, forms=Forms(attention="absorbed"))]  # prefill: plain
             for i in (5, 6):  # decode steps: the asked form
@@ -168,9 +168,9 @@ def test_compiled_writes_the_cache_in_place():
     from torch._inductor.utils import run_and_get_code
 
     n, b, slots, r, d, h, nope = 3, 2, 4099, 24, 8, 2, 4  # odd sizes: a full copy's element count is easy to spot
-    cache = StaticCache(n, b, slots, r, d)
+    cache = StaticCache(n, b, slots, r, d, device=DEV)
     kv, q, w, cos, sin, _, _, _ = inputs(b, h, 1, nope, r, d, 8, torch.float32)
-    pos = torch.tensor([7])
+    pos = torch.tensor([7], device=DEV)
 
     def step(kv, q):
         out = 0
@@ -186,7 +186,7 @@ def test_compiled_writes_the_cache_in_place():
     for full in (b * slots * r, n * b * slots * r, b * slots * d, n * b * slots * d):
         assert f"{full}L" not in code and f"{full})" not in code, f"a loop over {full} cache elements"
     for layer in range(n):  # and the writes landed, equal to the reference's
-        lat, kr = torch.zeros(b, 8, r), torch.zeros(b, 8, d)
+        lat, kr = torch.zeros(b, 8, r, device=DEV), torch.zeros(b, 8, d, device=DEV)
         K.rope_cache_reference(kv * (layer + 1), q, w, 1e-6, cos, sin, lat, kr, pos, nope)
         torch.testing.assert_close(cache.latent[layer, :, 7], lat[:, 7], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(cache.k_rope[layer, :, 7], kr[:, 7], atol=1e-6, rtol=1e-6)
@@ -198,17 +198,17 @@ def test_compiled_decode_step_with_fused_rope_equals_eager_plain():
 
     torch.manual_seed(0)
     cfg = tiny_longcat()
-    model = CausalLM(cfg).eval()
+    model = CausalLM(cfg).eval().to(DEV)
     b, S = 2, 16
-    ids = torch.randint(0, cfg.vocab_size, (b, 6))
+    ids = torch.randint(0, cfg.vocab_size, (b, 6), device=DEV)
     got = {}
     torch._dynamo.reset()
     for name, forms, fn in (("plain", Forms(attention="absorbed"), decode_step),
                             ("fused", Forms(attention="absorbed", experts="gemv", rope="fused"),
                              torch.compile(decode_step, fullgraph=True, dynamic=False))):
-        cache = StaticCache.for_model(cfg, b, S)
-        mask = torch.zeros(b, S, dtype=torch.long)
-        pos = torch.tensor([0])
+        cache = StaticCache.for_model(cfg, b, S, device=DEV)
+        mask = torch.zeros(b, S, dtype=torch.long, device=DEV)
+        pos = torch.tensor([0], device=DEV)
         with torch.no_grad():
             got[name] = torch.stack([fn(model, cache, ids[:, i], pos, mask, forms) for i in range(ids.shape[1])])
     torch.testing.assert_close(got["fused"], got["plain"], atol=1e-5, rtol=1e-5)

@@ -61,6 +61,14 @@ from .rope import apply_rope
 FUSED_MAX_QUERIES = 4  # "auto" runs the fused kernel for chunks of up to this many tokens (decode, verify)
 
 
+def fold_form(linear: str, per_head: str) -> str:
+    """The form of W_uk's product (folded into the query), given the asked `linear` and its resolved `per_head`.
+    "auto" sends it to cuBLAS (plain) even where gemv is picked for W_uv: its sum runs over the weight's strided
+    axis, where inductor's reduction is slow (one H200, 2026-12-03, docs/perf-run11/: alone 5.90 us against
+    cuBLAS's 3.84 for GLM-4.7-Flash; the compiled batch-1 step 4.322 -> 4.146 ms). Explicit forms are kept."""
+    return "plain" if linear == "auto" else per_head
+
+
 def attention_bias(attention_mask, cache_position: torch.Tensor, key_length: int, dtype) -> torch.Tensor:
     """The additive mask: query slots cache_position (t,) may see key slots k <= their own that are real tokens.
 
@@ -170,7 +178,9 @@ class MLA(nn.Module):
             form = "fused" if x.shape[1] <= FUSED_MAX_QUERIES and support.can_run(x) and x.is_cuda else "absorbed"
         if form in ("absorbed", "fused"):
             per_head = resolve_linear(linear, x, self.kv_b_proj.weight.numel() // 2)  # W_uk / W_uv's form
-            attend = functools.partial(self._absorbed if form == "absorbed" else self._fused, linear=per_head)
+            fold = fold_form(linear, per_head)  # W_uk's own
+            attend = functools.partial(self._absorbed if form == "absorbed" else self._fused, linear=per_head,
+                                       fold=fold)
         else:
             attend = {"naive": self._naive, "sdpa": self._sdpa}[form]
         o = attend(q_nope, q_rope, latent, k_rope, mask)  # (b, h, t, v)
@@ -219,20 +229,21 @@ class MLA(nn.Module):
             return rearrange(y, "h (b t) v -> b h t v", b=o_lat.shape[0])  # (b, h, t, v)
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v)
 
-    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask, linear="plain"):
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask, linear="plain", fold=None):
+        """linear: W_uv's product's form; fold: W_uk's (default: linear's)."""
         w_uk, w_uv = self.kv_b_split()  # (h, nope, r), (h, v, r)
-        q_lat = self.fold_query(q_nope, w_uk, linear)  # (b, h, t, r): W_uk folded into the query
+        q_lat = self.fold_query(q_nope, w_uk, fold or linear)  # (b, h, t, r): W_uk folded into the query
         scores = (torch.einsum("bhtr,bsr->bhts", q_lat, latent)  # (b, h, t, s) latent part
                   + torch.einsum("bhtd,bsd->bhts", q_rope, k_rope)) * self.softmax_scale  # + shared rope part
         p = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (b, h, t, s)
         o_lat = torch.einsum("bhts,bsr->bhtr", p, latent)  # (b, h, t, r): attend over the latent
         return self.unfold_output(o_lat, w_uv, linear)  # (b, h, t, v): W_uv folded into the output
 
-    def _fused(self, q_nope, q_rope, latent, k_rope, mask, linear="plain"):
+    def _fused(self, q_nope, q_rope, latent, k_rope, mask, linear="plain", fold=None):
         """The absorbed form with its attention over the latent in one Triton kernel (kernels/mla_decode.py):
         the scores never leave the chip and the latent cache is read once. For decoding (a few query tokens)."""
         w_uk, w_uv = self.kv_b_split()  # (h, nope, r), (h, v, r)
-        q_lat = self.fold_query(q_nope, w_uk, linear)  # (b, h, t, r)
+        q_lat = self.fold_query(q_nope, w_uk, fold or linear)  # (b, h, t, r)
         o_lat = mla_decode(q_lat, q_rope, latent, k_rope, mask, self.softmax_scale)  # (b, h, t, r)
         return self.unfold_output(o_lat, w_uv, linear)  # (b, h, t, v)
 
