@@ -1,6 +1,8 @@
 """perf-run11 experiments: the compiled decode step (`bench --only b1 --b1-variants compiled_decode`) with one piece
 swapped for this process only. Not part of the package; each swap is what a change to the package would do.
 
+  --fold opaque                  W_uk's product as torch.einsum inside a custom op (inductor cannot restride or
+                                 copy its inputs: is the copy before cuBLAS's bmm inductor's?)
   --fold / --unfold plain|gemv   MLA's per-head products (W_uk folded into the query, W_uv into the output) in one
                                  form, whatever `linear` says (tools/tune_gemv.py in isolation: W_uk through cuBLAS
                                  3.84 us, inductor 5.90 us)
@@ -29,7 +31,19 @@ ap.add_argument("--layer-only", action="store_true")
 ap.add_argument("out")
 a = ap.parse_args()
 f, u, plan = M.MLA.fold_query, M.MLA.unfold_output, K.split_plan
-if a.fold:
+if a.fold == "opaque":
+    import torch
+
+    @torch.library.custom_op("perf11::fold", mutates_args=())
+    def fold_op(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bhtd,hdr->bhtr", q, w).contiguous()
+
+    @fold_op.register_fake
+    def _(q, w):
+        return q.new_empty(q.shape[:-1] + (w.shape[-1],))
+
+    M.MLA.fold_query = staticmethod(lambda q, w, linear="plain": fold_op(q, w))
+elif a.fold:
     M.MLA.fold_query = staticmethod(lambda q, w, linear="plain": f(q, w, a.fold))
 if a.unfold:
     M.MLA.unfold_output = staticmethod(lambda o, w, linear="plain": u(o, w, a.unfold))
