@@ -137,6 +137,10 @@ def test_fused_rope_needs_a_static_cache():
         model(ids, cache=DynamicCache.for_model(cfg), forms=Forms(rope="fused"))
     with pytest.raises(ValueError, match="rope form"):
         Forms(rope="bogus")
+    mla, x = model.model.layers[0].self_attn, torch.randn(1, 3, cfg.hidden_size)
+    cos, sin = rope_cos_sin(torch.arange(3)[None], cfg.qk_rope_head_dim, cfg.rope_theta, torch.float32)
+    with pytest.raises(ValueError, match="rope form 'bogus' is not one of"):
+        mla(x, cos, sin, rope="bogus")
 
 
 def test_auto_is_plain_on_cpu_or_without_static_cache():

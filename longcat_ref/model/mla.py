@@ -52,6 +52,7 @@ from ..kernels import support
 from ..kernels.gemv import batched_gemv
 from ..kernels.mla_decode import mla_decode
 from ..kernels.rope_cache import rope_cache_write
+from .forms import ROPE_FORMS
 from .linear import linear as _linear
 from .linear import resolve as resolve_linear
 from .norm import RMSNorm
@@ -166,7 +167,7 @@ class MLA(nn.Module):
                 raise ValueError("rope='fused' writes a static cache in place: pass a StaticCache (or rope='plain')")
             q_nope, q_rope, latent, k_rope = self.project_into_cache(x, cos, sin, cache, cache_position, linear)
         elif rope != "plain":
-            raise ValueError(f"rope form {rope!r} is not one of ('plain', 'fused', 'auto')")
+            raise ValueError(f"rope form {rope!r} is not one of {ROPE_FORMS}")
         else:
             q_nope, q_rope, latent, k_rope = self.project(x, cos, sin, linear)
             if cache is not None:  # (b, s, r), (b, s, rope)
