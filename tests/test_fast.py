@@ -340,6 +340,32 @@ def test_cuda_graph_decode_equals_eager(kind):
     torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=2e-2, rtol=2e-2)
 
 
+@CUDA
+@pytest.mark.parametrize("kind", KINDS)
+def test_programmatic_dependent_launch_changes_no_bit(kind, monkeypatch):
+    """Our decode kernels launched with PDL (kernels/support.pdl: sm_90+) give bit for bit the logits of plain
+    launches, in a captured CUDA graph, over several steps (a missing gdc_wait would read a half-written input)."""
+    from longcat_ref.kernels import support
+
+    m = tiny(kind, dtype=torch.bfloat16).cuda()
+    ids, mask = (t.cuda() for t in padded_batch(6))
+    outs = []
+    for use in (False, True):
+        monkeypatch.setattr(support, "USE_PDL", use)
+        assert support.pdl(ids) == (use and torch.cuda.get_device_capability()[0] >= 9)
+        dec = Decoder(m, batch=3, max_len=16, graphs=True)
+        with torch.no_grad():
+            dec.prefill(ids, mask)
+            outs.append(torch.stack([dec.step(torch.full((3,), 9 + i, device="cuda")) for i in range(5)]))
+    assert torch.equal(outs[1], outs[0])
+
+
+def test_programmatic_dependent_launch_is_for_cuda_only():
+    from longcat_ref.kernels import support
+
+    assert not support.pdl(torch.zeros(1))  # the CPU (and Triton's interpreter) launch plainly
+
+
 def test_short_group_bound_grows_with_the_hidden_size():
     """"auto"'s grouped_triton bound: 16 pairs per expert per 2048 of hidden size (the measured crossovers: GLM,
     hidden 2048, between 16 and 32; LongCat, hidden 6144, between 48 and 192), never below 16."""

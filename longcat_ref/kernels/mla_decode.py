@@ -174,7 +174,11 @@ if triton is not None:
         scale,
         RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_ROPE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid_r, pid_sp = tl.program_id(0), tl.program_id(1)
         pid_b = tl.program_id(2).to(tl.int64)  # int64: b * S * r can pass 2^31
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) row = head * t + query
@@ -236,10 +240,13 @@ if triton is not None:
     def _mla_combine_kernel(
         M_PART, L_PART, ACC_PART, OUT,  # (b, SPLITS, R) x2, (b, SPLITS, R, r) fp32 -> OUT (b, R, r)
         R, n_splits,
-        RANK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_SP: tl.constexpr,
+        RANK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_SP: tl.constexpr, PDL: tl.constexpr = False,
     ):
         """One (sequence, row, BLOCK_C channels) of the merge; the chunks are read BLOCK_SP at a time as one tile
         (a loop over the chunks one by one left LongCat's 32 chunks x 64 rows latency-bound: 13.5 us a call)."""
+        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid_b = tl.program_id(0).to(tl.int64)
         row = tl.program_id(1)
         offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) this program's channels
@@ -308,6 +315,7 @@ def _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits):
     block_rank, block_rope, block_s = block_sizes(r, d, S, q_lat.element_size())
     n_splits, per = split_plan(b, R, S, block_s, _sm_count(q_lat.device), splits)
     row_blocks = math.ceil(R / BLOCK_R)
+    pdl = support.pdl(q_lat)  # programmatic dependent launch (sm_90+ CUDA)
     lim = 2**31
     if ((S - 1) * max(latent.stride(1), k_rope.stride(1)) + r >= lim or (t - 1) * bias.stride(2)
             + (S - 1) * bias.stride(3) >= lim):
@@ -329,13 +337,14 @@ def _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits):
         float(softmax_scale),
         RANK=r, ROPE=d, BLOCK_RANK=block_rank, BLOCK_ROPE=block_rope, BLOCK_R=BLOCK_R, BLOCK_S=block_s,
         DIRECT=n_splits == 1, UPCAST=support.interpreting() and q_lat.dtype == torch.bfloat16,
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        PDL=pdl, num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl,
     )
     if n_splits > 1:
         block_c = min(COMBINE_BLOCK_C, block_rank)
         block_sp = min(COMBINE_BLOCK_SP, max(2, 1 << (n_splits - 1).bit_length()))  # (>= 2: a 1-wide tile is odd)
         _mla_combine_kernel[(b, R, triton.cdiv(r, block_c))](m_part, l_part, acc_part, out, R, n_splits, RANK=r,
-                                                            BLOCK_C=block_c, BLOCK_SP=block_sp, num_warps=4)
+                                                            BLOCK_C=block_c, BLOCK_SP=block_sp, PDL=pdl, num_warps=4,
+                                                            launch_pdl=pdl)
     return out
 
 

@@ -122,7 +122,11 @@ if support.have_triton():
         s_gu_e, s_gu_r, s_gu_c, s_gus_e, s_gus_r, s_gus_c, s_sh_r, s_sh_c,
         K: tl.constexpr, KS: tl.constexpr, SHARED: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
         FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         p = tl.program_id(0)  # the (token, slot) pair: token * KS + slot; KS = K, or K + 1 with the shared expert
         ib = tl.program_id(1)  # which BLOCK_I rows of gate (and of up)
         tok = p // KS
@@ -185,7 +189,11 @@ if support.have_triton():
         s_d_e, s_d_r, s_d_c, s_ds_e, s_ds_r, s_ds_c, s_sd_r, s_sd_c,
         K: tl.constexpr, KS: tl.constexpr, SHARED: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
         FP8: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
+        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         p = tl.program_id(0)  # the (token, slot) pair: token * KS + slot
         ob = tl.program_id(1)  # which BLOCK_O rows of down (= output features of H)
         o = ob * BLOCK_O + tl.arange(0, BLOCK_O)  # (BLOCK_O,)
@@ -339,6 +347,7 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
     if n == 0 or k == 0 or E == 0:
         return torch.zeros(n, ks, H, dtype=torch.float32, device=x.device)
     warps_1, warps_2 = warps or (NUM_WARPS, NUM_WARPS)
+    pdl = support.pdl(x)  # programmatic dependent launch (sm_90+ CUDA)
     x = x.contiguous()  # (n, H): tiny
     w = w.contiguous().view(-1)  # (n*k,)
     idx = idx.contiguous().view(-1)  # (n*k,)
@@ -356,14 +365,14 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
         first_expert, E, H, I, _cdiv(I, bo_),
         *gate_up.stride(), *gus_st, *sh_st,
         K=k, KS=ks, SHARED=shared is not None, BO=bo_, BI=bi_, FP8=fp8[0], BLOCK_I=block_i, BLOCK_H=block_h,
-        num_warps=warps_1)
+        PDL=pdl, num_warps=warps_1, launch_pdl=pdl)
     part = torch.empty(n * ks, H, dtype=torch.float32, device=x.device)  # (n*ks, H) weighted, fp32
     _down_kernel[(n * ks, triton.cdiv(H, block_o))](
         act, w, idx, down, ds, part, sd,
         first_expert, E, H, I,
         *down.stride(), *ds_st, *sd_st,
         K=k, KS=ks, SHARED=shared is not None, BO=bo_, BI=bi_, FP8=fp8[1], BLOCK_O=block_o, BLOCK_K=block_k,
-        num_warps=warps_2)
+        PDL=pdl, num_warps=warps_2, launch_pdl=pdl)
     return part.view(n, ks, H)  # (n, ks, H) fp32: summed over the slots by `fused_moe`
 
 

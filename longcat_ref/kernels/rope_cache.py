@@ -103,8 +103,11 @@ if triton is not None:
         eps, kv_scale, q_scale,
         RANK: tl.constexpr, ROPE: tl.constexpr, NOPE: tl.constexpr, BLOCK_RANK: tl.constexpr,
         BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
-        KV_SCALE: tl.constexpr, Q_SCALE: tl.constexpr,
+        KV_SCALE: tl.constexpr, Q_SCALE: tl.constexpr, PDL: tl.constexpr = False,
     ):
+        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         n = tl.program_id(0)
         bi, ti = (n // T).to(tl.int64), n % T  # this token's sequence (int64: cache offsets) and position in it
         pos = tl.load(POS + ti)  # its cache slot
@@ -203,7 +206,7 @@ def _rope_cache_op(kv: torch.Tensor, q: torch.Tensor, norm_weight: torch.Tensor,
         float(eps), float(kv_scale), float(q_scale),
         RANK=r, ROPE=d, NOPE=nope, BLOCK_RANK=max(16, _next_pow2(r)), BLOCK_HALF=max(16, _next_pow2(d // 2)),
         BLOCK_H=max(2, _next_pow2(h)), INTERLEAVED=bool(interleaved), KV_SCALE=kv_scale != 1.0,
-        Q_SCALE=q_scale != 1.0, num_warps=4,
+        Q_SCALE=q_scale != 1.0, PDL=support.pdl(q), num_warps=4, launch_pdl=support.pdl(q),
     )
     return out
 

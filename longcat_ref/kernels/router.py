@@ -41,7 +41,10 @@ if support.have_triton():
 
     @triton.jit
     def _route_kernel(logits_ptr, bias_ptr, w_ptr, idx_ptr, E, scaling, SOFTMAX: tl.constexpr, NORM: tl.constexpr,
-                      K: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr):
+                      K: tl.constexpr, KP: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         e = tl.arange(0, BLOCK_E)  # (BLOCK_E,) expert ids, padded to a power of two
         ok = e < E
@@ -79,7 +82,8 @@ def _route_op(logits: torch.Tensor, bias: torch.Tensor, k: int, softmax: bool, n
     idx = torch.empty(n, k, dtype=torch.int64, device=logits.device)
     if n:
         _route_kernel[(n,)](logits.float().contiguous(), bias.float().contiguous(), w, idx, E, float(scaling),
-                            SOFTMAX=softmax, NORM=norm, K=k, KP=_next_pow2(k), BLOCK_E=max(16, _next_pow2(E)))
+                            SOFTMAX=softmax, NORM=norm, K=k, KP=_next_pow2(k), BLOCK_E=max(16, _next_pow2(E)),
+                            PDL=support.pdl(logits), launch_pdl=support.pdl(logits))
     return w, idx
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -40,3 +41,22 @@ def require(x: torch.Tensor, what: str) -> None:
         raise RuntimeError(f"{what} runs on CUDA tensors (got {x.device}); on the CPU use the plain form, or set "
                            "TRITON_INTERPRET=1 before importing longcat_ref to run the kernel slowly in Triton's "
                            "interpreter")
+
+
+# Programmatic dependent launch (PDL, sm_90 and later): a kernel launched with it may start while the kernel before it
+# in the stream is finishing -- its programs are scheduled, and run up to their `gdc_wait()`, which blocks until the
+# previous kernel has completed and its writes are visible. At decode every layer is ~19 short kernels in a row, so
+# the gap between two of them (launch, scheduling, the first loads) is a real part of the step. Each of our decode
+# kernels takes a PDL constexpr: when it is set, the program calls gdc_wait() before it reads anything and then
+# gdc_launch_dependents() (the next kernel may be scheduled). The math and the results are the same either way.
+USE_PDL = True  # a constant, read at launch: False launches every kernel plainly (the A/B of a benchmark)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm90(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(x: torch.Tensor) -> bool:
+    """Launch with programmatic dependent launch? CUDA (not the interpreter) on sm_90 or later, and USE_PDL."""
+    return USE_PDL and x.is_cuda and not interpreting() and _sm90(x.device.index or 0)
