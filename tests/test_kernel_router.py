@@ -69,6 +69,19 @@ def test_router_fused_picks_the_same_experts_and_weights(kind):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_bias_is_read_in_its_own_dtype(dtype):
+    """A model cast to bf16 whole holds the bias in bf16: the kernel reads it as it is (no copy kernel) and adds
+    it in fp32, the same selection as the reference given the same rounded bias."""
+    g = torch.Generator().manual_seed(11)
+    logits, bias = torch.randn(3, 64, generator=g), (0.1 * torch.randn(64, generator=g)).to(dtype)
+    w, idx = route(logits.to(DEV), bias.to(DEV), 4, False, True, 1.8)
+    wr, ir = route_reference(logits, bias, 4, False, True, 1.8)
+    wi, ii = independent(logits, bias.float(), 4, False, True, 1.8)
+    assert torch.equal(idx.cpu(), ir) and torch.equal(ir, ii)
+    torch.testing.assert_close(w.cpu(), wr, atol=1e-6, rtol=1e-6)
+
+
 def test_custom_op_traces():
     logits, bias = torch.randn(2, 64), torch.zeros(64)
     f = torch.compile(lambda l, b: route(l, b, 4, False, True, 1.8), fullgraph=True,

@@ -3,8 +3,10 @@ programmatic dependent launch (PDL) switched on or off, for this process only. N
 
   --no-pdl        our Triton kernels launched plainly (kernels/support.USE_PDL = False): the step before PDL
   --inductor-pdl  inductor's generated Triton kernels with PDL too (torch._inductor.config.triton.enable_pdl)
+  --fold-op       W_uk's product (folded into the query) as torch.einsum inside a custom op (perf-run11 call 7's
+                  "opaque" fold: inductor no longer copies the strided W_uk slice before cuBLAS's bmm)
 
-usage: PYTHONPATH=. python docs/perf-run12/exp.py [--no-pdl] [--inductor-pdl] [--batch B] OUT.json
+usage: PYTHONPATH=. python docs/perf-run12/exp.py [--no-pdl] [--inductor-pdl] [--fold-op] [--batch B] OUT.json
 """
 import argparse
 import sys
@@ -17,12 +19,26 @@ from longcat_ref.tools import bench
 ap = argparse.ArgumentParser()
 ap.add_argument("--no-pdl", action="store_true")
 ap.add_argument("--inductor-pdl", action="store_true")
+ap.add_argument("--fold-op", action="store_true")
 ap.add_argument("--batch", type=int, default=1)
 ap.add_argument("out")
 a = ap.parse_args()
 support.USE_PDL = not a.no_pdl
 if a.inductor_pdl:
     torch._inductor.config.triton.enable_pdl = True
+if a.fold_op:
+    from longcat_ref.model import mla as M
+
+    @torch.library.custom_op("perf12::fold", mutates_args=())
+    def fold_op(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bhtd,hdr->bhtr", q, w).contiguous()
+
+    @fold_op.register_fake
+    def _(q, w):
+        return q.new_empty(q.shape[:-1] + (w.shape[-1],))
+
+    plain = M.MLA.fold_query
+    M.MLA.fold_query = staticmethod(lambda q, w, linear="plain": fold_op(q, w) if linear == "plain" else plain(q, w, linear))
 print(f"perf-run12: our kernels PDL={support.USE_PDL}, inductor PDL={torch._inductor.config.triton.enable_pdl}",
       flush=True)
 argv = ["--only", "b1", "--b1-variants", "compiled_decode", "--b1-batch", str(a.batch), "--json", a.out]

@@ -33,6 +33,11 @@ KERNEL_1 = [dict(block_i=bi, block_h=bh, warps=w)
             for bi, bh, w in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8))]
 KERNEL_2 = [dict(block_o=bo, block_k=bk, warps=w)
             for bo, bk, w in itertools.product((4, 8, 16, 32, 64), (128, 256, 512, 1024), (4, 8)) if bo * bk <= 32768]
+# --narrow: rows of 1-8 and 1-4 warps (GEMV kernels elsewhere run one row per warp; the first sweep stopped at 4 rows)
+NARROW_1 = [dict(block_i=bi, block_h=bh, warps=w)
+            for bi, bh, w in itertools.product((1, 2, 4, 8), (512, 1024, 2048), (1, 2, 4))]
+NARROW_2 = [dict(block_o=bo, block_k=bk, warps=w)
+            for bo, bk, w in itertools.product((1, 2, 4, 8), (256, 512, 1024), (1, 2, 4))]
 
 def make_case(name, device, repeats, seed=0):
     """The bank (random values: only the bytes matter), x, and `repeats` router choices of k distinct experts."""
@@ -95,7 +100,7 @@ def graph_us(run, repeats, trials=5) -> float:
         best = min(best, start.elapsed_time(end) * 1e3 / repeats)
     return best
 
-def sweep(name, device, repeats, deadline):
+def sweep(name, device, repeats, deadline, narrow=False):
     from longcat_ref.kernels import moe_decode
 
     case = make_case(name, device, repeats)
@@ -116,12 +121,12 @@ def sweep(name, device, repeats, deadline):
               f"({row['tb_s']:.2f} TB/s)", flush=True)
 
     record("heuristic", base, (nw, nw))
-    for c in KERNEL_1:
+    for c in (NARROW_1 if narrow else KERNEL_1):
         if time.monotonic() > deadline:
             print(f"  {name}: time limit reached, sweep cut", flush=True)
             return rows
         record("gate_up", (c["block_i"], c["block_h"], base[2], base[3]), (c["warps"], nw))
-    for c in KERNEL_2:
+    for c in (NARROW_2 if narrow else KERNEL_2):
         if time.monotonic() > deadline:
             print(f"  {name}: time limit reached, sweep cut", flush=True)
             return rows
@@ -135,6 +140,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=16, help="launches per CUDA graph (distinct router choices)")
     ap.add_argument("--time-limit", type=float, default=480.0, help="seconds; the sweep stops after this")
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--narrow", action="store_true", help="sweep row tiles of 1-8 rows and 1-4 warps instead")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("tune_moe: needs a CUDA GPU (the kernels' timings mean nothing elsewhere)")
@@ -147,7 +153,7 @@ def main(argv=None):
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}; microseconds per pair of kernels, "
           f"one token", flush=True)
     for name in names:
-        rows += sweep(name, "cuda", args.repeats, deadline)
+        rows += sweep(name, "cuda", args.repeats, deadline, args.narrow)
     print("best per case and kernel:")
     for name in names:
         for kernel in ("heuristic", "gate_up", "down"):
