@@ -147,12 +147,15 @@ def test_linear_gemv_form_equals_the_module():
 
 
 def test_w_uk_product_goes_to_cublas_under_auto(monkeypatch):
-    """linear="auto": W_uk's product (summed over the weight's strided axis) runs plain even where W_uv's runs as
-    gemv (measured faster, mla.fold_form); an explicit form is kept for both."""
+    """linear="auto": W_uk's product (summed over the weight's strided axis) runs through cuBLAS even where W_uv's
+    runs as gemv (measured faster, mla.fold_form): eagerly plain, inside torch.compile "bmm" (the same einsum as an
+    opaque op); an explicit form is kept for both."""
     from longcat_ref.model import mla
 
     assert mla.fold_form("auto", "gemv") == "plain" and mla.fold_form("auto", "plain") == "plain"
     assert mla.fold_form("gemv", "gemv") == "gemv" and mla.fold_form("triton", "triton") == "triton"
+    q, w = torch.randn(2, 3, 1, 8), torch.randn(3, 16, 5)[:, :8]  # W_uk: a strided slice, as kv_b_split gives
+    assert torch.equal(mla.MLA.fold_query(q, w, "bmm"), mla.MLA.fold_query(q, w, "plain"))  # the op: one einsum
     seen = []
     fold = mla.MLA.fold_query
     monkeypatch.setattr(mla.MLA, "fold_query", staticmethod(lambda q, w, linear="plain": seen.append(linear)
@@ -163,7 +166,7 @@ def test_w_uk_product_goes_to_cublas_under_auto(monkeypatch):
         m(torch.ones(1, 1, dtype=torch.long), forms=L.Forms(attention="absorbed", linear="auto"))
         m(torch.ones(1, 1, dtype=torch.long), forms=L.Forms(attention="absorbed", linear="gemv"))
     n = m.config.num_attn_sublayers
-    assert n > 0 and seen == ["plain"] * n + ["gemv"] * n
+    assert n > 0 and seen == ["bmm"] * n + ["gemv"] * n  # compiling: the einsum as an op inductor cannot restride
 
 
 def test_linear_auto_picks_gemv_only_while_compiling_for_few_tokens_and_small_weights(monkeypatch):

@@ -64,10 +64,25 @@ FUSED_MAX_QUERIES = 4  # "auto" runs the fused kernel for chunks of up to this m
 
 def fold_form(linear: str, per_head: str) -> str:
     """The form of W_uk's product (folded into the query), given the asked `linear` and its resolved `per_head`.
-    "auto" sends it to cuBLAS (plain) even where gemv is picked for W_uv: its sum runs over the weight's strided
-    axis, where inductor's reduction is slow (one H200, 2026-12-03, docs/perf-run11/: alone 5.90 us against
-    cuBLAS's 3.84 for GLM-4.7-Flash; the compiled batch-1 step 4.322 -> 4.146 ms). Explicit forms are kept."""
-    return "plain" if linear == "auto" else per_head
+    "auto" sends it to cuBLAS even where gemv is picked for W_uv: its sum runs over the weight's strided axis, where
+    inductor's reduction is slow (one H200, 2026-12-03, docs/perf-run11/: alone 5.90 us against cuBLAS's 3.84 for
+    GLM-4.7-Flash; the compiled batch-1 step 4.322 -> 4.146 ms). Inside torch.compile that is "bmm", the same
+    einsum as an opaque op: inductor otherwise copies W_uk, a strided slice of kv_b_proj's weight (3.9 MB a layer
+    for GLM), before calling cuBLAS on it (docs/perf-run12/: 4.033 -> 3.949 ms). Explicit forms are kept."""
+    if linear != "auto":
+        return per_head
+    return "bmm" if torch.compiler.is_compiling() else "plain"
+
+
+@torch.library.custom_op("longcat_ref::fold_bmm", mutates_args=())
+def _fold_bmm(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+    """q_nope (b, h, t, nope), W_uk (h, nope, r) -> (b, h, t, r): torch.einsum, whose bmm reads W_uk in place."""
+    return torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk).contiguous()  # (b, h, t, r)
+
+
+@_fold_bmm.register_fake
+def _(q_nope, w_uk):
+    return q_nope.new_empty(q_nope.shape[:-1] + (w_uk.shape[-1],))  # (b, h, t, r), contiguous
 
 
 def attention_bias(attention_mask, cache_position: torch.Tensor, key_length: int, dtype) -> torch.Tensor:
@@ -212,7 +227,10 @@ class MLA(nn.Module):
     def fold_query(q_nope, w_uk, linear: str = "plain"):
         """q_nope (b, h, t, nope), W_uk (h, nope, r) -> q_lat (b, h, t, r) = W_uk^T q_nope per head. linear (a
         resolved form of linear.py): "gemv" as multiply-and-sum in fp32 (for torch.compile), "triton" in
-        kernels/gemv.py (its sum runs over nope, W_uk's strided axis: the kernel's wide tile)."""
+        kernels/gemv.py (its sum runs over nope, W_uk's strided axis: the kernel's wide tile); "bmm" the plain
+        einsum inside an op torch.compile cannot restride (fold_form; inference only: the op has no backward)."""
+        if linear == "bmm":
+            return _fold_bmm(q_nope, w_uk)  # (b, h, t, r)
         if linear == "gemv":
             return (q_nope.float()[..., None] * w_uk.float()[:, None]).sum(-2).to(q_nope.dtype)  # (b, h, t, r)
         if linear == "triton":
