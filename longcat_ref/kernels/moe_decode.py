@@ -103,6 +103,13 @@ TARGET_PROGRAMS = 512  # enough programs in flight to keep an H200's memory busy
 ROW_CAP_16BIT = 16
 DOWN_TARGET_PROGRAMS = 8192
 NUM_WARPS = 4
+# Few rows in all (one GLM-4.7-Flash token: 5 slots x 1536 rows in kernel 1, 5 x 2048 in kernel 2), 16-bit banks:
+# one warp per program and rows of 1 (kernel 1, 2048 columns a load) or 2 (kernel 2), measured (one H200,
+# 2026-12-03, `tune_moe --cases glm_bf16_shared --narrow`, docs/perf-run12/tiles_narrow.json): the pair 32.71 ->
+# ~26 us (kernel 1 alone: 32.71 -> 27.25 with kernel 2 kept; kernel 2 alone: -> 31.55). Larger totals (LongCat-Flash:
+# 24,576 and 73,728 rows) keep the rules above, measured there.
+NARROW_ROWS_1 = 8192  # kernel 1: n * slots * I at most this -> (1 row, up to 2048 columns, 1 warp)
+NARROW_ROWS_2 = 16384  # kernel 2: n * slots * H at most this -> (2 rows, 512 columns, 1 warp)
 
 
 # ------------------------------------------------------------------------------------------------ the kernels
@@ -271,6 +278,13 @@ def choose_tiles(n: int, k: int, H: int, I: int, block=None, fp8=(False, False))
 
     A pure function of the shapes: deterministic, free, and the same on every call of a CUDA graph / compiled graph.
     """
+    return choose_launch(n, k, H, I, block, fp8)[0]
+
+
+def choose_launch(n: int, k: int, H: int, I: int, block=None, fp8=(False, False)):
+    """((BLOCK_I, BLOCK_H, BLOCK_O, BLOCK_K), (kernel 1's warps, kernel 2's)): `choose_tiles`'s rule, and for
+    16-bit banks with few rows in all (NARROW_ROWS_1 / NARROW_ROWS_2: one GLM-4.7-Flash token) one-warp programs of
+    1 row x up to 2048 columns (kernel 1) and 2 rows x 512 columns (kernel 2), which measured faster there."""
     big = 1 << 30
     bo = block[0] if block is not None else big
     block_i = _rows_tile(I, n * k, _pow2_divisor(bo) if fp8[0] else ROW_CAP_16BIT)
@@ -278,7 +292,12 @@ def choose_tiles(n: int, k: int, H: int, I: int, block=None, fp8=(False, False))
     block_o = (_rows_tile(H, n * k, _pow2_divisor(bo)) if fp8[1]
                else _rows_tile(H, n * k, big, DOWN_TARGET_PROGRAMS))
     block_k = max(1, min(512, _next_pow2(I)))
-    return block_i, block_h, block_o, block_k
+    warps_1 = warps_2 = NUM_WARPS
+    if not fp8[0] and n * k * I <= NARROW_ROWS_1:
+        block_i, block_h, warps_1 = 1, max(1, min(2048, _next_pow2(H))), 1
+    if not fp8[1] and n * k * H <= NARROW_ROWS_2:
+        block_o, warps_2 = min(2, _next_pow2(H)), 1
+    return (block_i, block_h, block_o, block_k), (warps_1, warps_2)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -337,7 +356,8 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
     if shared is not None:
         _check_shared(x, gate_up, shared)
     ks = k + (shared is not None)  # slots per token
-    block_i, block_h, block_o, block_k = tiles or choose_tiles(n, ks, H, I, (bo, bi) if any(fp8) else None, fp8)
+    chosen_tiles, chosen_warps = choose_launch(n, ks, H, I, (bo, bi) if any(fp8) else None, fp8)
+    block_i, block_h, block_o, block_k = tiles or chosen_tiles
     for t in (block_i, block_h, block_o, block_k):
         if t < 1 or t & (t - 1):
             raise ValueError(f"fused_moe: tiles must be powers of two, got {(block_i, block_h, block_o, block_k)}")
@@ -346,7 +366,7 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
                          f"rows lie in one block row: got BLOCK_I={block_i}, BLOCK_O={block_o}")
     if n == 0 or k == 0 or E == 0:
         return torch.zeros(n, ks, H, dtype=torch.float32, device=x.device)
-    warps_1, warps_2 = warps or (NUM_WARPS, NUM_WARPS)
+    warps_1, warps_2 = warps or (chosen_warps if tiles is None else (NUM_WARPS, NUM_WARPS))
     pdl = support.pdl(x)  # programmatic dependent launch (sm_90+ CUDA)
     x = x.contiguous()  # (n, H): tiny
     w = w.contiguous().view(-1)  # (n*k,)
