@@ -1,15 +1,17 @@
-"""perf-run12 experiments: the compiled decode step (`bench --only b1 --b1-variants compiled_decode`) with
-programmatic dependent launch (PDL) switched on or off, for this process only. Not part of the package.
+"""perf-run12 experiments: the compiled decode step (`bench --only b1 --b1-variants compiled_decode`) with one piece
+switched, for this process only. Not part of the package.
 
   --no-pdl        our Triton kernels launched plainly (kernels/support.USE_PDL = False): the step before PDL
   --inductor-pdl  inductor's generated Triton kernels with PDL too (torch._inductor.config.triton.enable_pdl)
   --moe-wide      the fused MoE kernels' tiles as before `tune_moe --narrow` (8 rows, 4 warps; the package now
                   runs one GLM token in one-warp programs of 1 row x 2048 columns and 2 rows x 512)
+  --moe-narrow-all  the narrow MoE programs for any number of rows (16-bit banks): LongCat-Flash's too
+  --layer-only    the LongCat layer only (`bench --b1-layer-only`)
   --fold-op       W_uk's product (folded into the query) as torch.einsum inside a custom op (perf-run11 call 7's
                   "opaque" fold: inductor no longer copies the strided W_uk slice before cuBLAS's bmm)
 
-usage: PYTHONPATH=. python docs/perf-run12/exp.py [--no-pdl] [--inductor-pdl] [--moe-wide] [--fold-op]
-                                                  [--batch B] OUT.json
+usage: PYTHONPATH=. python docs/perf-run12/exp.py [--no-pdl] [--inductor-pdl] [--moe-wide] [--moe-narrow-all]
+                                                  [--fold-op] [--layer-only] [--batch B] OUT.json
 """
 import argparse
 import sys
@@ -24,6 +26,8 @@ ap.add_argument("--no-pdl", action="store_true")
 ap.add_argument("--inductor-pdl", action="store_true")
 ap.add_argument("--fold-op", action="store_true")
 ap.add_argument("--moe-wide", action="store_true")
+ap.add_argument("--moe-narrow-all", action="store_true")
+ap.add_argument("--layer-only", action="store_true")
 ap.add_argument("--batch", type=int, default=1)
 ap.add_argument("out")
 a = ap.parse_args()
@@ -48,7 +52,11 @@ if a.moe_wide:
     from longcat_ref.kernels import moe_decode as D
 
     D.NARROW_ROWS_1 = D.NARROW_ROWS_2 = 0  # the rule before: 8-row tiles, 4 warps
+if a.moe_narrow_all:
+    from longcat_ref.kernels import moe_decode as D
+
+    D.NARROW_ROWS_1 = D.NARROW_ROWS_2 = 1 << 40
 print(f"perf-run12: our kernels PDL={support.USE_PDL}, inductor PDL={torch._inductor.config.triton.enable_pdl}",
       flush=True)
 argv = ["--only", "b1", "--b1-variants", "compiled_decode", "--b1-batch", str(a.batch), "--json", a.out]
-sys.exit(bench.main(argv))
+sys.exit(bench.main(argv + (["--b1-layer-only"] if a.layer_only else [])))
