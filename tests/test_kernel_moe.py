@@ -241,15 +241,14 @@ def test_tiles_must_divide_the_fp8_block():
 def test_tile_heuristic():
     from longcat_ref.kernels.moe_decode import choose_launch
 
-    # GLM-4.7-Flash, one token, with its shared expert as a 5th slot: few rows in all -> one-warp narrow programs
+    # one token, 16-bit banks: one-warp narrow programs (GLM-4.7-Flash with its shared expert as a 5th slot, LongCat)
     assert choose_launch(1, 5, 2048, 1536) == ((1, 2048, 2, 512), (1, 1))
-    assert choose_launch(1, 4, 2048, 1536) == ((1, 2048, 2, 512), (1, 1))  # its 4 routed slots alone
-    assert choose_launch(2, 5, 2048, 1536) == ((16, 512, 8, 512), (4, 4))  # two tokens: 15,360 rows, the rule
-    assert choose_launch(1, 12, 6144, 2048) == ((16, 512, 8, 512), (4, 4))  # LongCat-Flash: the rule
+    assert choose_launch(1, 12, 6144, 2048) == ((1, 2048, 2, 512), (1, 1))
+    assert choose_launch(1, 3, 40, 24) == ((1, 64, 2, 32), (1, 1))  # a tiny config: the tiles fit its sizes
+    assert choose_launch(2, 5, 2048, 1536) == ((16, 512, 8, 512), (4, 4))  # two tokens: the rule
     assert choose_launch(1, 4, 2048, 1536, (128, 128), (True, True))[1] == (4, 4)  # fp8 banks: the rule
     assert choose_tiles(8, 4, 2048, 1536) == (16, 512, 8, 512)  # 8 tokens: 3072 and 8192 programs
     assert choose_tiles(64, 4, 2048, 1536) == (16, 512, 32, 512)  # 64 tokens: down wide again (16384 programs)
-    assert choose_tiles(1, 12, 6144, 2048) == (16, 512, 8, 512)  # LongCat-Flash, one token: 1536 and 9216
     assert choose_tiles(1, 4, 2048, 1536, (128, 128), (True, True)) == (8, 512, 16, 512)  # real fp8 blocks: 512
     assert choose_tiles(1, 12, 6144, 2048, (128, 128), (True, True)) == (32, 512, 32, 512)  # ... programs at least
     assert choose_tiles(3, 4, 40, 24, (8, 16), (True, True)) == (8, 64, 8, 32)  # the block caps the row tiles

@@ -4,8 +4,9 @@ switched, for this process only. Not part of the package.
   --no-pdl        our Triton kernels launched plainly (kernels/support.USE_PDL = False): the step before PDL
   --inductor-pdl  inductor's generated Triton kernels with PDL too (torch._inductor.config.triton.enable_pdl)
   --moe-wide      the fused MoE kernels' tiles as before `tune_moe --narrow` (8 rows, 4 warps; the package now
-                  runs one GLM token in one-warp programs of 1 row x 2048 columns and 2 rows x 512)
-  --moe-narrow-all  the narrow MoE programs for any number of rows (16-bit banks): LongCat-Flash's too
+                  runs one token in one-warp programs of 1 row x 2048 columns and 2 rows x 512)
+  --moe-narrow-all  the narrow MoE programs for any number of tokens (call 6 ran it when the package's rule
+                  was one GLM token only: it then switched LongCat-Flash's token to them)
   --layer-only    the LongCat layer only (`bench --b1-layer-only`)
   --fold-op       W_uk's product (folded into the query) as torch.einsum inside a custom op (perf-run11 call 7's
                   "opaque" fold: inductor no longer copies the strided W_uk slice before cuBLAS's bmm)
@@ -51,11 +52,11 @@ if a.fold_op:
 if a.moe_wide:
     from longcat_ref.kernels import moe_decode as D
 
-    D.NARROW_ROWS_1 = D.NARROW_ROWS_2 = 0  # the rule before: 8-row tiles, 4 warps
+    D.NARROW_TOKENS = 0  # the rule before: 8-row tiles, 4 warps
 if a.moe_narrow_all:
     from longcat_ref.kernels import moe_decode as D
 
-    D.NARROW_ROWS_1 = D.NARROW_ROWS_2 = 1 << 40
+    D.NARROW_TOKENS = 1 << 20
 print(f"perf-run12: our kernels PDL={support.USE_PDL}, inductor PDL={torch._inductor.config.triton.enable_pdl}",
       flush=True)
 argv = ["--only", "b1", "--b1-variants", "compiled_decode", "--b1-batch", str(a.batch), "--json", a.out]

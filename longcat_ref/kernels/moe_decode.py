@@ -77,8 +77,9 @@ or C not a multiple of the block: the tile's masked tail and the block's missing
 
 Tile sizes and warps: `choose_launch` (`choose_tiles` is its tiles), a fixed heuristic of the shapes (no
 triton.autotune: its first call benchmarks, which is neither deterministic nor allowed inside a CUDA graph capture).
-See its docstring. One GLM-4.7-Flash token runs in one-warp programs of a single row (kernel 1) or two (kernel 2):
-7,680 and 5,120 programs, measured 21.5 -> 16.8 and 12.0 -> 10.4 us in the compiled step (docs/perf-run12/).
+See its docstring. One decode token runs in one-warp programs of a single row (kernel 1) or two (kernel 2): for
+GLM-4.7-Flash 7,680 and 5,120 programs, measured 21.5 -> 16.8 and 12.0 -> 10.4 us in the compiled step; for the
+LongCat-Flash layer 106.9 -> 101.2 and 83.5 -> 53.4 us (docs/perf-run12/).
 
 Inference only: the op has no backward (autograd raises if asked for gradients through it).
 
@@ -105,13 +106,11 @@ TARGET_PROGRAMS = 512  # enough programs in flight to keep an H200's memory busy
 ROW_CAP_16BIT = 16
 DOWN_TARGET_PROGRAMS = 8192
 NUM_WARPS = 4
-# Few rows in all (one GLM-4.7-Flash token: 5 slots x 1536 rows in kernel 1, 5 x 2048 in kernel 2), 16-bit banks:
-# one warp per program and rows of 1 (kernel 1, 2048 columns a load) or 2 (kernel 2), measured (one H200,
-# 2026-12-03, `tune_moe --cases glm_bf16_shared --narrow`, docs/perf-run12/tiles_narrow.json): the pair 32.71 ->
-# ~26 us (kernel 1 alone: 32.71 -> 27.25 with kernel 2 kept; kernel 2 alone: -> 31.55). Larger totals (LongCat-Flash:
-# 24,576 and 73,728 rows) keep the rules above, measured there.
-NARROW_ROWS_1 = 8192  # kernel 1: n * slots * I at most this -> (1 row, up to 2048 columns, 1 warp)
-NARROW_ROWS_2 = 16384  # kernel 2: n * slots * H at most this -> (2 rows, 512 columns, 1 warp)
+# One decode token, 16-bit banks: one warp per program and rows of 1 (kernel 1, 2048 columns a load) or 2 (kernel
+# 2), measured (one H200, 2026-12-03, `tune_moe --narrow` and docs/perf-run12/moe_pair.py): the pair for one
+# GLM-4.7-Flash token (5 slots with its shared expert) 30.5 -> 25.5 us, for one LongCat-Flash token (12 slots)
+# 218.5 -> 200.3 us. Two or more tokens (speculative verify, small batches; not measured narrow) keep the rules above.
+NARROW_TOKENS = 1  # n at most this -> (1 row, up to 2048 columns, 1 warp) and (2 rows, 512 columns, 1 warp)
 
 
 # ------------------------------------------------------------------------------------------------ the kernels
@@ -285,8 +284,8 @@ def choose_tiles(n: int, k: int, H: int, I: int, block=None, fp8=(False, False))
 
 def choose_launch(n: int, k: int, H: int, I: int, block=None, fp8=(False, False)):
     """((BLOCK_I, BLOCK_H, BLOCK_O, BLOCK_K), (kernel 1's warps, kernel 2's)): `choose_tiles`'s rule, and for
-    16-bit banks with few rows in all (NARROW_ROWS_1 / NARROW_ROWS_2: one GLM-4.7-Flash token) one-warp programs of
-    1 row x up to 2048 columns (kernel 1) and 2 rows x 512 columns (kernel 2), which measured faster there."""
+    16-bit banks and one token (NARROW_TOKENS) one-warp programs of 1 row x up to 2048 columns (kernel 1) and 2 rows
+    x 512 columns (kernel 2), which measured faster for both models' single decode token."""
     big = 1 << 30
     bo = block[0] if block is not None else big
     block_i = _rows_tile(I, n * k, _pow2_divisor(bo) if fp8[0] else ROW_CAP_16BIT)
@@ -295,9 +294,9 @@ def choose_launch(n: int, k: int, H: int, I: int, block=None, fp8=(False, False)
                else _rows_tile(H, n * k, big, DOWN_TARGET_PROGRAMS))
     block_k = max(1, min(512, _next_pow2(I)))
     warps_1 = warps_2 = NUM_WARPS
-    if not fp8[0] and n * k * I <= NARROW_ROWS_1:
+    if not fp8[0] and n <= NARROW_TOKENS:
         block_i, block_h, warps_1 = 1, max(1, min(2048, _next_pow2(H))), 1
-    if not fp8[1] and n * k * H <= NARROW_ROWS_2:
+    if not fp8[1] and n <= NARROW_TOKENS:
         block_o, warps_2 = min(2, _next_pow2(H)), 1
     return (block_i, block_h, block_o, block_k), (warps_1, warps_2)
 
