@@ -197,6 +197,7 @@ def _rope_cache_op(kv: torch.Tensor, q: torch.Tensor, norm_weight: torch.Tensor,
             raise ValueError(f"rope_cache_write wants {name}'s last axis contiguous")
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
+    pdl = support.pdl(q)  # programmatic dependent launch (sm_90+ CUDA)
     _rope_cache_kernel[(b * t,)](
         kv, q, norm_weight, cos, sin, cache_position, latent_cache, rope_cache, out,
         t, h,
@@ -206,7 +207,7 @@ def _rope_cache_op(kv: torch.Tensor, q: torch.Tensor, norm_weight: torch.Tensor,
         float(eps), float(kv_scale), float(q_scale),
         RANK=r, ROPE=d, NOPE=nope, BLOCK_RANK=max(16, _next_pow2(r)), BLOCK_HALF=max(16, _next_pow2(d // 2)),
         BLOCK_H=max(2, _next_pow2(h)), INTERLEAVED=bool(interleaved), KV_SCALE=kv_scale != 1.0,
-        Q_SCALE=q_scale != 1.0, PDL=support.pdl(q), num_warps=4, launch_pdl=support.pdl(q),
+        Q_SCALE=q_scale != 1.0, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return out
 

@@ -81,10 +81,11 @@ def _route_op(logits: torch.Tensor, bias: torch.Tensor, k: int, softmax: bool, n
     n, E = logits.shape
     w = torch.empty(n, k, dtype=torch.float32, device=logits.device)
     idx = torch.empty(n, k, dtype=torch.int64, device=logits.device)
-    if n:
-        _route_kernel[(n,)](logits, bias, w, idx, E, float(scaling),
+    if n:  # (.float() / .contiguous(): no-ops when called through `route`, which makes them so outside the op)
+        pdl = support.pdl(logits)  # programmatic dependent launch (sm_90+ CUDA)
+        _route_kernel[(n,)](logits.float().contiguous(), bias.contiguous(), w, idx, E, float(scaling),
                             SOFTMAX=softmax, NORM=norm, K=k, KP=_next_pow2(k), BLOCK_E=max(16, _next_pow2(E)),
-                            PDL=support.pdl(logits), launch_pdl=support.pdl(logits))
+                            PDL=pdl, launch_pdl=pdl)
     return w, idx
 
 

@@ -106,8 +106,8 @@ def sweep(name, device, repeats, deadline, narrow=False):
     case = make_case(name, device, repeats)
     E, H, I, k, fp8 = CASES[name]
     nbytes = case[-1]
-    base = moe_decode.choose_tiles(1, k + name.endswith("_shared"), H, I, (128, 128) if fp8 else None, (fp8, fp8))
-    nw = moe_decode.NUM_WARPS
+    base, (nw1, nw2) = moe_decode.choose_launch(1, k + name.endswith("_shared"), H, I, (128, 128) if fp8 else None,
+                                                (fp8, fp8))  # the package's choice: the other kernel keeps it
     rows = []
 
     def record(kernel, tiles, warps):
@@ -120,17 +120,17 @@ def sweep(name, device, repeats, deadline, narrow=False):
         print(f"  {name:13s} {kernel:9s} tiles(I,H,O,K)={tuple(tiles)} warps={tuple(warps)}: {us:7.2f} us "
               f"({row['tb_s']:.2f} TB/s)", flush=True)
 
-    record("heuristic", base, (nw, nw))
+    record("heuristic", base, (nw1, nw2))
     for c in (NARROW_1 if narrow else KERNEL_1):
         if time.monotonic() > deadline:
             print(f"  {name}: time limit reached, sweep cut", flush=True)
             return rows
-        record("gate_up", (c["block_i"], c["block_h"], base[2], base[3]), (c["warps"], nw))
+        record("gate_up", (c["block_i"], c["block_h"], base[2], base[3]), (c["warps"], nw2))
     for c in (NARROW_2 if narrow else KERNEL_2):
         if time.monotonic() > deadline:
             print(f"  {name}: time limit reached, sweep cut", flush=True)
             return rows
-        record("down", (base[0], base[1], c["block_o"], c["block_k"]), (nw, c["warps"]))
+        record("down", (base[0], base[1], c["block_o"], c["block_k"]), (nw1, c["warps"]))
     return rows
 
 def main(argv=None):
