@@ -156,7 +156,8 @@ def test_tune_gemv_lists_each_layers_reads_and_valid_sweeps():
     assert 40e6 < sum(G * N * K * 2 for G, N, K, _ in glm.values()) < 48e6
     assert "dense_gate" in shapes(longcat_flash_chat(), dense=True)
     for G, N, K, t in glm.values():
-        configs = list(sweep_configs(G, N, K, t))
-        assert configs
-        for (bm, bn, bk, ks, split), warps in configs:
-            assert ks % bk == 0 and split * ks >= K and (split - 1) * ks < K and bm * bn * bk <= 16384
+        for narrow in (False, True):  # --narrow: one- and two-warp programs of 1-4 rows (long runs along a
+            configs = list(sweep_configs(G, N, K, t, narrow))  # contiguous K: none for W_uk's strided sum)
+            assert (bool(configs) or narrow and t) and all((w <= 2) == narrow for _, w in configs)
+            for (bm, bn, bk, ks, split), warps in configs:
+                assert ks % bk == 0 and split * ks >= K and (split - 1) * ks < K and bm * bn * bk <= 16384

@@ -3,6 +3,7 @@
     python -m longcat_ref.tools.tune_gemv                        # GLM-4.7-Flash's six per-layer reads
     python -m longcat_ref.tools.tune_gemv --model longcat --json gemv.json
     python -m longcat_ref.tools.tune_gemv --shapes q_a,o_proj --no-sweep
+    python -m longcat_ref.tools.tune_gemv --narrow                # one- and two-warp programs of 1-4 rows
 
 For each weight a layer reads at batch 1 (q_a, kv_a, q_b, o_proj; MLA's per-head W_uk and W_uv products; LongCat's
 dense SwiGLU too) it times, on the same data:
@@ -36,6 +37,9 @@ from .tune_moe import graph_us
 
 L2_BYTES = 256 * 2**20  # the copies of a weight span at least this much memory (an H200's L2 is 50 MB)
 SWEEP = dict(block_n=(4, 8, 16, 32), block_k=(128, 256, 512, 1024), split=(1, 2, 4, 8, 16), warps=(4, 8))
+# --narrow: one-warp programs of 1-4 rows with long column runs (what won for the fused MoE kernels' single token,
+# docs/perf-run12/: the first sweep above started at 4 rows and 4 warps); none fit W_uk's sum over 192 strided rows
+NARROW = dict(block_n=(1, 2, 4), block_k=(512, 1024, 2048), split=(1, 2, 4), warps=(1, 2))
 
 
 def shapes(cfg, dense: bool = False) -> dict:
@@ -102,11 +106,11 @@ def ours(x, ws, tiles, warps):
     return run
 
 
-def sweep_configs(G, N, K, transposed):
+def sweep_configs(G, N, K, transposed, narrow=False):
     from ..kernels.gemv import choose_tiles
 
     bm = choose_tiles(G, 1, N, K, not transposed)[0]
-    for bn, bk, split, warps in itertools.product(*SWEEP.values()):
+    for bn, bk, split, warps in itertools.product(*(NARROW if narrow else SWEEP).values()):
         if bn > max(4, 2 ** math.ceil(math.log2(N))) or bk > max(16, 2 ** math.ceil(math.log2(K))):
             continue
         if bm * bn * bk > 16384:  # registers
@@ -117,7 +121,7 @@ def sweep_configs(G, N, K, transposed):
         yield (bm, bn, bk, k_split, split), warps
 
 
-def tune(name, G, N, K, transposed, sweep, deadline, tuned_ok):
+def tune(name, G, N, K, transposed, sweep, deadline, tuned_ok, narrow=False):
     from ..kernels.gemv import NUM_WARPS, choose_tiles
 
     x, ws, nbytes = make(G, N, K, transposed, torch.bfloat16, "cuda")
@@ -137,7 +141,7 @@ def tune(name, G, N, K, transposed, sweep, deadline, tuned_ok):
     base = choose_tiles(G, 1, N, K, not transposed)
     record("ours", ours(x, ws, base, NUM_WARPS), base, NUM_WARPS)
     if sweep:
-        for tiles, warps in sweep_configs(G, N, K, transposed):
+        for tiles, warps in sweep_configs(G, N, K, transposed, narrow):
             if time.monotonic() > deadline:
                 print(f"  {name}: time limit reached, sweep cut", flush=True)
                 break
@@ -156,6 +160,7 @@ def main(argv=None):
     ap.add_argument("--no-tuned", action="store_true", help="skip inductor's coordinate-descent tuning")
     ap.add_argument("--time-limit", type=float, default=480.0, help="seconds; the sweeps stop after this")
     ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--narrow", action="store_true", help="sweep one- and two-warp programs of 1-4 rows instead")
     args = ap.parse_args(argv)
     table = shapes(glm_4_7_flash(), dense=False) if args.model == "glm" else shapes(longcat_flash_chat(), dense=True)
     names = list(table) if not args.shapes else [s for s in args.shapes.split(",") if s]
@@ -170,7 +175,7 @@ def main(argv=None):
     rows = []
     with torch.no_grad():
         for n in names:
-            rows += tune(n, *table[n], not args.no_sweep, deadline, not args.no_tuned)
+            rows += tune(n, *table[n], not args.no_sweep, deadline, not args.no_tuned, args.narrow)
     print("best per shape:")
     for n in names:
         got = [r for r in rows if r["shape"] == n]
