@@ -8,11 +8,12 @@ switched, for this process only. Not part of the package.
   --moe-narrow-all  the narrow MoE programs for any number of tokens (call 6 ran it when the package's rule
                   was one GLM token only: it then switched LongCat-Flash's token to them)
   --layer-only    the LongCat layer only (`bench --b1-layer-only`)
-  --fold-op       W_uk's product (folded into the query) as torch.einsum inside a custom op (perf-run11 call 7's
-                  "opaque" fold: inductor no longer copies the strided W_uk slice before cuBLAS's bmm)
+
+(Call 2's `--fold-op`, W_uk's product as an einsum inside a custom op, is now the package's own `mla.fold_form`
+"bmm", so the flag is gone: `git show ac9cb78:docs/perf-run12/exp.py` is the script that call ran.)
 
 usage: PYTHONPATH=. python docs/perf-run12/exp.py [--no-pdl] [--inductor-pdl] [--moe-wide] [--moe-narrow-all]
-                                                  [--fold-op] [--layer-only] [--batch B] OUT.json
+                                                  [--layer-only] [--batch B] OUT.json
 """
 import argparse
 import sys
@@ -25,7 +26,6 @@ from longcat_ref.tools import bench
 ap = argparse.ArgumentParser()
 ap.add_argument("--no-pdl", action="store_true")
 ap.add_argument("--inductor-pdl", action="store_true")
-ap.add_argument("--fold-op", action="store_true")
 ap.add_argument("--moe-wide", action="store_true")
 ap.add_argument("--moe-narrow-all", action="store_true")
 ap.add_argument("--layer-only", action="store_true")
@@ -35,20 +35,6 @@ a = ap.parse_args()
 support.USE_PDL = not a.no_pdl
 if a.inductor_pdl:
     torch._inductor.config.triton.enable_pdl = True
-if a.fold_op:
-    from longcat_ref.model import mla as M
-
-    @torch.library.custom_op("perf12::fold", mutates_args=())
-    def fold_op(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bhtd,hdr->bhtr", q, w).contiguous()
-
-    @fold_op.register_fake
-    def _(q, w):
-        return q.new_empty(q.shape[:-1] + (w.shape[-1],))
-
-    plain = M.MLA.fold_query
-    M.MLA.fold_query = staticmethod(lambda q, w, linear="plain": fold_op(q, w) if linear == "plain"
-                                    else plain(q, w, linear))
 if a.moe_wide:
     from longcat_ref.kernels import moe_decode as D
 
