@@ -17,7 +17,7 @@ def tiny(kind, **kw):
 KINDS = ["longcat", "glm"]
 # fused: the Triton kernel, on these CPU tensors in Triton's interpreter (conftest.py sets it up where there is no
 # GPU; on a CUDA machine the kernel is tested on the GPU: tests/test_kernel_mla.py, tests/test_fp8_keep.py)
-ATTENTION = ["naive", "absorbed", "sdpa"] + (["fused"] if can_run(torch.empty(0)) else [])
+ATTENTION = ["naive", "absorbed", "sdpa"] + (["fused", "fused_uv"] if can_run(torch.empty(0)) else [])
 
 
 @pytest.mark.parametrize("kind", KINDS)

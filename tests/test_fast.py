@@ -146,6 +146,19 @@ def test_linear_gemv_form_equals_the_module():
         L.Forms(linear="cublas")
 
 
+def test_auto_attention_form():
+    """attention="auto": the kernel for a few query tokens where the kernels run, W_uv's product inside its merge
+    step for at most FUSED_UV_MAX_ROWS query tokens in the whole batch (batch 1 decode, a short verify), the
+    absorbed einsums otherwise. A function of shapes only."""
+    from longcat_ref.model import mla
+
+    assert mla.FUSED_UV_MAX_ROWS == 4 and mla.FUSED_MAX_QUERIES == 4
+    assert mla.auto_form(1, 1, True) == "fused_uv" and mla.auto_form(2, 2, True) == "fused_uv"
+    assert mla.auto_form(1, 4, True) == "fused_uv" and mla.auto_form(5, 1, True) == "fused"
+    assert mla.auto_form(32, 1, True) == "fused" and mla.auto_form(1, 5, True) == "absorbed"
+    assert mla.auto_form(1, 1, False) == "absorbed"
+
+
 def test_w_uk_product_goes_to_cublas_under_auto(monkeypatch):
     """linear="auto": W_uk's product (summed over the weight's strided axis) runs through cuBLAS even where W_uv's
     runs as gemv (measured faster, mla.fold_form): eagerly plain, inside torch.compile "bmm" (the same einsum as an

@@ -107,6 +107,11 @@ def test_reference_is_mla_absorbed(make):
         # and the kernel inside the same sandwich (tiny r = 16, d = 4: d is padded to 16 inside)
         o_k = K.mla_decode(q_lat, q_rope, latent, k_rope, mask, mla.softmax_scale)
         torch.testing.assert_close(torch.einsum("bhtr,hvr->bhtv", o_k, w_uv), want, atol=1e-5, rtol=1e-5)
+        # W_uv's product in the merge kernel (w_uv: the strided slice of kv_b_proj's weight the model passes)
+        assert torch.equal(K.mla_decode_reference(q_lat, q_rope, latent, k_rope, mask, mla.softmax_scale,
+                                                  w_uv=w_uv), want)
+        o_uv = K.mla_decode(q_lat, q_rope, latent, k_rope, mask, mla.softmax_scale, w_uv=w_uv)  # (b, h, t, v)
+        torch.testing.assert_close(o_uv, want, atol=1e-5, rtol=1e-5)
 
 
 # -------------------------------------------------------------------------------------------- the kernel (CPU)
@@ -123,6 +128,29 @@ def test_kernel_matches_reference(dtype, t, splits):
     torch.testing.assert_close(out, K.mla_decode_reference(*x, bias, scale), **TOL[dtype])
     tol = TOL[dtype] if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)  # bf16: nearer the exact value
     torch.testing.assert_close(out.double(), exact(*x, bias, scale), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("t,splits", [(1, 1), (1, None), (2, 3)])
+def test_kernel_with_w_uv_matches_reference(dtype, t, splits):
+    """w_uv: the merge kernel also applies W_uv per head. v = 40 output channels (two blocks of 32, the second
+    partial), W_uv a strided slice of a (h, nope + v, r) buffer as in the model; one split runs the merge too;
+    holes, left padding and an all-masked row (t = 2) as above. Checked against the reference and against the
+    unfused path (the kernel's o_lat, then the einsum), which rounds o_lat the same way."""
+    b, h, r, d, S, nope, v = 2, 3, 32, 16, 150, 8, 40
+    x = inputs(b, h, t, r, d, S, dtype, seed=6)
+    w = (torch.randn(h, nope + v, r, generator=torch.Generator().manual_seed(6)) * 0.2).to(DEV, dtype)
+    w_uv = w[:, nope:]  # (h, v, r), rows of r contiguous, heads strided
+    bias = masked_bias(holes(b, t, S, seed=6).to(DEV), dtype)
+    out = K.mla_decode(*x, bias, 0.2, splits=splits, w_uv=w_uv)
+    assert out.shape == (b, h, t, v) and out.dtype == dtype and not out.isnan().any()
+    torch.testing.assert_close(out, K.mla_decode_reference(*x, bias, 0.2, w_uv=w_uv), **TOL[dtype])
+    unfused = torch.einsum("bhtr,hvr->bhtv", K.mla_decode(*x, bias, 0.2, splits=splits), w_uv)
+    torch.testing.assert_close(out, unfused, **(TOL[dtype] if dtype == torch.float32 else
+                                                dict(atol=1e-2, rtol=1e-2)))
+    want = torch.einsum("bhtr,hvr->bhtv", exact(*x, bias, 0.2), w_uv.double())  # fp64 from the formula
+    tol = TOL[dtype] if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(out.double(), want, **tol)
 
 
 @pytest.mark.parametrize("bias_batch", [1, 2], ids=["bias(1,1,t,S)", "bias(b,1,t,S)"])
@@ -213,6 +241,11 @@ def test_custom_op_compiles_and_passes_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
     compiled = torch.compile(lambda *a: K.mla_decode(*a, 0.25, splits=2) * 2, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(*x, bias), K.mla_decode(*x, bias, 0.25, splits=2) * 2)
+    w_uv = torch.randn(h, 8, r, device=DEV)  # (h, v, r): the op's output is then (b, h, t, v)
+    torch.library.opcheck(torch.ops.longcat_ref.mla_decode.default, (*x, bias, 0.25, 2, w_uv),
+                          test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda *a: K.mla_decode(*a, 0.25, w_uv=w_uv) * 2, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(*x, bias), K.mla_decode(*x, bias, 0.25, w_uv=w_uv) * 2)
 
 
 def test_refusals(monkeypatch):
@@ -224,6 +257,10 @@ def test_refusals(monkeypatch):
         K.mla_decode(x[0].bfloat16(), *x[1:], bias, 1.0)
     with pytest.raises(ValueError, match="bias must be torch.bfloat16 or float32"):
         K.mla_decode(*(v.bfloat16() for v in x), bias.half(), 1.0)
+    with pytest.raises(ValueError, match=r"w_uv must be \(h=2, v, r=16\), got \(2, 8, 12\)"):
+        K.mla_decode(*x, bias, 1.0, w_uv=torch.zeros(2, 8, 12))
+    with pytest.raises(ValueError, match="w_uv must be torch.float32 like q_lat, got torch.bfloat16"):
+        K.mla_decode(*x, bias, 1.0, w_uv=torch.zeros(2, 8, 16, dtype=torch.bfloat16))
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter
     with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
         K.mla_decode(*x, bias, 1.0)
@@ -259,6 +296,23 @@ def test_gpu_real_sizes(h, b, S, t):
         for splits in (1, 7):
             torch.testing.assert_close(K.mla_decode(*x, bias, scale, splits=splits).float(), want,
                                        atol=5e-3, rtol=1e-2)
+
+
+@cuda
+@pytest.mark.parametrize("h,v,b,S,t", [(20, 256, 1, 128, 1), (20, 256, 1, 32768, 1), (64, 128, 1, 1024, 1),
+                                       (64, 128, 1, 1024, 3), (20, 256, 32, 1024, 1)])
+def test_gpu_w_uv_real_sizes(h, v, b, S, t):
+    """W_uv in the merge kernel at GLM-4.7-Flash's (v = 256) and LongCat-Flash's (v = 128) sizes: equal to the
+    unfused path up to bf16 rounding of the output, and to the fp32 formula."""
+    x, bias, scale = gpu_inputs(h, b, S, t)
+    w_uv = (torch.randn(h, 192 + v, 512, device="cuda") * 0.05).bfloat16()[:, 192:]  # a slice, as the model's
+    out = K.mla_decode(*x, bias, scale, w_uv=w_uv)
+    assert out.shape == (b, h, t, v) and not out.isnan().any()
+    unfused = torch.einsum("bhtr,hvr->bhtv", K.mla_decode(*x, bias, scale), w_uv)
+    torch.testing.assert_close(out, unfused, atol=1e-2, rtol=1e-2)
+    want = torch.einsum("bhtr,hvr->bhtv", K.mla_decode_reference(*(v_.float() for v_ in x), bias.float(), scale),
+                        w_uv.float())
+    torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=2e-2)
 
 
 @cuda

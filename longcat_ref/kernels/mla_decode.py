@@ -107,15 +107,21 @@ TILE_BYTES = 32 * 1024  # one latent tile (BLOCK_S x r) at most this big: bf16 r
 NUM_WARPS, NUM_STAGES = 4, 2  # sglang's MLA decode kernel runs (16 rows x 512) x 32-slot tiles at these on Hopper
 PROGRAMS_PER_SM = 2
 COMBINE_BLOCK_C, COMBINE_BLOCK_SP = 64, 32  # kernel 2: channels per program, chunks read per step (one tile)
+# kernel 2 with W_uv (w_uv given): output channels v per program, W_uv rows per load, chunks read per step
+UV_BLOCK_V, UV_SUB_V, UV_BLOCK_SP = 32, 16, 8
 
 
 # ------------------------------------------------------------------------------------------------ the reference
-def mla_decode_reference(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits=None):
-    """Plain PyTorch: exactly the einsums of `MLA._absorbed` between q_lat and o_lat (splits is ignored)."""
+def mla_decode_reference(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits=None, w_uv=None):
+    """Plain PyTorch: exactly the einsums of `MLA._absorbed` between q_lat and o_lat (splits is ignored); with
+    w_uv (h, v, r) also its last one, o = W_uv o_lat per head (b, h, t, v)."""
     scores = (torch.einsum("bhtr,bsr->bhts", q_lat, latent)  # (b, h, t, S) latent part, in q's dtype
               + torch.einsum("bhtd,bsd->bhts", q_rope, k_rope)) * softmax_scale  # + the shared rope part
     p = F.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q_lat.dtype)  # (b, h, t, S) softmax in fp32
-    return torch.einsum("bhts,bsr->bhtr", p, latent)  # (b, h, t, r)
+    o_lat = torch.einsum("bhts,bsr->bhtr", p, latent)  # (b, h, t, r)
+    if w_uv is None:
+        return o_lat
+    return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v)
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -272,6 +278,54 @@ if triton is not None:
         tl.store(OUT + (pid_b * R + row) * RANK + offs_c, o.to(OUT.dtype.element_ty), mask=c_ok)
 
 
+    @triton.jit
+    def _mla_combine_uv_kernel(
+        M_PART, L_PART, ACC_PART, W_UV, OUT,  # partials as above; W_UV (h, V, r) rows contiguous; OUT (b, R, V)
+        R, T, V, n_splits, stride_wh, stride_wv,
+        RANK: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_V: tl.constexpr, SUB_V: tl.constexpr,
+        BLOCK_SP: tl.constexpr, PDL: tl.constexpr = False,
+    ):
+        """For one (sequence, head, BLOCK_V output channels) and each of the head's T query rows: the merge over
+        all r channels, then o = W_uv o_lat for those channels -- the unfused path's next kernel (the per-head W_uv
+        product) done where o_lat already is."""
+        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        pid_b = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        offs_c = tl.arange(0, BLOCK_RANK)  # (BLOCK_RANK,) every latent channel
+        c_ok = offs_c < RANK
+        sp = tl.arange(0, BLOCK_SP)  # (BLOCK_SP,) chunk offsets
+        w_base = W_UV + head * stride_wh  # this head's W_uv (V, r)
+        for qry in range(0, T):
+            row = head * T + qry  # rows are ordered (head, query)
+            first = pid_b * n_splits * R + row  # index of (sequence, chunk 0, row) in the (b, SPLITS, R) partials
+            m_max = tl.full([], float("-inf"), tl.float32)  # () the largest chunk max
+            for s0 in range(0, n_splits, BLOCK_SP):
+                m = tl.load(M_PART + first + (s0 + sp) * R, mask=s0 + sp < n_splits,
+                            other=float("-inf"))  # (BLOCK_SP,)
+                m_max = tl.maximum(m_max, tl.max(m, axis=0))
+            l_tot = tl.zeros([], tl.float32)  # () sum_i w_i l_i
+            acc = tl.zeros([BLOCK_RANK], tl.float32)  # (BLOCK_RANK,) sum_i w_i acc_i
+            for s0 in range(0, n_splits, BLOCK_SP):
+                ok = s0 + sp < n_splits  # (BLOCK_SP,)
+                at = first + (s0 + sp) * R  # (BLOCK_SP,)
+                w = tl.exp(tl.load(M_PART + at, mask=ok, other=float("-inf")) - m_max)  # (BLOCK_SP,) chunk weights
+                l_tot += tl.sum(w * tl.load(L_PART + at, mask=ok, other=0.0), axis=0)
+                part = tl.load(ACC_PART + at[:, None] * RANK + offs_c[None, :], mask=ok[:, None] & c_ok[None, :],
+                               other=0.0)  # (BLOCK_SP, BLOCK_RANK)
+                acc += tl.sum(w[:, None] * part, axis=0)
+            o_lat = (acc / l_tot).to(OUT.dtype.element_ty).to(tl.float32)  # (BLOCK_RANK,) rounded as stored
+            out_base = OUT + (pid_b * R + row) * V
+            for j in tl.static_range(0, BLOCK_V, SUB_V):
+                offs_v = tl.program_id(2) * BLOCK_V + j + tl.arange(0, SUB_V)  # (SUB_V,) output channels
+                v_ok = offs_v < V
+                w_uv = tl.load(w_base + offs_v[:, None] * stride_wv + offs_c[None, :],
+                               mask=v_ok[:, None] & c_ok[None, :], other=0.0)  # (SUB_V, BLOCK_RANK) whole rows
+                o = tl.sum(w_uv.to(tl.float32) * o_lat[None, :], axis=1)  # (SUB_V,) products and sum in fp32
+                tl.store(out_base + offs_v, o.to(OUT.dtype.element_ty), mask=v_ok)
+
+
 # ------------------------------------------------------------------------------------------------ the launcher
 def _check(q_lat, q_rope, latent, k_rope, bias):
     """Shapes and dtypes (static facts only: nothing here reads device data)."""
@@ -292,15 +346,28 @@ def _check(q_lat, q_rope, latent, k_rope, bias):
         raise ValueError(f"mla_decode bias must be {q_lat.dtype} or float32, got {bias.dtype}")
 
 
-def _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits):
+def _check_w_uv(q_lat, w_uv):
+    h, r = q_lat.shape[1], q_lat.shape[3]
+    if w_uv.dim() != 3 or w_uv.shape[0] != h or w_uv.shape[2] != r:
+        raise ValueError(f"mla_decode w_uv must be (h={h}, v, r={r}), got {tuple(w_uv.shape)}")
+    if w_uv.dtype != q_lat.dtype:
+        raise ValueError(f"mla_decode w_uv must be {q_lat.dtype} like q_lat, got {w_uv.dtype}")
+    if w_uv.device != q_lat.device:
+        raise ValueError("mla_decode wants every tensor on one device")
+
+
+def _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits, w_uv=None):
     _check(q_lat, q_rope, latent, k_rope, bias)
+    if w_uv is not None:
+        _check_w_uv(q_lat, w_uv)
     support.require(q_lat, "mla_decode (the Triton MLA decode kernel)")
     if len({x.device for x in (q_lat, q_rope, latent, k_rope, bias)}) != 1:
         raise ValueError("mla_decode wants every tensor on one device")
     b, h, t, r = q_lat.shape
     S, d = latent.shape[1], k_rope.shape[2]
     R = h * t  # query rows per sequence, ordered (head, query)
-    out = torch.empty((b, h, t, r), dtype=q_lat.dtype, device=q_lat.device)  # (b, h, t, r) = (b, R, r) rows
+    V = r if w_uv is None else w_uv.shape[1]
+    out = torch.empty((b, h, t, V), dtype=q_lat.dtype, device=q_lat.device)  # (b, h, t, r or v) = (b, R, .) rows
     if out.numel() == 0:
         return out
     if S == 0:  # softmax over no slots: the reference's sum over an empty s is 0
@@ -323,7 +390,8 @@ def _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits):
     if b > 65535 or n_splits > 65535:
         raise ValueError(f"mla_decode: batch {b} or splits {n_splits} over the CUDA grid limit 65535")
 
-    if n_splits == 1:
+    direct = n_splits == 1 and w_uv is None  # with W_uv the merge kernel always runs: it applies W_uv
+    if direct:
         m_part = l_part = acc_part = out  # unused (DIRECT)
     else:
         m_part = torch.empty((b, n_splits, R), dtype=torch.float32, device=q_lat.device)  # (b, SPLITS, R)
@@ -336,10 +404,20 @@ def _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits):
         stride_bb, bias.stride(2), bias.stride(3),
         float(softmax_scale),
         RANK=r, ROPE=d, BLOCK_RANK=block_rank, BLOCK_ROPE=block_rope, BLOCK_R=BLOCK_R, BLOCK_S=block_s,
-        DIRECT=n_splits == 1, UPCAST=support.interpreting() and q_lat.dtype == torch.bfloat16,
+        DIRECT=direct, UPCAST=support.interpreting() and q_lat.dtype == torch.bfloat16,
         PDL=pdl, num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl,
     )
-    if n_splits > 1:
+    if w_uv is not None:
+        if w_uv.stride(-1) != 1:
+            w_uv = w_uv.contiguous()
+        block_v = min(UV_BLOCK_V, _next_pow2(V))
+        sub_v = min(UV_SUB_V, block_v)
+        block_sp = min(UV_BLOCK_SP, max(2, _next_pow2(n_splits)))
+        _mla_combine_uv_kernel[(b, h, triton.cdiv(V, block_v))](
+            m_part, l_part, acc_part, w_uv, out, R, t, V, n_splits, w_uv.stride(0), w_uv.stride(1),
+            RANK=r, BLOCK_RANK=block_rank, BLOCK_V=block_v, SUB_V=sub_v, BLOCK_SP=block_sp, PDL=pdl, num_warps=4,
+            launch_pdl=pdl)
+    elif n_splits > 1:
         block_c = min(COMBINE_BLOCK_C, block_rank)
         block_sp = min(COMBINE_BLOCK_SP, max(2, 1 << (n_splits - 1).bit_length()))  # (>= 2: a 1-wide tile is odd)
         _mla_combine_kernel[(b, R, triton.cdiv(r, block_c))](m_part, l_part, acc_part, out, R, n_splits, RANK=r,
@@ -350,23 +428,29 @@ def _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits):
 
 @torch.library.custom_op("longcat_ref::mla_decode", mutates_args=())
 def _mla_decode_op(q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-                   bias: torch.Tensor, softmax_scale: float, splits: Optional[int] = None) -> torch.Tensor:
+                   bias: torch.Tensor, softmax_scale: float, splits: Optional[int] = None,
+                   w_uv: Optional[torch.Tensor] = None) -> torch.Tensor:
     # (Optional[int], not `int | None`: the spelling every torch version's schema inference knows)
-    return _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits)
+    return _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits, w_uv)
 
 
 @_mla_decode_op.register_fake
-def _(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits=None):
-    return q_lat.new_empty(q_lat.shape)  # (b, h, t, r), contiguous, q_lat's dtype
+def _(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits=None, w_uv=None):
+    v = q_lat.shape[-1] if w_uv is None else w_uv.shape[1]
+    return q_lat.new_empty(q_lat.shape[:-1] + (v,))  # (b, h, t, r or v), contiguous, q_lat's dtype
 
 
-def mla_decode(q_lat, q_rope, latent, k_rope, bias, softmax_scale, *, splits: int | None = None) -> torch.Tensor:
+def mla_decode(q_lat, q_rope, latent, k_rope, bias, softmax_scale, *, splits: int | None = None,
+               w_uv: torch.Tensor | None = None) -> torch.Tensor:
     """o_lat (b, h, t, r) = softmax((q_lat . latent + q_rope . k_rope) * softmax_scale + bias over S, fp32) @ latent.
 
     q_lat (b, h, t, r) (the query with W_uk folded in), q_rope (b, h, t, d), latent (b, S, r), k_rope (b, S, d): one
     dtype. bias (b or 1, 1, t, S) additive, in that dtype or fp32, 0 or finfo.min (not -inf); an all-masked row gives
     the uniform softmax, as the reference. splits: the number of context chunks (default: the heuristic of
-    `split_plan`; tests force small counts). Returns o_lat in q_lat's dtype. Runs on CUDA, or on the CPU in Triton's
-    interpreter (TRITON_INTERPRET=1); elsewhere it raises a one-line error. One opaque op for torch.compile.
+    `split_plan`; tests force small counts). w_uv (h, v, r), q_lat's dtype: return o = W_uv o_lat per head
+    (b, h, t, v) instead, its product done in the merge kernel (o_lat rounded to q_lat's dtype first, as stored).
+    Returns q_lat's dtype. Runs on CUDA, or on the CPU in Triton's interpreter (TRITON_INTERPRET=1); elsewhere it
+    raises a one-line error. One opaque op for torch.compile.
     """
-    return torch.ops.longcat_ref.mla_decode(q_lat, q_rope, latent, k_rope, bias, float(softmax_scale), splits)
+    return torch.ops.longcat_ref.mla_decode(q_lat, q_rope, latent, k_rope, bias, float(softmax_scale), splits,
+                                            w_uv)

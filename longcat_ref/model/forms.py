@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ATTENTION_FORMS = ("naive", "absorbed", "sdpa", "fused", "auto")  # mla.py ("fused": kernels/mla_decode.py)
+ATTENTION_FORMS = ("naive", "absorbed", "sdpa", "fused", "fused_uv", "auto")  # mla.py ("fused", "fused_uv":
+#   kernels/mla_decode.py)
 EXPERT_FORMS = ("loop", "grouped", "grouped_triton", "gather", "gemv", "fused", "auto")  # experts.py ("fused":
 #   kernels/moe_decode.py; "grouped_triton": the grouped form's GEMMs in kernels/grouped_gemm.py)
 ROUTER_FORMS = ("plain", "fused", "auto")  # router.py ("fused": kernels/router.py)
@@ -26,7 +27,8 @@ class Forms:
 
     attention: str = "naive"  # "naive" | "absorbed" (attend over the latent) | "sdpa" (naive through SDPA)
     #                           | "fused" (absorbed, its attention in one Triton kernel: CUDA)
-    #                           | "auto" (fused for a few query tokens on CUDA, else absorbed)
+    #                           | "fused_uv" (fused, W_uv's product in the kernel's merge step)
+    #                           | "auto" (fused_uv / fused for a few query tokens on CUDA, else absorbed)
     experts: str = "loop"  # "loop" | "grouped" | "grouped_triton" | "gather" | "gemv" | "fused" (Triton: CUDA)
     #                        | "auto" (the fast one for each call)
     router: str = "plain"  # "plain" (softmax/sigmoid, torch.topk, gather) | "fused" (the selection in one Triton

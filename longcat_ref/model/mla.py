@@ -24,11 +24,13 @@ Four forms of the same attention, chosen per call by `form` (the caller's choice
   so attention runs directly over the cached (s, 576) latent and nothing is ever expanded (decode).
 * "fused": the absorbed form whose attention over the latent runs in one Triton kernel (kernels/mla_decode.py:
   flash-decoding, split over the context), for decode on a GPU.
-* "auto": "fused" for a few query tokens (decode, speculative verify) on a GPU, "absorbed" otherwise.
+* "fused_uv": "fused" with W_uv's product too in the kernel's merge step (one launch fewer a layer).
+* "auto": for a few query tokens (decode, speculative verify) on a GPU "fused_uv" where the batch has at most
+  FUSED_UV_MAX_ROWS query tokens in all and "fused" above; "absorbed" otherwise.
 * "sdpa": the naive form through `F.scaled_dot_product_attention`, with v zero-padded to the q/k head dim so that
   the flash kernel applies (192 = 192 on LongCat); with mask=None it runs `is_causal` (prefill).
 
-All four read the same cache (cache.py) and `tests/test_core.py` / `tests/test_fast.py` prove them equal.
+All of them read the same cache (cache.py) and `tests/test_core.py` / `tests/test_fast.py` prove them equal.
 
 Between the projections and the attention, `rope` picks how the latent is normalised, q and k rotated and the
 cache written: "plain" (norm.py, rope.py, cache.py: the lines of `project` and `StaticCache.update`), "fused" (one
@@ -60,6 +62,18 @@ from .rope import apply_rope
 
 
 FUSED_MAX_QUERIES = 4  # "auto" runs the fused kernel for chunks of up to this many tokens (decode, verify)
+# ... and W_uv's product in its merge kernel ("fused_uv") for up to this many query tokens of the whole batch: each
+# merge program reads a slice of its head's W_uv, so the weight is read once per (sequence, query) -- a GEMV's
+# worth at batch 1, where it saves a launch, but b*t times over for a batch, where one batched product wins
+FUSED_UV_MAX_ROWS = 4
+
+
+def auto_form(batch: int, queries: int, kernels: bool) -> str:
+    """What attention form "auto" runs for `batch` sequences of `queries` new tokens; kernels: the Triton kernels
+    can run here (a CUDA tensor). A pure function of shapes, so a captured or compiled step never changes form."""
+    if not kernels or queries > FUSED_MAX_QUERIES:
+        return "absorbed"
+    return "fused_uv" if batch * queries <= FUSED_UV_MAX_ROWS else "fused"
 
 
 def fold_form(linear: str, per_head: str) -> str:
@@ -168,7 +182,8 @@ class MLA(nn.Module):
         """x (b, t, H); cos/sin (b, t, rope); mask additive (b, 1, t, s) or None (causal over these t tokens).
 
         With a cache, this chunk's latents are written at slots cache_position (t,) (default: 0..t-1) and
-        attention reads every key slot the cache holds. form: "naive" | "absorbed" | "sdpa" | "fused" | "auto"
+        attention reads every key slot the cache holds. form: "naive" | "absorbed" | "sdpa" | "fused" |
+        "fused_uv" | "auto"
         (module docstring); linear: the form of the projections, and of the absorbed forms' per-head products with
         W_uk and W_uv (linear.py); rope: "plain" | "fused" | "auto" (module docstring).
         """
@@ -191,12 +206,12 @@ class MLA(nn.Module):
             where = torch.arange(x.shape[1], device=x.device) if cache_position is None else cache_position
             mask = attention_bias(None, where, latent.shape[1], q_nope.dtype)  # (1, 1, t, s)
         if form == "auto":  # decoding a few tokens on a GPU: the kernel; otherwise the absorbed einsums
-            form = "fused" if x.shape[1] <= FUSED_MAX_QUERIES and support.can_run(x) and x.is_cuda else "absorbed"
-        if form in ("absorbed", "fused"):
+            form = auto_form(x.shape[0], x.shape[1], support.can_run(x) and x.is_cuda)
+        if form in ("absorbed", "fused", "fused_uv"):
             per_head = resolve_linear(linear, x, self.kv_b_proj.weight.numel() // 2)  # W_uk / W_uv's form
             fold = fold_form(linear, per_head)  # W_uk's own
-            attend = functools.partial(self._absorbed if form == "absorbed" else self._fused, linear=per_head,
-                                       fold=fold)
+            attend = (functools.partial(self._absorbed, linear=per_head, fold=fold) if form == "absorbed" else
+                      functools.partial(self._fused, linear=per_head, fold=fold, uv=form == "fused_uv"))
         else:
             attend = {"naive": self._naive, "sdpa": self._sdpa}[form]
         o = attend(q_nope, q_rope, latent, k_rope, mask)  # (b, h, t, v)
@@ -258,11 +273,14 @@ class MLA(nn.Module):
         o_lat = torch.einsum("bhts,bsr->bhtr", p, latent)  # (b, h, t, r): attend over the latent
         return self.unfold_output(o_lat, w_uv, linear)  # (b, h, t, v): W_uv folded into the output
 
-    def _fused(self, q_nope, q_rope, latent, k_rope, mask, linear="plain", fold=None):
+    def _fused(self, q_nope, q_rope, latent, k_rope, mask, linear="plain", fold=None, uv=False):
         """The absorbed form with its attention over the latent in one Triton kernel (kernels/mla_decode.py):
-        the scores never leave the chip and the latent cache is read once. For decoding (a few query tokens)."""
+        the scores never leave the chip and the latent cache is read once. For decoding (a few query tokens).
+        uv: W_uv's product too, in the kernel's merge step ("fused_uv")."""
         w_uk, w_uv = self.kv_b_split()  # (h, nope, r), (h, v, r)
         q_lat = self.fold_query(q_nope, w_uk, fold or linear)  # (b, h, t, r)
+        if uv:
+            return mla_decode(q_lat, q_rope, latent, k_rope, mask, self.softmax_scale, w_uv=w_uv)  # (b, h, t, v)
         o_lat = mla_decode(q_lat, q_rope, latent, k_rope, mask, self.softmax_scale)  # (b, h, t, r)
         return self.unfold_output(o_lat, w_uv, linear)  # (b, h, t, v)
 
