@@ -182,6 +182,38 @@ def test_w_uk_product_goes_to_cublas_under_auto(monkeypatch):
     assert n > 0 and seen == ["bmm"] * n + ["gemv"] * n  # compiling: the einsum as an op inductor cannot restride
 
 
+@pytest.mark.skipif(not can_run(torch.empty(0)), reason="the rope kernel needs Triton (here: its interpreter)")
+@pytest.mark.parametrize("kind", KINDS)
+def test_w_uk_product_reads_the_whole_query_after_the_rope_kernel(kind, monkeypatch):
+    """With rope "fused" and W_uk's product as "bmm" (linear="auto" while compiling), the op gets the whole query
+    the rope kernel read (nope + rope channels; LongCat's q scale applied inside), not a slice that inductor would
+    copy: the same numbers as the plain rope path, bit for bit in fp32's tolerance."""
+    from longcat_ref.model import mla
+
+    q, w = torch.randn(2, 3, 1, 12), torch.randn(3, 16, 5)[:, :8]  # whole query (nope 8 + rope 4), W_uk a slice
+    want = torch.einsum("bhtd,hdr->bhtr", q[..., :8] * 2.0, w)
+    assert torch.equal(mla._fold_bmm(q, w, 2.0), want)
+    torch.library.opcheck(torch.ops.longcat_ref.fold_bmm.default, (q, w, 2.0), test_utils=("test_schema",
+                                                                                           "test_faketensor"))
+    seen = []
+    op = mla._fold_bmm
+    monkeypatch.setattr(mla, "_fold_bmm", lambda q, w, scale=1.0: seen.append(q.shape[-1]) or op(q, w, scale))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # linear="auto" -> gemv, W_uk's -> "bmm"
+    m = tiny(kind)
+    ids = torch.randint(4, 512, (2, 6), generator=torch.Generator().manual_seed(8))
+    out = {}
+    with torch.no_grad():
+        for rope in ("plain", "fused"):
+            cache = m.new_cache(2, 8)
+            m(ids[:, :5], cache=cache, forms=L.Forms(attention="absorbed"))  # prefill: plain
+            seen.clear()
+            out[rope] = m(ids[:, 5:], cache=cache, forms=L.Forms(attention="absorbed", linear="auto", rope=rope))
+            widths = {"plain": m.config.qk_nope_head_dim,  # q_nope, sliced (and scaled) before the op
+                      "fused": m.config.qk_nope_head_dim + m.config.qk_rope_head_dim}[rope]  # the whole query
+            assert seen == [widths] * m.config.num_attn_sublayers, rope
+    torch.testing.assert_close(out["fused"], out["plain"], atol=1e-5, rtol=1e-5)
+
+
 def test_linear_auto_picks_gemv_only_while_compiling_for_few_tokens_and_small_weights(monkeypatch):
     from longcat_ref.model import linear as lin
 

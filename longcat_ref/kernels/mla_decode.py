@@ -107,8 +107,8 @@ TILE_BYTES = 32 * 1024  # one latent tile (BLOCK_S x r) at most this big: bf16 r
 NUM_WARPS, NUM_STAGES = 4, 2  # sglang's MLA decode kernel runs (16 rows x 512) x 32-slot tiles at these on Hopper
 PROGRAMS_PER_SM = 2
 COMBINE_BLOCK_C, COMBINE_BLOCK_SP = 64, 32  # kernel 2: channels per program, chunks read per step (one tile)
-# kernel 2 with W_uv (w_uv given): output channels v per program, W_uv rows per load, chunks read per step
-UV_BLOCK_V, UV_SUB_V, UV_BLOCK_SP = 32, 16, 8
+# kernel 2 with W_uv (w_uv given): output channels v per program (one W_uv tile of 16 x 512), chunks read per step
+UV_BLOCK_V, UV_BLOCK_SP = 16, 8
 
 
 # ------------------------------------------------------------------------------------------------ the reference
@@ -282,21 +282,25 @@ if triton is not None:
     def _mla_combine_uv_kernel(
         M_PART, L_PART, ACC_PART, W_UV, OUT,  # partials as above; W_UV (h, V, r) rows contiguous; OUT (b, R, V)
         R, T, V, n_splits, stride_wh, stride_wv,
-        RANK: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_V: tl.constexpr, SUB_V: tl.constexpr,
-        BLOCK_SP: tl.constexpr, PDL: tl.constexpr = False,
+        RANK: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_SP: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         """For one (sequence, head, BLOCK_V output channels) and each of the head's T query rows: the merge over
         all r channels, then o = W_uv o_lat for those channels -- the unfused path's next kernel (the per-head W_uv
-        product) done where o_lat already is."""
-        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        product) done where o_lat already is. The W_uv tile does not depend on the previous kernel, so it is loaded
+        first, before the dependent-launch wait: its memory latency overlaps the attention kernel's tail."""
         pid_b = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         offs_c = tl.arange(0, BLOCK_RANK)  # (BLOCK_RANK,) every latent channel
         c_ok = offs_c < RANK
+        offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)  # (BLOCK_V,) this program's output channels
+        v_ok = offs_v < V
+        w_uv = tl.load(W_UV + head * stride_wh + offs_v[:, None] * stride_wv + offs_c[None, :],
+                       mask=v_ok[:, None] & c_ok[None, :], other=0.0)  # (BLOCK_V, BLOCK_RANK) whole rows of r
+        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         sp = tl.arange(0, BLOCK_SP)  # (BLOCK_SP,) chunk offsets
-        w_base = W_UV + head * stride_wh  # this head's W_uv (V, r)
         for qry in range(0, T):
             row = head * T + qry  # rows are ordered (head, query)
             first = pid_b * n_splits * R + row  # index of (sequence, chunk 0, row) in the (b, SPLITS, R) partials
@@ -316,14 +320,8 @@ if triton is not None:
                                other=0.0)  # (BLOCK_SP, BLOCK_RANK)
                 acc += tl.sum(w[:, None] * part, axis=0)
             o_lat = (acc / l_tot).to(OUT.dtype.element_ty).to(tl.float32)  # (BLOCK_RANK,) rounded as stored
-            out_base = OUT + (pid_b * R + row) * V
-            for j in tl.static_range(0, BLOCK_V, SUB_V):
-                offs_v = tl.program_id(2) * BLOCK_V + j + tl.arange(0, SUB_V)  # (SUB_V,) output channels
-                v_ok = offs_v < V
-                w_uv = tl.load(w_base + offs_v[:, None] * stride_wv + offs_c[None, :],
-                               mask=v_ok[:, None] & c_ok[None, :], other=0.0)  # (SUB_V, BLOCK_RANK) whole rows
-                o = tl.sum(w_uv.to(tl.float32) * o_lat[None, :], axis=1)  # (SUB_V,) products and sum in fp32
-                tl.store(out_base + offs_v, o.to(OUT.dtype.element_ty), mask=v_ok)
+            o = tl.sum(w_uv.to(tl.float32) * o_lat[None, :], axis=1)  # (BLOCK_V,) products and sum in fp32
+            tl.store(OUT + (pid_b * R + row) * V + offs_v, o.to(OUT.dtype.element_ty), mask=v_ok)
 
 
 # ------------------------------------------------------------------------------------------------ the launcher
@@ -411,11 +409,10 @@ def _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits, w_uv=Non
         if w_uv.stride(-1) != 1:
             w_uv = w_uv.contiguous()
         block_v = min(UV_BLOCK_V, _next_pow2(V))
-        sub_v = min(UV_SUB_V, block_v)
         block_sp = min(UV_BLOCK_SP, max(2, _next_pow2(n_splits)))
         _mla_combine_uv_kernel[(b, h, triton.cdiv(V, block_v))](
             m_part, l_part, acc_part, w_uv, out, R, t, V, n_splits, w_uv.stride(0), w_uv.stride(1),
-            RANK=r, BLOCK_RANK=block_rank, BLOCK_V=block_v, SUB_V=sub_v, BLOCK_SP=block_sp, PDL=pdl, num_warps=4,
+            RANK=r, BLOCK_RANK=block_rank, BLOCK_V=block_v, BLOCK_SP=block_sp, PDL=pdl, num_warps=4,
             launch_pdl=pdl)
     elif n_splits > 1:
         block_c = min(COMBINE_BLOCK_C, block_rank)

@@ -89,14 +89,19 @@ def fold_form(linear: str, per_head: str) -> str:
 
 
 @torch.library.custom_op("longcat_ref::fold_bmm", mutates_args=())
-def _fold_bmm(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
-    """q_nope (b, h, t, nope), W_uk (h, nope, r) -> (b, h, t, r): torch.einsum, whose bmm reads W_uk in place."""
+def _fold_bmm(q: torch.Tensor, w_uk: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """q (b, h, t, >= nope), W_uk (h, nope, r) -> (b, h, t, r): torch.einsum of q's first nope channels (times
+    scale where it is not 1), whose bmm reads W_uk in place. q may be the whole query (nope + rope channels): the
+    compiled step then hands over the buffer the rope kernel read, where a slice made inductor write a copy."""
+    q_nope = q[..., : w_uk.shape[1]]  # (b, h, t, nope)
+    if scale != 1.0:
+        q_nope = q_nope * scale
     return torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk).contiguous()  # (b, h, t, r)
 
 
 @_fold_bmm.register_fake
-def _(q_nope, w_uk):
-    return q_nope.new_empty(q_nope.shape[:-1] + (w_uk.shape[-1],))  # (b, h, t, r), contiguous
+def _(q, w_uk, scale=1.0):
+    return q.new_empty(q.shape[:-1] + (w_uk.shape[-1],))  # (b, h, t, r), contiguous
 
 
 def attention_bias(attention_mask, cache_position: torch.Tensor, key_length: int, dtype) -> torch.Tensor:
@@ -165,7 +170,8 @@ class MLA(nn.Module):
 
     def project_into_cache(self, x, cos, sin, cache, cache_position, linear: str = "plain"):
         """`project` and the cache write in one kernel (kernels/rope_cache.py) after the projections: returns
-        q_nope (b, h, t, nope), q_rope (b, h, t, rope) and the whole cache, latent (b, S, r), k_rope (b, S, rope)."""
+        q_nope (b, h, t, nope), q_rope (b, h, t, rope), the whole cache, latent (b, S, r), k_rope (b, S, rope), and
+        the whole query q (b, h, t, nope+rope) before any scale (what the kernel read)."""
         q = self.queries(x, linear)  # (b, h, t, nope+rope)
         kv = _linear(self.kv_a_proj_with_mqa, x, linear)  # (b, t, r+rope)
         latent, k_rope = cache.slots(self.cache_idx)  # (b, S, r), (b, S, rope): written in place
@@ -175,7 +181,7 @@ class MLA(nn.Module):
         q_nope = q[..., : self.nope]  # (b, h, t, nope)
         if self.q_scale != 1.0:
             q_nope = q_nope * self.q_scale
-        return q_nope, q_rope, latent, k_rope
+        return q_nope, q_rope, latent, k_rope, q
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, form: str = "naive",
                 linear: str = "plain", rope: str = "plain"):
@@ -192,10 +198,12 @@ class MLA(nn.Module):
         if rope == "auto":
             rope = ("fused" if hasattr(cache, "slots") and x.shape[1] <= FUSED_MAX_QUERIES and support.can_run(x)
                     and x.is_cuda else "plain")
+        q_whole = None  # the whole query as the rope kernel read it (rope "fused")
         if rope == "fused":
             if not hasattr(cache, "slots"):
                 raise ValueError("rope='fused' writes a static cache in place: pass a StaticCache (or rope='plain')")
-            q_nope, q_rope, latent, k_rope = self.project_into_cache(x, cos, sin, cache, cache_position, linear)
+            q_nope, q_rope, latent, k_rope, q_whole = self.project_into_cache(x, cos, sin, cache, cache_position,
+                                                                              linear)
         elif rope != "plain":
             raise ValueError(f"rope form {rope!r} is not one of {ROPE_FORMS}")
         else:
@@ -210,8 +218,13 @@ class MLA(nn.Module):
         if form in ("absorbed", "fused", "fused_uv"):
             per_head = resolve_linear(linear, x, self.kv_b_proj.weight.numel() // 2)  # W_uk / W_uv's form
             fold = fold_form(linear, per_head)  # W_uk's own
-            attend = (functools.partial(self._absorbed, linear=per_head, fold=fold) if form == "absorbed" else
-                      functools.partial(self._fused, linear=per_head, fold=fold, uv=form == "fused_uv"))
+            q_lat = None
+            if fold == "bmm" and q_whole is not None:  # W_uk's product from the buffer the rope kernel read: its
+                q_lat = _fold_bmm(q_whole, self.kv_b_split()[0], self.q_scale)  # nope slice, without a copy
+            if form == "absorbed":
+                attend = functools.partial(self._absorbed, linear=per_head, fold=fold, q_lat=q_lat)
+            else:
+                attend = functools.partial(self._fused, linear=per_head, fold=fold, uv=form == "fused_uv", q_lat=q_lat)
         else:
             attend = {"naive": self._naive, "sdpa": self._sdpa}[form]
         o = attend(q_nope, q_rope, latent, k_rope, mask)  # (b, h, t, v)
@@ -263,22 +276,24 @@ class MLA(nn.Module):
             return rearrange(y, "h (b t) v -> b h t v", b=o_lat.shape[0])  # (b, h, t, v)
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v)
 
-    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask, linear="plain", fold=None):
-        """linear: W_uv's product's form; fold: W_uk's (default: linear's)."""
+    def _absorbed(self, q_nope, q_rope, latent, k_rope, mask, linear="plain", fold=None, q_lat=None):
+        """linear: W_uv's product's form; fold: W_uk's (default: linear's); q_lat: that product, if made already."""
         w_uk, w_uv = self.kv_b_split()  # (h, nope, r), (h, v, r)
-        q_lat = self.fold_query(q_nope, w_uk, fold or linear)  # (b, h, t, r): W_uk folded into the query
+        if q_lat is None:
+            q_lat = self.fold_query(q_nope, w_uk, fold or linear)  # (b, h, t, r): W_uk folded into the query
         scores = (torch.einsum("bhtr,bsr->bhts", q_lat, latent)  # (b, h, t, s) latent part
                   + torch.einsum("bhtd,bsd->bhts", q_rope, k_rope)) * self.softmax_scale  # + shared rope part
         p = F.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q_nope.dtype)  # (b, h, t, s)
         o_lat = torch.einsum("bhts,bsr->bhtr", p, latent)  # (b, h, t, r): attend over the latent
         return self.unfold_output(o_lat, w_uv, linear)  # (b, h, t, v): W_uv folded into the output
 
-    def _fused(self, q_nope, q_rope, latent, k_rope, mask, linear="plain", fold=None, uv=False):
+    def _fused(self, q_nope, q_rope, latent, k_rope, mask, linear="plain", fold=None, uv=False, q_lat=None):
         """The absorbed form with its attention over the latent in one Triton kernel (kernels/mla_decode.py):
         the scores never leave the chip and the latent cache is read once. For decoding (a few query tokens).
-        uv: W_uv's product too, in the kernel's merge step ("fused_uv")."""
+        uv: W_uv's product too, in the kernel's merge step ("fused_uv"); q_lat: as `_absorbed`."""
         w_uk, w_uv = self.kv_b_split()  # (h, nope, r), (h, v, r)
-        q_lat = self.fold_query(q_nope, w_uk, fold or linear)  # (b, h, t, r)
+        if q_lat is None:
+            q_lat = self.fold_query(q_nope, w_uk, fold or linear)  # (b, h, t, r)
         if uv:
             return mla_decode(q_lat, q_rope, latent, k_rope, mask, self.softmax_scale, w_uv=w_uv)  # (b, h, t, v)
         o_lat = mla_decode(q_lat, q_rope, latent, k_rope, mask, self.softmax_scale)  # (b, h, t, r)
