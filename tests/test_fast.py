@@ -152,11 +152,17 @@ def test_auto_attention_form():
     absorbed einsums otherwise. A function of shapes only."""
     from longcat_ref.model import mla
 
-    assert mla.FUSED_UV_MAX_ROWS == 4 and mla.FUSED_MAX_QUERIES == 4
+    from longcat_ref.kernels import mla_decode
+
+    assert mla.FUSED_UV_MAX_ROWS == 4 and mla.FUSED_MAX_QUERIES == 4 and mla.FUSED_UV_MAX_CHUNKS == 8
     assert mla.auto_form(1, 1, True) == "fused_uv" and mla.auto_form(2, 2, True) == "fused_uv"
     assert mla.auto_form(1, 4, True) == "fused_uv" and mla.auto_form(5, 1, True) == "fused"
     assert mla.auto_form(32, 1, True) == "fused" and mla.auto_form(1, 5, True) == "absorbed"
     assert mla.auto_form(1, 1, False) == "absorbed"
+    assert mla.auto_form(1, 1, True, chunks=8) == "fused_uv" and mla.auto_form(1, 1, True, chunks=9) == "fused"
+    # the chunk counts of the measured cases (132 SMs): GLM-4.7-Flash at 128 slots, LongCat-Flash at 1,024
+    assert mla_decode.chunks(1, 20, 1, 512, 64, 128, 2, "cpu") == 4
+    assert mla_decode.chunks(1, 64, 1, 512, 64, 1024, 2, "cpu") == 32
 
 
 def test_w_uk_product_goes_to_cublas_under_auto(monkeypatch):

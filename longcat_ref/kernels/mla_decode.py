@@ -118,8 +118,8 @@ TILE_BYTES = 32 * 1024  # one latent tile (BLOCK_S x r) at most this big: bf16 r
 NUM_WARPS, NUM_STAGES = 4, 2  # sglang's MLA decode kernel runs (16 rows x 512) x 32-slot tiles at these on Hopper
 PROGRAMS_PER_SM = 2
 COMBINE_BLOCK_C, COMBINE_BLOCK_SP = 64, 32  # kernel 2: channels per program, chunks read per step (one tile)
-# kernel 2 with W_uv (w_uv given): output channels v per program (one W_uv tile of 16 x 512), chunks read per step
-UV_BLOCK_V, UV_BLOCK_SP = 16, 8
+# kernel 2 with W_uv (w_uv given): output channels v per program (one W_uv tile of 32 x 512), chunks read per step
+UV_BLOCK_V, UV_BLOCK_SP = 32, 8
 
 
 # ------------------------------------------------------------------------------------------------ the reference
@@ -167,6 +167,13 @@ def split_plan(b: int, rows: int, S: int, block_s: int, n_sm: int = 132, splits:
     splits = max(1, min(int(splits), tiles))
     per = math.ceil(tiles / splits)  # tiles per chunk
     return math.ceil(tiles / per), per
+
+
+def chunks(b: int, h: int, t: int, r: int, d: int, S: int, element_size: int, device) -> int:
+    """How many context chunks `mla_decode` splits b sequences of h heads x t queries over S slots into (its
+    `split_plan` on this device); 1 means no split."""
+    block_s = block_sizes(r, d, S, element_size)[2]
+    return split_plan(b, h * t, S, block_s, _sm_count(torch.device(device)))[0]
 
 
 # ------------------------------------------------------------------------------------------------ the kernels

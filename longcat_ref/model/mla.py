@@ -26,7 +26,8 @@ Four forms of the same attention, chosen per call by `form` (the caller's choice
   flash-decoding, split over the context), for decode on a GPU.
 * "fused_uv": "fused" with W_uv's product too in the kernel's merge step (one launch fewer a layer).
 * "auto": for a few query tokens (decode, speculative verify) on a GPU "fused_uv" where the batch has at most
-  FUSED_UV_MAX_ROWS query tokens in all and "fused" above; "absorbed" otherwise.
+  FUSED_UV_MAX_ROWS query tokens in all and the kernel splits the context into at most FUSED_UV_MAX_CHUNKS chunks,
+  "fused" otherwise; "absorbed" for more query tokens or without a GPU.
 * "sdpa": the naive form through `F.scaled_dot_product_attention`, with v zero-padded to the q/k head dim so that
   the flash kernel applies (192 = 192 on LongCat); with mask=None it runs `is_causal` (prefill).
 
@@ -52,6 +53,7 @@ from torch import nn
 
 from ..kernels import support
 from ..kernels.gemv import batched_gemv
+from ..kernels.mla_decode import chunks as mla_chunks
 from ..kernels.mla_decode import mla_decode
 from ..kernels.rope_cache import rope_cache_write
 from .forms import ROPE_FORMS
@@ -66,14 +68,20 @@ FUSED_MAX_QUERIES = 4  # "auto" runs the fused kernel for chunks of up to this m
 # merge program reads a slice of its head's W_uv, so the weight is read once per (sequence, query) -- a GEMV's
 # worth at batch 1, where it saves a launch, but b*t times over for a batch, where one batched product wins
 FUSED_UV_MAX_ROWS = 4
+# ... and for at most this many context chunks: each merge program re-reads every chunk's partial sums of its row,
+# once per block of W_uv's output channels. Measured on one H200 (2026-12-03, docs/perf-run13/): GLM-4.7-Flash at
+# 128 slots (4 chunks) 3.611 -> 3.571 ms a step; a LongCat-Flash layer at 1,024 (32 chunks) 8.8 -> 12.7 us a merge
+FUSED_UV_MAX_CHUNKS = 8
 
 
-def auto_form(batch: int, queries: int, kernels: bool) -> str:
+def auto_form(batch: int, queries: int, kernels: bool, chunks: int = 1) -> str:
     """What attention form "auto" runs for `batch` sequences of `queries` new tokens; kernels: the Triton kernels
-    can run here (a CUDA tensor). A pure function of shapes, so a captured or compiled step never changes form."""
+    can run here (a CUDA tensor); chunks: the context chunks the kernel would split the cache into
+    (kernels/mla_decode.chunks). A pure function of shapes, so a captured or compiled step never changes form."""
     if not kernels or queries > FUSED_MAX_QUERIES:
         return "absorbed"
-    return "fused_uv" if batch * queries <= FUSED_UV_MAX_ROWS else "fused"
+    few = batch * queries <= FUSED_UV_MAX_ROWS and chunks <= FUSED_UV_MAX_CHUNKS
+    return "fused_uv" if few else "fused"
 
 
 def fold_form(linear: str, per_head: str) -> str:
@@ -214,7 +222,10 @@ class MLA(nn.Module):
             where = torch.arange(x.shape[1], device=x.device) if cache_position is None else cache_position
             mask = attention_bias(None, where, latent.shape[1], q_nope.dtype)  # (1, 1, t, s)
         if form == "auto":  # decoding a few tokens on a GPU: the kernel; otherwise the absorbed einsums
-            form = auto_form(x.shape[0], x.shape[1], support.can_run(x) and x.is_cuda)
+            kernels = support.can_run(x) and x.is_cuda
+            n = (mla_chunks(x.shape[0], self.n_heads, x.shape[1], self.rank, self.rope_dim, latent.shape[1],
+                            latent.element_size(), x.device) if kernels else 1)  # static shapes only
+            form = auto_form(x.shape[0], x.shape[1], kernels, n)
         if form in ("absorbed", "fused", "fused_uv"):
             per_head = resolve_linear(linear, x, self.kv_b_proj.weight.numel() // 2)  # W_uk / W_uv's form
             fold = fold_form(linear, per_head)  # W_uk's own
