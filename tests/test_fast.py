@@ -459,6 +459,20 @@ def test_fast_generate_on_cuda_captures_and_matches(dtype):
 
 
 @CUDA
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_generate_on_cuda_matches(kind):
+    """The default fast path on CUDA (fast=True, compile=True: DECODE's kernels -- the fused MoE, router, rope and
+    MLA kernels with W_uv in the merge at batch 1 -- inside the compiled step with its inductor options), fp32:
+    its greedy tokens equal the readable path's, at batch 1 and 3."""
+    torch._dynamo.reset()
+    m = tiny(kind).cuda()
+    g = torch.Generator().manual_seed(5)
+    for b in (1, 3):
+        ids = torch.randint(4, m.config.vocab_size, (b, 7), generator=g).cuda()
+        assert torch.equal(m.generate(ids, 10, fast=True, compile=True), m.generate(ids, 10)), b
+
+
+@CUDA
 def test_prefill_graph_captures_on_cuda_and_matches():
     """The prefill captured as a CUDA graph per bucket: fp32 greedy tokens equal the readable path's, for two
     prompt lengths in one bucket (the second replays the first's graph) and one in another."""

@@ -98,7 +98,6 @@ launches. Without Triton the module still imports; calling `mla_decode` raises a
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -149,11 +148,15 @@ def block_sizes(r: int, d: int, S: int, element_size: int) -> tuple[int, int, in
     return block_rank, block_rope, min(block_s, max(16, _next_pow2(S)))
 
 
-@functools.lru_cache(maxsize=None)
+_SM_COUNT: dict = {}  # (device type, index) -> SMs (a plain dict, which torch.compile traces: the model calls this)
+
+
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # Triton's CPU interpreter: plan as for an H100/H200
+    key = (device.type, device.index)
+    if key not in _SM_COUNT:  # Triton's CPU interpreter: plan as for an H100/H200
+        _SM_COUNT[key] = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+                          else 132)
+    return _SM_COUNT[key]
 
 
 def split_plan(b: int, rows: int, S: int, block_s: int, n_sm: int = 132, splits: int | None = None):
