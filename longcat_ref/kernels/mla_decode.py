@@ -64,11 +64,11 @@ program loads a (UV_BLOCK_V = 32, r) tile of its head's W_uv (whole 1 KB rows of
 the head's t query rows over all r channels, rounds o_lat to the model dtype (as the unfused path stores it) and
 writes those 32 channels of o = W_uv o_lat (fp32 products and sum, rounded once). The tile does not depend on the
 attention, so it is loaded before the dependent-launch wait (support.pdl): its latency overlaps the split kernel's
-tail. The merge runs even for one chunk (no DIRECT store), and the partials are read once per v-block (from L2). W_uv is read
-once per (sequence, query), so this pays at batch 1 only, and the partials' re-reads grow with the chunk count:
-`mla.auto_form` uses it for up to FUSED_UV_MAX_ROWS query rows in the batch and FUSED_UV_MAX_CHUNKS chunks (one
-H200, docs/perf-run13/: GLM-4.7-Flash's step 3.611 -> 3.571 ms at 4 chunks; LongCat-Flash's merge 8.8 -> 12.7 us
-at 32 chunks); a batch keeps one batched product.
+tail. The merge runs even for one chunk (no DIRECT store), and the partials are read once per v-block (from L2).
+W_uv is read once per (sequence, query), so this pays at batch 1 only, and the partials' re-reads grow with the
+chunk count: `mla.auto_form` uses it for up to FUSED_UV_MAX_ROWS query rows in the batch and FUSED_UV_MAX_CHUNKS
+chunks (one H200, docs/perf-run13/: GLM-4.7-Flash's step 3.611 -> 3.571 ms at 4 chunks; LongCat-Flash's merge
+8.8 -> 12.7 us at 32 chunks); a batch keeps one batched product.
 
 Masking. S is the whole static cache; slots not written yet and padding are masked by the caller's additive bias,
 0 where allowed and finfo(dtype).min where not (as `attention_bias` builds it; -inf is not supported: a fully
