@@ -511,3 +511,70 @@ def test_compiled_static_cache_write_is_in_place():
     for layer in range(n):  # and the writes landed
         torch.testing.assert_close(cache.latent[layer, :, 7], latent[:, 0] * (layer + 1))
         torch.testing.assert_close(cache.k_rope[layer, :, 7], k_rope[:, 0])
+
+
+def test_shortcut_form_is_checked_and_stays_inline_off_cuda():
+    """Forms(shortcut=...) names where LongCat's shortcut MoE runs (model/overlap.py): a bad name, and "stream"
+    for CPU tensors, are refused in one line; "auto" is inline on the CPU (no streams there)."""
+    from longcat_ref.model.overlap import shortcut_on_stream
+
+    with pytest.raises(ValueError, match="shortcut form 'side'"):
+        L.Forms(shortcut="side")
+    x = torch.zeros(2, 3)
+    assert not shortcut_on_stream("inline", x) and not shortcut_on_stream("auto", x)
+    with pytest.raises(ValueError, match="shortcut='stream' needs CUDA tensors, got cpu"):
+        shortcut_on_stream("stream", x)
+    m = tiny("longcat")
+    ids = torch.randint(4, m.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="needs CUDA"), torch.no_grad():
+        m(ids, forms=L.Forms(shortcut="stream"))
+    with torch.no_grad():
+        assert torch.equal(m(ids, forms=L.Forms(shortcut="auto")), m(ids))
+
+
+@CUDA
+def test_shortcut_moe_on_a_side_stream_is_bit_equal(monkeypatch):
+    """LongCat's shortcut MoE on the side stream (eager, inside a captured CUDA graph, and inside a compiled +
+    captured decode step) gives bit for bit the logits of the inline order: the same kernels on two streams, joined
+    before the MoE's output is read. Counts that the side stream was really used (every layer, every call)."""
+    import dataclasses
+
+    import longcat_ref.model.model as model_mod
+
+    calls = []
+    start = model_mod.start_on_side_stream
+    monkeypatch.setattr(model_mod, "start_on_side_stream", lambda *a: calls.append(1) or start(*a))
+    m = tiny("longcat", dtype=torch.bfloat16).cuda()
+    ids, mask = (t.cuda() for t in padded_batch(7))
+    inline, stream = L.Forms(shortcut="inline"), L.Forms(shortcut="stream")
+    with torch.no_grad():
+        want = m(ids, attention_mask=mask, forms=inline)
+        assert torch.equal(m(ids, attention_mask=mask, forms=stream), want)
+        assert len(calls) == m.config.num_layers
+        pf = [L.Forms(attention="sdpa", experts="auto", shortcut=s) for s in ("inline", "stream")]
+        outs = []
+        for f in pf:
+            static = {}
+
+            def run(f=f):
+                static["out"] = m(ids, forms=f)
+
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                run()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            graph.replay()
+            outs.append(static["out"].clone())
+        assert torch.equal(outs[1], outs[0])
+    torch._dynamo.reset()
+    steps = []
+    for f in (L.DECODE, dataclasses.replace(L.DECODE, shortcut="stream")):
+        dec = Decoder(m, batch=3, max_len=24, compile=True, forms=f)
+        with torch.no_grad():
+            dec.prefill(ids, mask)
+            steps.append(torch.stack([dec.step(torch.full((3,), 9 + i, device="cuda")) for i in range(4)]))
+    assert torch.equal(steps[1], steps[0])

@@ -18,6 +18,7 @@ LINEAR_FORMS = ("plain", "gemv", "triton", "auto")  # linear.py (the dense proje
 #   torch.compile; "triton": kernels/gemv.py on CUDA)
 ROPE_FORMS = ("plain", "fused", "auto")  # mla.py, between the projections and the attention ("fused":
 #   kernels/rope_cache.py)
+SHORTCUT_FORMS = ("inline", "stream", "auto")  # model.py, LongCat-Flash's layer: where its shortcut MoE runs
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class Forms:
     rope: str = "plain"  # MLA's latent norm, RoPE of q and k and the cache write: "plain" (norm.py, rope.py,
     #                      cache.py) | "fused" (one Triton kernel: a static cache) | "auto" (fused for a few
     #                      query tokens on CUDA with a static cache, else plain)
+    shortcut: str = "inline"  # LongCat-Flash's MoE on the shortcut (model.py, overlap.py): "inline" (on the
+    #                           current stream, in the order the layer is written) | "stream" (on a side CUDA
+    #                           stream, concurrent with mlp0, attn1 and mlp1) | "auto" (stream on CUDA outside
+    #                           torch.compile, else inline). GLM's layers have no shortcut: they ignore it
 
     def __post_init__(self):
         if self.attention not in ATTENTION_FORMS:
@@ -51,10 +56,13 @@ class Forms:
             raise ValueError(f"linear form {self.linear!r} is not one of {LINEAR_FORMS}")
         if self.rope not in ROPE_FORMS:
             raise ValueError(f"rope form {self.rope!r} is not one of {ROPE_FORMS}")
+        if self.shortcut not in SHORTCUT_FORMS:
+            raise ValueError(f"shortcut form {self.shortcut!r} is not one of {SHORTCUT_FORMS}")
 
 
 REFERENCE = Forms()  # what the notebooks teach, and what transformers computes
-PREFILL = Forms(attention="sdpa", experts="auto")  # many tokens: flash attention, grouped expert GEMMs
+PREFILL = Forms(attention="sdpa", experts="auto", shortcut="auto")  # many tokens: flash attention, grouped
+#   expert GEMMs; on CUDA LongCat's memory-bound expert GEMMs beside its compute-bound dense sublayers
 DECODE = Forms(attention="auto", experts="auto", router="auto", linear="auto", rope="auto")  # a few tokens:
 #   attend over the latent, gathered experts, on CUDA each of the four in its Triton kernel (kernels/mla_decode.py,
 #   moe_decode.py, router.py, rope_cache.py); inside torch.compile the projections as multiply-and-sum, which

@@ -6,7 +6,8 @@ the MoE reads the normalised output of the *first* attention block and its resul
     x = x + attn0(norm(x))
     h = norm(x)
     shortcut = moe(h)                   <- can run concurrently with everything below (runtime/parallel.py overlaps
-    x = x + mlp0(h)                        its all-reduce with mlp0, attn1 and mlp1)
+    x = x + mlp0(h)                        its all-reduce with mlp0, attn1 and mlp1; overlap.py runs it on a
+                                           side CUDA stream: Forms(shortcut="stream"))
     x = x + attn1(norm(x))
     x = x + mlp1(norm(x)) + shortcut
 
@@ -36,6 +37,7 @@ from .forms import DECODE, PREFILL, REFERENCE, Forms  # noqa: F401 (re-exported)
 from .mla import MLA, attention_bias
 from .moe import MoE
 from .norm import RMSNorm
+from .overlap import join_side_stream, shortcut_on_stream, start_on_side_stream
 from .rope import rope_cos_sin
 from . import generate as _generate
 
@@ -56,11 +58,16 @@ class LongcatLayer(nn.Module):
                  linear=forms.linear, rope=forms.rope)  # x (b, t, H)
         x = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, **a)
         h = self.post_attention_layernorm[0](x)  # (b, t, H): input of both mlp0 and the MoE
-        # the MoE on the shortcut (a parallel MoE: its reduction in flight until finish)
-        shortcut = self.mlp.start(h, forms.experts, forms.router, forms.linear)
+        # the MoE on the shortcut (a parallel MoE: its reduction in flight until finish), on a side CUDA stream
+        # for forms.shortcut "stream" (overlap.py): concurrent with the three sublayers below
+        side = shortcut_on_stream(forms.shortcut, x)
+        moe_args = (forms.experts, forms.router, forms.linear)
+        shortcut = start_on_side_stream(self.mlp, h, *moe_args) if side else self.mlp.start(h, *moe_args)
         x = x + self.mlps[0](h, forms.linear)
         x = x + self.self_attn[1](self.input_layernorm[1](x), cos, sin, **a)
         x = x + self.mlps[1](self.post_attention_layernorm[1](x), forms.linear)
+        if side:
+            join_side_stream(x.device)
         return x + self.mlp.finish(shortcut)  # (b, t, H): wait for the MoE only here
 
 

@@ -29,6 +29,7 @@ Timings are medians of repeated runs (CUDA events on GPU). Benchmarks print; tes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -309,6 +310,36 @@ def hf_layer_prefill(layer, rot, t, device, dtype):
                  reps=2, warmup=1)
 
 
+def captured(fn):
+    """fn captured as a CUDA graph (after a warm-up run on a side stream): returns graph.replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+@torch.no_grad()
+def prefill_forms_times(model, ids, device, flops, ceil) -> dict:
+    """A PREFILL forward of ids (no cache) with LongCat's shortcut MoE inline and on its side stream
+    (Forms.shortcut), each eager and captured as a CUDA graph (what generate()'s prefill_graph replays): seconds,
+    fraction of the bf16 peak, and whether the outputs are bit-equal."""
+    out, outs = {}, {}
+    for name, sc in (("inline", "inline"), ("stream", "stream")):
+        forms = dataclasses.replace(PREFILL, shortcut=sc)
+        run = lambda: model(ids, forms=forms, logits_to_keep=1)  # noqa: E731
+        outs[name] = run()
+        for how, fn in (("eager", run), ("graph", captured(run))):
+            t = timed(fn, device, reps=3)
+            out[f"ours_{how}_{name}_s"], out[f"ours_{how}_{name}_flops_frac"] = t, flops / t / ceil["bf16_flops"]
+    out["stream_equals_inline"] = bool(torch.equal(outs["stream"], outs["inline"]))
+    return out
+
+
 def kernel_stats(dec) -> dict:
     """CUDA kernels launched by one (eager) decode step and their summed device time (torch.profiler). dec: a
     Decoder (its step is run), or any callable (e.g. a prefill)."""
@@ -331,9 +362,9 @@ def kernel_stats(dec) -> dict:
 
 
 def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20, attention="absorbed",
-                router="plain", linear="plain", rope="plain"):
+                router="plain", linear="plain", rope="plain", shortcut="inline"):
     """Seconds per decode step (a replayed CUDA graph on GPU) at context ctx, and the roofline inputs."""
-    forms = Forms(attention, experts, router, linear, rope)
+    forms = Forms(attention, experts, router, linear, rope, shortcut)
     dec = Decoder(model, batch, ctx + 4 * steps + 16, compile=compile, forms=forms)
     fill_context(dec, ctx)
     ids = torch.randint(4, model.config.vocab_size, (batch,), device=device)
@@ -368,6 +399,13 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     # ... with the projections (and MLA's W_uk / W_uv products) in kernels/gemv.py's split-K GEMV kernel
     "compiled_decode_cublas": dict(experts="auto", attention="auto", router="auto", compile=True),  # ... with the
     # projections through cuBLAS (= compiled_fused_mla, plus the router kernel where "auto" picks it: GLM)
+    "compiled_decode_stream": dict(experts="auto", attention="auto", router="auto", linear="auto", rope="auto",
+                                   shortcut="stream", compile=True),  # ... with LongCat's shortcut MoE on a side
+    # stream (model/overlap.py: run eagerly between compiled graphs, the step captured with both branches)
+    "graph_decode": dict(experts="auto", attention="auto", router="auto", linear="auto", rope="auto"),  # DECODE's
+    # forms without torch.compile (the kernels eager, the step one CUDA graph)
+    "graph_decode_stream": dict(experts="auto", attention="auto", router="auto", linear="auto", rope="auto",
+                                shortcut="stream"),  # ... with the shortcut MoE on a side stream
     "tuned_decode": dict(experts="auto", attention="auto", router="auto", linear="auto", rope="auto",
                          compile="tuned"),  # ...
     # with inductor's coordinate-descent tuning of its own kernels
@@ -432,6 +470,8 @@ def bench_layer(args, ceil, res) -> dict:
         ts = timed(lambda: ours(ids, forms=PREFILL, logits_to_keep=1), device, reps=3)  # causal SDPA, no cache
         fl = prefill_flops(ours, t)
         row = dict(tokens=t, ours_s=ts, ours_tok_s=t / ts, flops=fl, ours_flops_frac=fl / ts / ceil["bf16_flops"])
+        if device != "cpu":  # the same prefill with the shortcut MoE inline, and both captured as a CUDA graph
+            row.update(prefill_forms_times(ours, ids, device, fl, ceil))
         if args.layer_prefill_only and device != "cpu":  # where the prefill's time goes
             row.update(kernel_stats(lambda: ours(ids, forms=PREFILL, logits_to_keep=1)))
         row["hf_s"] = hf_layer_prefill(layer, rot, t, device, dtype)
@@ -439,7 +479,9 @@ def bench_layer(args, ceil, res) -> dict:
         res["prefill"].append(row)
         checkpoint()
         print(f"  layer prefill {t}: ours {t / ts:,.0f} tok/s ({row['ours_flops_frac']:.0%} of peak), "
-              f"transformers {row['hf_tok_s']:,.0f} tok/s", flush=True)
+              f"transformers {row['hf_tok_s']:,.0f} tok/s" + "".join(
+                  f", {k[5:-2]} {row[k] * 1e3:.2f} ms ({row[k[:-2] + '_flops_frac']:.0%})" for k in row
+                  if k.startswith("ours_") and k.endswith(("_inline_s", "_stream_s"))), flush=True)
     if args.layer_prefill_only:
         del layer, ours
         return res
