@@ -61,8 +61,8 @@ class Forms:
 
 
 REFERENCE = Forms()  # what the notebooks teach, and what transformers computes
-PREFILL = Forms(attention="sdpa", experts="auto", shortcut="auto")  # many tokens: flash attention, grouped
-#   expert GEMMs; on CUDA LongCat's memory-bound expert GEMMs beside its compute-bound dense sublayers
+PREFILL = Forms(attention="sdpa", experts="auto")  # many tokens: flash attention, grouped expert GEMMs (the
+#   shortcut MoE stays inline until Forms(shortcut="stream") is measured faster on a GPU: docs/perf-run14, to do)
 DECODE = Forms(attention="auto", experts="auto", router="auto", linear="auto", rope="auto")  # a few tokens:
 #   attend over the latent, gathered experts, on CUDA each of the four in its Triton kernel (kernels/mla_decode.py,
 #   moe_decode.py, router.py, rope_cache.py); inside torch.compile the projections as multiply-and-sum, which
