@@ -535,8 +535,8 @@ def test_shortcut_form_is_checked_and_stays_inline_off_cuda():
 @CUDA
 def test_shortcut_moe_on_a_side_stream_is_bit_equal(monkeypatch):
     """LongCat's shortcut MoE on the side stream (eager, inside a captured CUDA graph, and inside a compiled +
-    captured decode step) gives bit for bit the logits of the inline order: the same kernels on two streams, joined
-    before the MoE's output is read. Counts that the side stream was really used (every layer, every call)."""
+    captured decode step) gives the logits of the inline order (bit for bit eagerly and captured: the same kernels on
+    two streams, joined before the MoE's output is read). Counts that the side stream was really used (every layer, every call)."""
     import dataclasses
 
     import longcat_ref.model.model as model_mod
@@ -570,11 +570,14 @@ def test_shortcut_moe_on_a_side_stream_is_bit_equal(monkeypatch):
             graph.replay()
             outs.append(static["out"].clone())
         assert torch.equal(outs[1], outs[0])
+    # Inside torch.compile the fork is compiler-disabled, so inductor compiles the layer as pieces around it and fuses
+    # (and rounds) differently: equal to bf16 rounding there, not bit for bit.
     torch._dynamo.reset()
-    steps = []
+    steps, before = [], len(calls)
     for f in (L.DECODE, dataclasses.replace(L.DECODE, shortcut="stream")):
         dec = Decoder(m, batch=3, max_len=24, compile=True, forms=f)
         with torch.no_grad():
             dec.prefill(ids, mask)
             steps.append(torch.stack([dec.step(torch.full((3,), 9 + i, device="cuda")) for i in range(4)]))
-    assert torch.equal(steps[1], steps[0])
+    assert len(calls) > before
+    torch.testing.assert_close(steps[1].float(), steps[0].float(), atol=3e-2, rtol=3e-2)
