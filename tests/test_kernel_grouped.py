@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("triton")
 
 from longcat_ref.kernels import grouped_gemm as gg  # noqa: E402
-from longcat_ref.kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference  # noqa: E402
+from longcat_ref.kernels.grouped_gemm import (combine_slots, combine_slots_reference, grouped_gemm,  # noqa: E402
+                                              grouped_gemm_reference)
 from longcat_ref.model.quant import quantize_blockwise  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -183,6 +184,77 @@ def test_errors():
         grouped_gemm(a, q24, ends, scale=s24, block=(24, 24))
 
 
+# ------------------------------------------------------------------------------------------------ the MoE fusions
+def swiglu_loop(a, b, ends, rows, **fp8):
+    """The definition, in fp32 from `loop`: gather a's rows, multiply, silu(gate) * up."""
+    h = loop(a[rows.long()], b, ends, **fp8)  # (m, 2I)
+    gate, up = h.chunk(2, -1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["16bit", "fp8"])
+def test_rows_and_swiglu(dtype, fp8):
+    """rows: the kernel reads a[rows[r]] (a permutation with repeats, of a shorter a); swiglu: silu(gate) * up of
+    gate over up, I=24 (FP8: gate and up quantized apart, 16 x 16 blocks). Against the reference, the fp32 loop,
+    and the unfused kernel (gather, GEMM, then silu * up as torch ops)."""
+    I, sizes = 24, [4, 0, 17, 12, 1]
+    a, w, ends = make(sizes, 2 * I, 40, torch.float32, seed=11)
+    a, w = a * 0.3, w * 0.3  # gate and up O(1): bf16's rounding of each stays within the tolerance of the product
+    g = torch.Generator().manual_seed(12)
+    rows = torch.randint(0, 9, (a.shape[0],), generator=g).to(DEV)  # rows of a 9-row activation
+    x = a[:9].to(dtype)
+    kw = {}
+    if fp8:
+        q, sc = quantize_blockwise(w, (16, 16), split_rows=I)
+        w, kw = q, dict(scale=sc, block=(16, 16), split_rows=I)
+    else:
+        w = w.to(dtype)
+    got = grouped_gemm(x, w, ends, rows=rows, swiglu=True, **kw)
+    assert got.shape == (a.shape[0], I) and got.dtype == dtype
+    tol = 2 * TOL[dtype]  # bf16: gate and up rounded, then their product: two roundings of O(1) values
+    close(got, grouped_gemm_reference(x, w, ends, rows=rows, swiglu=True, **kw), tol)
+    close(got.cpu(), swiglu_loop(x.cpu(), w.cpu(), ends.cpu(), rows.cpu(),
+                                 **{k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}), tol)
+    gate, up = grouped_gemm(x[rows], w, ends, **kw).chunk(2, -1)
+    unfused = torch.nn.functional.silu(gate) * up
+    if dtype == torch.float32:
+        close(got, unfused, 1e-6)
+    else:  # the same rounding steps: equal but for silu's exp (Triton's vs torch's), within a bf16 ulp or two
+        assert ((got.float() - unfused.float()).abs() <= unfused.float().abs() * 2 ** -6 + 1e-6).all()
+    assert not got[int(ends[-1]):].any()
+    with pytest.raises(ValueError, match="two equal halves"):
+        grouped_gemm(x, w[:, :-1] if not fp8 else w, ends, rows=rows, swiglu=True,
+                     **(dict(kw, split_rows=I - 8) if fp8 else {}))
+    with pytest.raises(ValueError, match="1-d integer"):
+        grouped_gemm(x, w, ends, rows=rows.float(), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_combine_slots(dtype):
+    """out += sum_j w * y[pos] over the slots with pos >= 0: the kernel, its reference, and the scatter-back form
+    it replaces (ys[order] = y, masked, an fp32 einsum); H=40: one 64-channel block, partly masked."""
+    g = torch.Generator().manual_seed(13)
+    n, k, H = 7, 3, 40
+    y = torch.randn(n * k + 2, H, generator=g).to(DEV, dtype)
+    order = torch.randperm(n * k, generator=g)
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(n * k)
+    mine = torch.rand(n, k, generator=g) > 0.3
+    pos = torch.where(mine.flatten(), pos, -1).view(n, k).to(DEV)
+    w = torch.rand(n, k, generator=g).to(DEV)
+    base = torch.randn(n, H, generator=g).to(DEV, dtype)
+    got = combine_slots(y, pos, w, base.clone())
+    close(got, combine_slots_reference(y, pos, w, base.clone()), TOL[dtype])  # bf16: within an ulp
+    ys = torch.empty(n * k, H, device=DEV, dtype=dtype)
+    ys[order.to(DEV)] = y[:n * k]  # the old form (experts.py's torch path): scatter back to (token, slot) order
+    ys = torch.where(mine.flatten().to(DEV)[:, None], ys, 0.0).view(n, k, H)
+    old = base.clone().add_(torch.einsum("nkh,nk->nh", ys.float(), torch.where(mine.to(DEV), w, 0.0)).to(dtype))
+    close(got, old, TOL[dtype])
+    with pytest.raises(ValueError, match="do not agree"):
+        combine_slots(y, pos, w[:, :2], base.clone())
+
+
 # ------------------------------------------------------------------------------------------------ the custom op
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_custom_op_compiled_graph(dynamic):
@@ -294,3 +366,43 @@ def test_gpu_cuda_graph_and_torch_compile(fp8):
         assert torch.equal(got, eager)
         want = grouped_gemm_reference(a, w, ends, **kw)
         assert ((eager.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+
+
+@cuda
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_expert_kernels_equal_the_torch_ops(fp8):
+    """model/experts.py's kernel path (rows read in place, SwiGLU in gate_up's epilogue, the slot sum in
+    combine_slots) against the torch-op path it replaces, at LongCat-Flash's expert sizes (64 experts of one EP rank,
+    1,024 tokens x 12 slots, a third of the slots not this rank's), and captured in a CUDA graph."""
+    from longcat_ref.model.experts import Experts
+
+    g = torch.Generator(device="cuda").manual_seed(14)
+    ex = Experts(64, 6144, 2048, first_expert=64).cuda().bfloat16()
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(generator=g).mul_(0.02)
+        ex.down_proj.normal_(generator=g).mul_(0.02)
+    n = 1024
+    x = torch.randn(n, 6144, generator=g, device="cuda").bfloat16()
+    idx = torch.randint(0, 192, (n, 12), generator=g, device="cuda")  # ids 0..63 and 128..191: not ours
+    w = torch.rand(n, 12, generator=g, device="cuda")
+    with torch.no_grad():
+        want = ex.forward_grouped(x, w, idx, torch.zeros_like(x))  # torch._grouped_mm and torch ops
+        if fp8:  # the bank held in FP8 as a checkpoint stores it (gate and up quantized apart)
+            gu = quantize_blockwise(ex.gate_up_proj.data, (128, 128), split_rows=ex.inter)
+            d = quantize_blockwise(ex.down_proj.data, (128, 128))
+            ex.to_fp8_((128, 128))
+            (ex.gate_up_proj.data, ex.gate_up_proj_scale_inv), (ex.down_proj.data, ex.down_proj_scale_inv) = gu, d
+            want = ex.forward_loop(x, w, idx, torch.zeros_like(x))  # the FP8 bank's own reference
+        got = ex.forward_grouped(x, w, idx, torch.zeros_like(x), gemm="triton")
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < (2e-2 if fp8 else 1e-2)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            ex.forward_grouped(x, w, idx, torch.zeros_like(x), gemm="triton")
+        torch.cuda.current_stream().wait_stream(side)
+        graph, out = torch.cuda.CUDAGraph(), torch.zeros_like(x)
+        with torch.cuda.graph(graph):
+            ex.forward_grouped(x, w, idx, out, gemm="triton")
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, got)

@@ -134,6 +134,8 @@ calls = [
       torch.zeros(1, 1, 1, 4), 1.0)),
     (grouped_gemm.grouped_gemm_reference, grouped_gemm.grouped_gemm,
      (torch.ones(3, 8), torch.ones(2, 4, 8), torch.tensor([1, 3]))),
+    (grouped_gemm.combine_slots_reference, grouped_gemm.combine_slots,
+     (torch.ones(3, 8), torch.tensor([[0, -1], [2, 1]]), torch.ones(2, 2), torch.zeros(2, 8))),
     (router.route_reference, router.route, (torch.randn(2, 8), torch.zeros(8), 2, True, False, 1.0)),
     (gemv.gemv_reference, gemv.batched_gemv, (torch.randn(1, 2, 8), torch.randn(1, 3, 8))),
     (rope_cache.rope_cache_reference, rope_cache.rope_cache_write,

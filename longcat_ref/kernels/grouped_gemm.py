@@ -44,6 +44,20 @@ block rows may differ (BN > bo, or the gate/up seam of `split_rows`), hence a ve
 up to fp32 rounding, reading 1 byte per weight and writing none: the plain FP8 prefill instead dequantizes the whole
 bank into bf16 first (for LongCat-Flash's 512 experts that costs many times the matmul itself).
 
+Two fusions for the MoE (model/experts.py's kernel path), both optional:
+
+* `rows` (m,): the kernel reads row rows[r] of a for its row r, so the caller need not gather the activations into
+  expert order first (LongCat-Flash's 2k-token prefill: x[order] is 24,576 rows x 6,144, 0.7 ms of copying).
+* `swiglu=True`: b is an expert's gate over up (G, 2I, K) and the output is silu(a gate^T) * (a up^T) (m, I). Each
+  program keeps two (BM, BN) accumulators, gate columns [n0, n0 + BN) and the same up columns (b's rows I + n0 ...),
+  so h = a b^T (m, 2I) is never written or read back. The epilogue rounds as the unfused path does: gate and up to
+  a's dtype, silu in fp32 rounded, the product rounded. BN is halved (two tiles of BN / 2 columns per step: the
+  same shared memory and registers as one unfused tile).
+
+And the other end: `combine_slots` sums each token's k expert outputs (rows of the down GEMM's output in expert
+order) weighted by the router, reading them in place by position, in fp32 -- instead of a scatter back to (token,
+slot) order, a mask, an fp32 copy and an einsum (1.3 ms of the same prefill).
+
 Tile sizes come from a fixed rule (`choose_tiles`), not an autotuner: the launch is a pure function of the shapes,
 the same on every call, as a CUDA graph and torch.compile (which sees the kernel as an opaque custom op) need.
 """
@@ -63,10 +77,17 @@ FP8 = torch.float8_e4m3fn
 
 
 def grouped_gemm_reference(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, *, scale=None, block=None,
-                           split_rows: int | None = None) -> torch.Tensor:
+                           split_rows: int | None = None, rows: torch.Tensor | None = None,
+                           swiglu: bool = False) -> torch.Tensor:
     """The plain path: per group, (dequantize b[g] if FP8), then a[rows] @ w^T in a's dtype. Reads `ends` on the
-    host (one sync): it is the readable definition the kernel is tested against, not a fast path."""
-    _check(a, b, ends, scale, block, split_rows)
+    host (one sync): it is the readable definition the kernel is tested against, not a fast path.
+    rows: gather a's rows first (a[rows]); swiglu: then silu(gate) * up of the two halves of the product."""
+    _check(a, b, ends, scale, block, split_rows, rows, swiglu)
+    if rows is not None:
+        a = a[rows.long()]  # (m, K)
+    if swiglu:
+        gate, up = grouped_gemm_reference(a, b, ends, scale=scale, block=block, split_rows=split_rows).chunk(2, -1)
+        return torch.nn.functional.silu(gate) * up  # (m, N / 2)
     out = a.new_zeros(a.shape[0], b.shape[1])  # (m, N): rows of no group stay 0
     start = 0
     for g, end in enumerate(ends.tolist()):
@@ -78,10 +99,16 @@ def grouped_gemm_reference(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor,
     return out
 
 
-def _check(a, b, ends, scale, block, split_rows=None):
+def _check(a, b, ends, scale, block, split_rows=None, rows=None, swiglu=False):
     if a.dim() != 2 or b.dim() != 3 or ends.dim() != 1 or a.shape[1] != b.shape[2] or ends.shape[0] != b.shape[0]:
         raise ValueError(f"grouped_gemm: shapes do not agree: a {tuple(a.shape)} (m, K), b {tuple(b.shape)} "
                          f"(G, N, K), ends {tuple(ends.shape)} (G,)")
+    if rows is not None and (rows.dim() != 1 or rows.dtype.is_floating_point):
+        raise ValueError(f"grouped_gemm: rows must be a 1-d integer tensor of a's row indices, got "
+                         f"{tuple(rows.shape)} {rows.dtype}")
+    if swiglu and (b.shape[1] % 2 or (split_rows is not None and 2 * split_rows != b.shape[1])):
+        raise ValueError(f"grouped_gemm: swiglu needs b's {b.shape[1]} rows to be gate over up, two equal halves "
+                         f"(split_rows {split_rows})")
     if (b.dtype == FP8) != (scale is not None) or (scale is not None and block is None):
         raise ValueError("grouped_gemm: an FP8 bank (float8_e4m3fn) comes with its scale and block, others with "
                          "neither")
@@ -104,46 +131,71 @@ if support.have_triton():
     import triton.language as tl
 
     @triton.jit
-    def _grouped_gemm_kernel(a_ptr, b_ptr, s_ptr, o_ptr, group_ptr, row0_ptr, row_end_ptr, N, K, nb_n, nb_k,
-                             split, nbg, SB_N: tl.constexpr, SB_K: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-                             UPCAST: tl.constexpr):
-        """One (BM, BN) tile of the output: M-tile t of the tile map, columns [n0, n0 + BN)."""
+    def _tile_dot(x, b_row, rk, mask, dtype, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """x (BM, BK) times the (BN, BK) tile of b at b_row + rk, transposed -> (BM, BN) fp32."""
+        w = tl.load(b_row + rk[None, :], mask=mask, other=0.0).to(dtype)  # (BN, BK)
+        if UPCAST:  # Triton's CPU interpreter (3.9) mis-multiplies bf16 tiles: there, multiply in fp32
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        if IEEE or UPCAST:
+            return tl.dot(x, tl.trans(w), input_precision="ieee")  # (BM, BN) fp32 (fp32 inputs: no tf32)
+        return tl.dot(x, tl.trans(w))  # (BM, BN) fp32 accumulate
+
+    @triton.jit
+    def _block_rows(rn, split, nbg, SB_N: tl.constexpr):
+        """(BN,) rows of b -> their FP8 block rows (gate's, then up's after `split`)."""
+        return tl.where(rn < split, rn // SB_N, nbg + (rn - split) // SB_N)
+
+    @triton.jit
+    def _grouped_gemm_kernel(a_ptr, rows_ptr, b_ptr, s_ptr, o_ptr, group_ptr, row0_ptr, row_end_ptr, N, K, nb_n,
+                             nb_k, split, nbg, SB_N: tl.constexpr, SB_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+                             HAS_ROWS: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """One (BM, BN) tile of the output: M-tile t of the tile map, columns [n0, n0 + BN). With SWIGLU the output
+        has N / 2 columns and the tile reads b's rows n0 + arange(BN) (gate) and N / 2 + n0 + arange(BN) (up)."""
         pid = tl.program_id(0)
-        n_blocks = tl.cdiv(N, BN)
+        n_out = N // 2 if SWIGLU else N  # the output's columns
+        n_blocks = tl.cdiv(n_out, BN)
         t = pid // n_blocks  # the M-tile; its n-blocks run next to each other (the a tile stays in L2)
         pid_n = pid % n_blocks
         g = tl.load(group_ptr + t).to(tl.int64)  # its group (past the last tile: an empty row range below)
         row0 = tl.load(row0_ptr + t)
         row_end = tl.minimum(tl.load(row_end_ptr + t), row0 + BM)  # rows [row0, row_end) are this tile's
-        rm = row0 + tl.arange(0, BM)  # (BM,) rows of a / the output
-        rn = pid_n * BN + tl.arange(0, BN)  # (BN,) rows of b[g] = columns of the output
+        rm = row0 + tl.arange(0, BM)  # (BM,) rows of the output
+        rn = pid_n * BN + tl.arange(0, BN)  # (BN,) columns of the output = rows of b[g] (gate's with SWIGLU)
         m_ok = rm < row_end  # (BM,)
-        n_ok = rn < N  # (BN,)
-        a_row = a_ptr + rm[:, None].to(tl.int64) * K  # (BM, 1) int64: m * K may pass 2^31
+        n_ok = rn < n_out  # (BN,)
+        src = tl.load(rows_ptr + rm, mask=m_ok, other=0) if HAS_ROWS else rm  # (BM,) the rows of a read
+        a_row = a_ptr + src[:, None].to(tl.int64) * K  # (BM, 1) int64: m * K may pass 2^31
         b_row = b_ptr + g * N * K + rn[:, None].to(tl.int64) * K  # (BN, 1) int64: G*N*K passes 2^31 (LongCat)
+        b_up = b_row + n_out * K  # (BN, 1) the up rows (SWIGLU; one expert's N * K fits in int32)
         if HAS_SCALE:
-            rb = tl.where(rn < split, rn // SB_N, nbg + (rn - split) // SB_N)  # (BN,) block row (gate's, up's)
-            s_row = s_ptr + g * nb_n * nb_k + rb.to(tl.int64) * nb_k  # (BN,) the columns' rows of scale[g]
-        acc = tl.zeros((BM, BN), dtype=tl.float32)  # (BM, BN)
+            s_row = s_ptr + g * nb_n * nb_k + _block_rows(rn, split, nbg, SB_N).to(tl.int64) * nb_k  # (BN,)
+            s_up = s_ptr + g * nb_n * nb_k + _block_rows(rn + n_out, split, nbg, SB_N).to(tl.int64) * nb_k
+        acc = tl.zeros((BM, BN), dtype=tl.float32)  # (BM, BN) gate (or the only) accumulator
+        acc_up = tl.zeros((BM, BN), dtype=tl.float32)  # (BM, BN) up (SWIGLU)
         k_hi = tl.where(row0 < row_end, K, 0)  # an empty tile skips the loop (and stores nothing: mask all off)
         for k0 in range(0, k_hi, BK):
             rk = k0 + tl.arange(0, BK)  # (BK,)
             k_ok = rk < K  # (BK,)
             x = tl.load(a_row + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
-            w = tl.load(b_row + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(x.dtype)  # (BN, BK)
-            if UPCAST:  # Triton's CPU interpreter (3.9) mis-multiplies bf16 tiles: there, multiply in fp32
-                x, w = x.to(tl.float32), w.to(tl.float32)
-            if IEEE or UPCAST:
-                part = tl.dot(x, tl.trans(w), input_precision="ieee")  # (BM, BN) fp32 (fp32 inputs: no tf32)
-            else:
-                part = tl.dot(x, tl.trans(w))  # (BM, BN) fp32 accumulate
+            wmask = n_ok[:, None] & k_ok[None, :]  # (BN, BK)
+            part = _tile_dot(x, b_row, rk, wmask, x.dtype, IEEE, UPCAST)  # (BM, BN) fp32
             if HAS_SCALE:
                 s = tl.load(s_row + k0 // SB_K, mask=n_ok, other=0.0)  # (BN,) this step's scales (BK divides bi)
                 part = part * s[None, :]  # (BM, BN) the partial sum scaled, not the weight
             acc += part
-        out = o_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]  # (BM, BN)
-        tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            if SWIGLU:
+                part = _tile_dot(x, b_up, rk, wmask, x.dtype, IEEE, UPCAST)  # (BM, BN) fp32
+                if HAS_SCALE:
+                    part = part * tl.load(s_up + k0 // SB_K, mask=n_ok, other=0.0)[None, :]
+                acc_up += part
+        dtype = o_ptr.dtype.element_ty
+        if SWIGLU:  # rounded as the unfused path: h in a's dtype, silu(gate) rounded, the product rounded
+            gate = acc.to(dtype).to(tl.float32)  # (BM, BN)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)  # (BM, BN) silu
+            acc = act * acc_up.to(dtype).to(tl.float32)  # (BM, BN)
+        out = o_ptr + rm[:, None].to(tl.int64) * n_out + rn[None, :]  # (BM, BN)
+        tl.store(out, acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _next_pow2(x: int) -> int:
@@ -205,18 +257,21 @@ def _tile_map(ends: torch.Tensor, m: int, bm: int, n_tiles: int):
 
 
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, *, scale: torch.Tensor | None = None,
-                 block=None, split_rows: int | None = None) -> torch.Tensor:
+                 block=None, split_rows: int | None = None, rows: torch.Tensor | None = None,
+                 swiglu: bool = False) -> torch.Tensor:
     """Rows [ends[g-1], ends[g]) of a (m, K) times b[g]^T, b (G, N, K) -> (m, N) in a.dtype; rows past ends[-1]: 0.
 
     b: a.dtype, or float8_e4m3fn with scale (G, nb_N, nb_K) fp32 and block (bo, bi); split_rows: b's rows [0, s)
     and [s, N) were quantized as two weights with their block rows stacked (an expert's gate over up), as in
     `dequantize`. `ends` (G,) int: cumulative, non-decreasing, on a's device (values past m are clamped to m).
+    rows (m,) int: row r of the product reads a[rows[r]] (a may then have any number of rows); swiglu: b is gate
+    over up and the result silu(gate) * up (m, N / 2) (module doc).
     No host sync, a launch fixed by the shapes: callable inside a CUDA graph and under torch.compile.
     """
     support.require(a, "the grouped GEMM kernel")
-    _check(a, b, ends, scale, block, split_rows)
+    _check(a, b, ends, scale, block, split_rows, rows, swiglu)
     _k_step(b.shape[2], a.dtype, block)  # a block width the kernel cannot step through: ValueError here
-    (m, K), (G, N) = a.shape, b.shape[:2]
+    (m, K), (G, N) = (a.shape if rows is None else (rows.shape[0], a.shape[1])), b.shape[:2]
     bm = choose_tiles(m, N, K, G, a.dtype, block)[0]
     n_tiles = m // bm + 1 + G  # >= cdiv(m, bm) + G: the bound on the padded groups' tiles (module doc)
     # The tile map is plain torch ops here, outside the opaque op, so that torch.compile fuses them into a kernel
@@ -224,20 +279,23 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, *, scale:
     # the op they ran eagerly as ~20 small kernels per call.
     group, row0, row_end = _tile_map(ends, m, bm, n_tiles)  # (n_tiles,) each, on the device
     return torch.ops.longcat_ref.grouped_gemm(a, b, group, row0, row_end, bm, scale,
-                                              None if block is None else list(block), split_rows)
+                                              None if block is None else list(block), split_rows,
+                                              None if rows is None else rows.int(), swiglu)
 
 
 @torch.library.custom_op("longcat_ref::grouped_gemm", mutates_args=())
 def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, row0: torch.Tensor,
                      row_end: torch.Tensor, bm: int, scale: torch.Tensor | None, block: list[int] | None,
-                     split_rows: int | None) -> torch.Tensor:
+                     split_rows: int | None, rows: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """The kernel launch, given the tile map (`_tile_map`: each M-tile's group and row range) and its BM."""
-    m, K = a.shape
+    m, K = a.shape if rows is None else (rows.shape[0], a.shape[1])
     G, N = b.shape[:2]
-    out = torch.zeros(m, N, device=a.device, dtype=a.dtype)  # (m, N): rows of no group stay 0
+    out = torch.zeros(m, N // 2 if swiglu else N, device=a.device, dtype=a.dtype)  # rows of no group stay 0
     if m == 0 or N == 0 or G == 0:
         return out
     _, bn, bk, warps = choose_tiles(m, N, K, G, a.dtype, block)
+    if swiglu:  # two tiles (gate, up) of half the columns: the shared memory and registers of one
+        bn = max(16, min(bn // 2, _next_pow2(N // 2)))
     n_tiles = group.shape[0]
     if scale is None:
         s, sb_n, sb_k, nb_n, nb_k, split, nbg = out, 1, 1, 0, 0, N, 0  # (s unused: HAS_SCALE=False)
@@ -246,14 +304,82 @@ def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, row0
         (sb_n, sb_k), (nb_n, nb_k) = block, s.shape[1:]
         split = N if split_rows is None else split_rows
         nbg = math.ceil(split / sb_n)  # the gate's block rows; the up half's follow
-    grid = (n_tiles * math.ceil(N / bn),)
-    _grouped_gemm_kernel[grid](a.contiguous(), b.contiguous(), s, out, group, row0, row_end, N, K, nb_n, nb_k,
-                               split, nbg, SB_N=sb_n, SB_K=sb_k, HAS_SCALE=scale is not None, BM=bm, BN=bn, BK=bk,
-                               IEEE=a.dtype == torch.float32, UPCAST=support.interpreting(), num_warps=warps,
+    grid = (n_tiles * math.ceil(out.shape[1] / bn),)
+    _grouped_gemm_kernel[grid](a.contiguous(), group if rows is None else rows, b.contiguous(), s, out, group, row0,
+                               row_end, N, K, nb_n, nb_k, split, nbg, SB_N=sb_n, SB_K=sb_k,
+                               HAS_SCALE=scale is not None, HAS_ROWS=rows is not None, SWIGLU=swiglu, BM=bm, BN=bn,
+                               BK=bk, IEEE=a.dtype == torch.float32, UPCAST=support.interpreting(), num_warps=warps,
                                num_stages=3)
     return out
 
 
 @_grouped_gemm_op.register_fake
-def _(a, b, group, row0, row_end, bm, scale, block, split_rows):
-    return a.new_empty(a.shape[0], b.shape[1])
+def _(a, b, group, row0, row_end, bm, scale, block, split_rows, rows=None, swiglu=False):
+    return a.new_empty(a.shape[0] if rows is None else rows.shape[0], b.shape[1] // 2 if swiglu else b.shape[1])
+
+
+# ------------------------------------------------------------------------------ the weighted sum over slots
+#
+# After the down GEMM, row r of y (m, H) is one (token, slot) pair's expert output, in expert order. The MoE's
+# output is, per token t, the router-weighted sum over its k slots, in fp32:
+#
+#     out[t] += round( sum_{j < k, pos[t, j] >= 0}  w[t, j] * y[pos[t, j]] )        pos: the pair's row of y
+#
+# One program per (token, block of BH channels): k masked loads of a row block of y (a slot with pos < 0 -- a zero
+# expert, another rank's -- reads nothing), an fp32 accumulator, one load and store of out. y is read once in
+# all, in place: no scatter back to (token, slot) order, no fp32 copy.
+
+
+def combine_slots_reference(y: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out (n, H) += sum over slots j with pos[n, j] >= 0 of w[n, j] * y[pos[n, j]] (fp32), rounded to out's dtype.
+
+    y (m, H); pos (n, k) int rows of y (< 0: skipped); w (n, k) fp32. The plain path, the kernel's definition."""
+    ok = pos >= 0  # (n, k)
+    ys = torch.where(ok[..., None], y[pos.clamp(min=0).long()].float(), 0.0)  # (n, k, H) fp32
+    return out.add_((ys * torch.where(ok, w, 0.0)[..., None]).sum(1).to(out.dtype))  # (n, H)
+
+
+if support.have_triton():
+
+    @triton.jit
+    def _combine_kernel(y_ptr, pos_ptr, w_ptr, o_ptr, H, KS: tl.constexpr, BH: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)  # the token
+        rh = tl.program_id(1) * BH + tl.arange(0, BH)  # (BH,) channels
+        h_ok = rh < H  # (BH,)
+        acc = tl.zeros((BH,), dtype=tl.float32)  # (BH,)
+        for j in tl.static_range(KS):  # the slots, in order
+            p = tl.load(pos_ptr + t * KS + j)  # scalar: the pair's row of y, < 0 for none
+            wj = tl.load(w_ptr + t * KS + j)  # scalar fp32
+            yv = tl.load(y_ptr + tl.maximum(p, 0).to(tl.int64) * H + rh, mask=h_ok & (rh * 0 + p >= 0),
+                         other=0.0)  # (BH,)
+            acc += wj * yv.to(tl.float32)
+        o = o_ptr + t * H + rh  # (BH,)
+        prev = tl.load(o, mask=h_ok, other=0.0)  # (BH,)
+        dtype = o_ptr.dtype.element_ty
+        tl.store(o, (prev.to(tl.float32) + acc.to(dtype).to(tl.float32)).to(dtype), mask=h_ok)
+
+
+def combine_slots(y: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The kernel form of `combine_slots_reference` (adds into out in place and returns it)."""
+    support.require(y, "the slot-combine kernel")
+    n, k = pos.shape
+    if y.dim() != 2 or out.shape != (n, y.shape[1]) or w.shape != (n, k) or not out.is_contiguous():
+        raise ValueError(f"combine_slots: shapes do not agree: y {tuple(y.shape)} (m, H), pos {tuple(pos.shape)} "
+                         f"(n, k), w {tuple(w.shape)} (n, k), out {tuple(out.shape)} (n, H), contiguous")
+    torch.ops.longcat_ref.combine_slots(y, pos.int().contiguous(), w.float().contiguous(), out)
+    return out
+
+
+@torch.library.custom_op("longcat_ref::combine_slots", mutates_args=("out",))
+def _combine_slots_op(y: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    n, k = pos.shape
+    H = y.shape[1]
+    if n == 0 or H == 0:
+        return
+    bh = min(1024, max(16, _next_pow2(H)))
+    _combine_kernel[(n, math.ceil(H / bh))](y.contiguous(), pos, w, out, H, KS=k, BH=bh, num_warps=4)
+
+
+@_combine_slots_op.register_fake
+def _(y, pos, w, out):
+    return None

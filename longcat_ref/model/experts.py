@@ -18,8 +18,9 @@ tests/test_fast.py proves them equal):
 * `forward_grouped` ("grouped"): sort the (token, slot) pairs by expert, then ONE grouped matmul for gate_up and one
   for down (`torch._grouped_mm`: a jagged batch of GEMMs whose group sizes live on the device). No host sync, fixed
   shapes: it can sit inside a CUDA graph. Where the torch build has no grouped matmul: a padded batched matmul.
-  "grouped_triton": the same sort, the two GEMMs in kernels/grouped_gemm.py's Triton kernel (CUDA; FP8 banks on
-  CUDA use it in "grouped" too). For short groups (a decode batch, or LongCat-Flash's 2k-token prefill: up to a
+  "grouped_triton": the same sort, then kernels/grouped_gemm.py's kernels (CUDA; FP8 banks on CUDA use them in
+  "grouped" too), three launches (`_grouped_kernels`): gate_up reading x's rows in expert order in place with
+  silu(gate) * up in its epilogue, down, and the router-weighted sum over slots reading down's rows in place. For short groups (a decode batch, or LongCat-Flash's 2k-token prefill: up to a
   few dozen rows per expert) it reads the weights faster than torch._grouped_mm (tools/bench_experts.py, one
   H200: GLM-4.7-Flash 32 tokens 415 vs 446 us, LongCat-Flash 32 tokens 5.1 vs 6.6 ms, 2,048 tokens 12.2 vs 14.0 ms).
 * `forward_gather` ("gather"): for a handful of tokens (decode), gather each slot's expert weights and run one
@@ -55,7 +56,7 @@ from torch import nn
 
 from ..kernels import support
 from ..kernels.fp8_linear import dequantize
-from ..kernels.grouped_gemm import grouped_gemm
+from ..kernels.grouped_gemm import combine_slots, grouped_gemm
 from ..kernels.moe_decode import fused_moe
 from .linear import linear as _linear
 
@@ -230,26 +231,33 @@ class Experts(nn.Module):
         counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
         counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))  # (E+1,) tokens per expert, on device
         ends = counts[:-1].cumsum(0, dtype=torch.int32)  # (E,): end row of each expert's group
+        if gemm == "triton" or gate_up.dtype == torch.float8_e4m3fn:  # kernels/grouped_gemm.py (FP8: in place)
+            return self._grouped_kernels(x, w, mine, order, ends, out, gate_up, down)
         xs = x[order // k]  # (n*k, H): rows grouped by expert
-        if gate_up.dtype == torch.float8_e4m3fn:  # kept FP8 (CUDA): kernels/grouped_gemm.py reads it in place
-            h = grouped_gemm(xs, gate_up, ends, scale=self.gate_up_proj_scale_inv, block=self.fp8_block,
-                             split_rows=self.inter)  # (n*k, 2I)
-        elif gemm == "triton":
-            h = grouped_gemm(xs, gate_up, ends)  # (n*k, 2I); rows past ends[-1] are 0
-        else:
-            h = grouped_mm(xs, gate_up.transpose(1, 2), ends)  # (n*k, 2I); rows past ends[-1] are junk
+        h = grouped_mm(xs, gate_up.transpose(1, 2), ends)  # (n*k, 2I); rows past ends[-1] are junk
         gate, up = h.chunk(2, dim=-1)  # (n*k, I) each
-        if down.dtype == torch.float8_e4m3fn:
-            y = grouped_gemm(F.silu(gate) * up, down, ends, scale=self.down_proj_scale_inv, block=self.fp8_block)
-        elif gemm == "triton":
-            y = grouped_gemm(F.silu(gate) * up, down, ends)  # (n*k, H)
-        else:
-            y = grouped_mm(F.silu(gate) * up, down.transpose(1, 2), ends)  # (n*k, H)
+        y = grouped_mm(F.silu(gate) * up, down.transpose(1, 2), ends)  # (n*k, H)
         ys = torch.empty_like(y)
         ys[order] = y  # (n*k, H) back in (token, slot) order
         ys = torch.where(mine.flatten()[:, None], ys, 0.0).view(n, k, -1)  # (n, k, H): junk rows -> 0 (not NaN*0)
         wk = torch.where(mine, w, 0.0)  # (n, k) fp32
         return out.add_(torch.einsum("nkh,nk->nh", ys.float(), wk).to(out.dtype))  # weighted sum over slots, fp32
+
+    def _grouped_kernels(self, x, w, mine, order, ends, out, gate_up, down):
+        """The grouped form in kernels/grouped_gemm.py, three launches: gate_up reading x's rows in expert order
+        in place, with SwiGLU in its epilogue; down; the router-weighted sum over slots reading down's rows in
+        place (`combine_slots`). The same sum as `_grouped`'s torch ops, without the gather, h, the scatter back
+        and the fp32 copy."""
+        n, k = mine.shape
+        fp8 = gate_up.dtype == torch.float8_e4m3fn
+        kw_gu = dict(scale=self.gate_up_proj_scale_inv, block=self.fp8_block, split_rows=self.inter) if fp8 else {}
+        kw_d = dict(scale=self.down_proj_scale_inv, block=self.fp8_block) if fp8 else {}
+        a = grouped_gemm(x, gate_up, ends, rows=order // k, swiglu=True, **kw_gu)  # (n*k, I) silu(gate) * up
+        y = grouped_gemm(a, down, ends, **kw_d)  # (n*k, H), expert order
+        pos = torch.empty_like(order)
+        pos[order] = torch.arange(n * k, device=x.device)  # (n*k,): each (token, slot) pair's row of y
+        pos = torch.where(mine.flatten(), pos, -1).view(n, k)  # (n, k): -1 where the expert is not ours
+        return combine_slots(y, pos, w, out)  # out (n, H) += sum_j w * y[pos], fp32
 
     def forward_gather(self, x, w, idx, out):
         local, mine = self._local(idx)  # (n, k), (n, k)
