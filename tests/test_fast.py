@@ -420,12 +420,21 @@ def test_programmatic_dependent_launch_is_for_cuda_only():
     assert not support.pdl(torch.zeros(1))  # the CPU (and Triton's interpreter) launch plainly
 
 
-def test_short_group_bound_grows_with_the_hidden_size():
-    """"auto"'s grouped_triton bound: 16 pairs per expert per 2048 of hidden size (the measured crossovers: GLM,
-    hidden 2048, between 16 and 32; LongCat, hidden 6144, between 48 and 192), never below 16."""
-    from longcat_ref.model.experts import short_group_rows
+def test_auto_sends_16bit_banks_to_the_triton_path_up_to_the_measured_bound(monkeypatch):
+    """"auto" on CUDA with Triton: fused for up to 64 pairs, grouped_triton for 16-bit banks up to triton_max_rows
+    pairs an expert on average, torch's grouped beyond (and for FP8 banks past the fused bound: "grouped" reads
+    FP8 in the kernels anyway). The device test is faked: only the choice is checked here."""
+    from longcat_ref.model import experts as E
 
-    assert [short_group_rows(h) for h in (64, 2048, 4095, 6144)] == [16, 16, 16, 48]
+    ex = Experts(4, 16, 8)
+    monkeypatch.setattr(E.support, "have_triton", lambda: True)
+    x = type("Cuda", (), {"is_cuda": True, "device": torch.device("cuda")})()
+    pairs = lambda n: torch.zeros(n, 1, dtype=torch.long)  # noqa: E731
+    assert ex.choose(x, pairs(64)) == "fused"
+    assert ex.choose(x, pairs(65)) == "grouped_triton"
+    assert ex.choose(x, pairs(E.triton_max_rows() * 4)) == "grouped_triton"
+    monkeypatch.setattr(E, "grouped_mm_native", lambda *a: True)
+    assert ex.choose(x, pairs(E.triton_max_rows() * 4 + 1)) == "grouped"
 
 
 @CUDA
@@ -439,7 +448,7 @@ def test_cuda_grouped_experts_equal_loop():
     idx = torch.randint(0, 24, (40, 4), device="cuda", generator=g)
     w = torch.rand(40, 4, device="cuda", generator=g)
     ref = copy.deepcopy(ex).float().forward_loop(x.float(), w, idx, torch.zeros(40, 64, device="cuda"))
-    assert ex.choose(x, idx) == "grouped_triton"  # 160 pairs over 16 experts: short groups
+    assert ex.choose(x, idx) == "grouped_triton"  # 160 pairs over 16 experts
     for impl in ("grouped", "gather", "gemv", "grouped_triton", "fused"):
         got = ex(x, w, idx, torch.zeros(40, 64, device="cuda", dtype=torch.bfloat16), impl=impl)
         assert float((got.float() - ref).norm() / ref.norm()) < 2e-2, impl

@@ -406,3 +406,22 @@ def test_gpu_expert_kernels_equal_the_torch_ops(fp8):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, got)
+
+
+@cuda
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_gpu_tall_groups_and_swiglu(fp8):
+    """Groups of ~200 rows (BM = 128: LongCat-Flash's 8k-token prefill), plain and with rows + swiglu (gate over up,
+    FP8: quantized apart), against the reference."""
+    a, w, ends = prefill(G=16, N=1024, K=2048, m=16 * 200)
+    assert gg.choose_tiles(a.shape[0], 1024, 2048, 16, a.dtype)[0] == 128
+    kw = {}
+    if fp8:
+        w, s = quantize_blockwise(w, (128, 128), split_rows=512)
+        kw = dict(scale=s, block=(128, 128), split_rows=512)
+    rows = torch.randperm(a.shape[0], device="cuda")
+    for extra in ({}, dict(rows=rows, swiglu=True)):
+        got = grouped_gemm(a, w, ends, **kw, **extra)
+        want = grouped_gemm_reference(a, w, ends, **kw, **extra)
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+        assert not got[int(ends[-1]):].any()

@@ -223,7 +223,9 @@ def choose_tiles(m: int, N: int, K: int, G: int, dtype: torch.dtype, block=None)
     """(BM, BN, BK, num_warps) for m rows in G groups, a fixed rule of the shapes (num_stages is always 3).
 
     * BM from the mean group height m / G (each group pads up to a multiple of BM, so a tall BM wastes rows):
-      16 / 32 / 64, and 128 from 256 rows a group (a long prefill over few experts). 16: the smallest dot tile.
+      16 / 32 / 64, and 128 from 128 rows a group (LongCat-Flash's 8k-token prefill, 192 rows an expert: 20.6 ms
+      with 128 x 128 tiles and 8 warps against 24.4 ms with 64 x 128, one H200, docs/perf-run14; at 2k tokens,
+      48 rows an expert, 64 x 128 stays the faster, 10.0 vs 10.7 ms). 16: the smallest dot tile.
     * BN 128 (16..128 for a narrow N); BK 64 (bf16) / 32 (fp32) -- at most 3 stages x (BM + BN) x BK of tiles in
       shared memory.
     * FP8 (block = (bo, bi)): BK is the largest power of two <= 128 (64 with fp32 activations) dividing bi, so that a
@@ -232,7 +234,7 @@ def choose_tiles(m: int, N: int, K: int, G: int, dtype: torch.dtype, block=None)
     * num_warps 4 (one warp group, 64 x 128), 8 for 128 x 128.
     """
     per_group = math.ceil(m / max(G, 1))
-    bm = 16 if per_group <= 16 else 32 if per_group <= 32 else 64 if per_group < 256 else 128
+    bm = 16 if per_group <= 16 else 32 if per_group <= 32 else 64 if per_group < 128 else 128
     bn = min(128, max(16, _next_pow2(N)))
     bk = _k_step(K, dtype, block)
     return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4

@@ -20,9 +20,8 @@ tests/test_fast.py proves them equal):
   shapes: it can sit inside a CUDA graph. Where the torch build has no grouped matmul: a padded batched matmul.
   "grouped_triton": the same sort, then kernels/grouped_gemm.py's kernels (CUDA; FP8 banks on CUDA use them in
   "grouped" too), three launches (`_grouped_kernels`): gate_up reading x's rows in expert order in place with
-  silu(gate) * up in its epilogue, down, and the router-weighted sum over slots reading down's rows in place. For short groups (a decode batch, or LongCat-Flash's 2k-token prefill: up to a
-  few dozen rows per expert) it reads the weights faster than torch._grouped_mm (tools/bench_experts.py, one
-  H200: GLM-4.7-Flash 32 tokens 415 vs 446 us, LongCat-Flash 32 tokens 5.1 vs 6.6 ms, 2,048 tokens 12.2 vs 14.0 ms).
+  silu(gate) * up in its epilogue, down, and the router-weighted sum over slots reading down's rows in place. It beats torch._grouped_mm and the torch ops around it at every size measured
+  (tools/bench_experts.py, one H200: LongCat-Flash 2,048 tokens 10.05 vs 13.87 ms, 8,192 tokens 21.5 vs 23.3 ms).
 * `forward_gather` ("gather"): for a handful of tokens (decode), gather each slot's expert weights and run one
   batched matmul per projection. No sort, no sync; reads k experts' weights per token.
 * `forward_gemv` ("gemv"): the gather form written as multiply-and-sum instead of a matmul. Eagerly that is the
@@ -35,9 +34,8 @@ tests/test_fast.py proves them equal):
   (GLM's) is computed in the same launches as one more slot of weight 1 (MoE.compute decides).
 
 "auto" picks fused for up to 64 (token, slot) pairs on CUDA (kept FP8: up to FUSED_MAX_PAIRS), gemv for tiny decode
-batches inside torch.compile, gather for tiny batches on the CPU, on CUDA grouped_triton for 16-bit banks while the
-groups are short (`short_group_rows`: at most 16 pairs per expert on average per 2048 of hidden size), grouped
-otherwise.
+batches inside torch.compile, gather for tiny batches on the CPU, on CUDA grouped_triton for 16-bit banks up to
+`triton_max_rows` (1,024) pairs per expert on average (measured faster at every size up to there), grouped beyond.
 
 FP8 banks (model/quant.py, `fp8="keep"`): loop, gather and gemv dequantize the experts they read (`gate_up`,
 `down`); grouped runs kernels/grouped_gemm.py on CUDA and dequantizes FP8_CHUNK experts at a time elsewhere.
@@ -62,19 +60,19 @@ from .linear import linear as _linear
 
 FP8_CHUNK = 16  # experts dequantized at a time by the grouped form of an FP8 bank
 FUSED_MAX_PAIRS = 512  # "auto": up to this many (token, slot) pairs an FP8 bank runs the fused kernels
-SHORT_GROUP_ROWS = 16  # "auto": 16-bit banks run "grouped_triton" up to this many pairs per expert per 2048 hidden
+TRITON_MAX_ROWS = 1024  # "auto": 16-bit banks run "grouped_triton" up to this many pairs per expert on average
 
 
-def short_group_rows(hidden: int) -> int:
+def triton_max_rows() -> int:
     """Up to how many (token, slot) pairs per expert, on average, "auto" runs grouped_triton (16-bit banks, CUDA).
 
-    Where our Triton grouped GEMM stops beating torch._grouped_mm, measured (tools/bench_experts.py, one H200,
-    2026-12-02, docs/perf-run10/experts_tall.json): GLM-4.7-Flash (hidden 2048) between 16 pairs per expert (256
-    tokens: 505 vs 515 us) and 32 (512 tokens: 576 vs 543 us); LongCat-Flash (hidden 6144) between 48 (2,048 tokens:
-    12.2 vs 14.0 ms) and 192 (8,192 tokens: 32.5 vs 23.4 ms). Longer rows (a larger hidden size) keep the weight
-    reads dominant over more rows, so the bound grows with it: 16 per 2048 of hidden size, a fit to those two
-    crossovers rather than a model of the kernel."""
-    return SHORT_GROUP_ROWS * max(1, hidden // 2048)
+    Since its gate_up reads the rows in place with SwiGLU in its epilogue and `combine_slots` sums the slots
+    (`_grouped_kernels`), the Triton path beats torch._grouped_mm plus torch ops at every size measured
+    (tools/bench_experts.py, one H200, 2026-12-03, docs/perf-run14/experts_tall.json): GLM-4.7-Flash 256 to 16,384
+    tokens (16 to 1,024 pairs an expert; 471 vs 522 us ... 2.73 vs 4.40 ms), LongCat-Flash 256 to 16,384 tokens
+    (6 to 384; 9.46 vs 11.94 ms ... 38.3 vs 45.3 ms). Past the largest measured, torch's grouped GEMM, unmeasured
+    against it there."""
+    return TRITON_MAX_ROWS
 
 
 class SwiGLU(nn.Module):
@@ -174,16 +172,15 @@ class Experts(nn.Module):
     def choose(self, x, idx) -> str:
         """The fast form for this call: on CUDA the fused kernels for up to 64 (token, slot) pairs (FP8 banks: up to
         FUSED_MAX_PAIRS); gemv for a few pairs inside torch.compile, gather for a few on the CPU; on CUDA
-        grouped_triton while 16-bit groups are short (decode batches), grouped otherwise."""
+        grouped_triton for 16-bit banks up to `triton_max_rows` pairs an expert, grouped otherwise."""
         if x.is_cuda and support.have_triton() and idx.numel() <= (FUSED_MAX_PAIRS if self.fp8 else 64):
             return "fused"  # FP8 banks: the only form that reads FP8 in place
         if idx.numel() <= 16 and torch.compiler.is_compiling():
             return "gemv"
         if idx.numel() <= 64 and x.device.type == "cpu":
             return "gather"
-        if (x.is_cuda and support.have_triton() and not self.fp8
-                and idx.numel() <= short_group_rows(self.gate_up_proj.shape[2]) * self.n_local):
-            return "grouped_triton"  # short groups: the Triton grouped GEMM reads the weights faster
+        if x.is_cuda and support.have_triton() and not self.fp8 and idx.numel() <= triton_max_rows() * self.n_local:
+            return "grouped_triton"  # the Triton kernels: rows and slots read in place (measured faster)
         if x.is_cuda and not grouped_mm_native(x, self.gate_up_proj, self.down_proj):
             # the padded fallback needs a host sync, which a CUDA graph capture cannot contain (e.g. fp32 decode)
             return "gather" if torch.cuda.is_current_stream_capturing() or idx.numel() <= 64 else "grouped"
