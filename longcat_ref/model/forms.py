@@ -62,7 +62,7 @@ class Forms:
 
 REFERENCE = Forms()  # what the notebooks teach, and what transformers computes
 PREFILL = Forms(attention="sdpa", experts="auto")  # many tokens: flash attention, grouped expert GEMMs (the
-#   shortcut MoE stays inline until Forms(shortcut="stream") is measured faster on a GPU: docs/perf-run14, to do)
+#   shortcut MoE inline: on its side stream it measured no faster on one H200, docs/perf-run14)
 DECODE = Forms(attention="auto", experts="auto", router="auto", linear="auto", rope="auto")  # a few tokens:
 #   attend over the latent, gathered experts, on CUDA each of the four in its Triton kernel (kernels/mla_decode.py,
 #   moe_decode.py, router.py, rope_cache.py); inside torch.compile the projections as multiply-and-sum, which
