@@ -19,6 +19,8 @@ LINEAR_FORMS = ("plain", "gemv", "triton", "auto")  # linear.py (the dense proje
 ROPE_FORMS = ("plain", "fused", "auto")  # mla.py, between the projections and the attention ("fused":
 #   kernels/rope_cache.py)
 SHORTCUT_FORMS = ("inline", "stream", "auto")  # model.py, LongCat-Flash's layer: where its shortcut MoE runs
+NORM_FORMS = ("plain", "fused", "auto")  # norm.py, every RMSNorm of the layers and the final one ("fused":
+#   kernels/rmsnorm.py)
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Forms:
     #                           current stream, in the order the layer is written) | "stream" (on a side CUDA
     #                           stream, concurrent with mlp0, attn1 and mlp1) | "auto" (stream on CUDA outside
     #                           torch.compile, else inline). GLM's layers have no shortcut: they ignore it
+    norm: str = "plain"  # the RMSNorms (norm.py): "plain" (fp32 torch ops) | "fused" (one Triton kernel: CUDA) |
+    #                      "auto" (fused on CUDA outside torch.compile, else plain)
 
     def __post_init__(self):
         if self.attention not in ATTENTION_FORMS:
@@ -58,11 +62,14 @@ class Forms:
             raise ValueError(f"rope form {self.rope!r} is not one of {ROPE_FORMS}")
         if self.shortcut not in SHORTCUT_FORMS:
             raise ValueError(f"shortcut form {self.shortcut!r} is not one of {SHORTCUT_FORMS}")
+        if self.norm not in NORM_FORMS:
+            raise ValueError(f"norm form {self.norm!r} is not one of {NORM_FORMS}")
 
 
 REFERENCE = Forms()  # what the notebooks teach, and what transformers computes
-PREFILL = Forms(attention="sdpa", experts="auto")  # many tokens: flash attention, grouped expert GEMMs (the
-#   shortcut MoE inline: on its side stream it measured no faster on one H200, docs/perf-run14)
+PREFILL = Forms(attention="sdpa", experts="auto", norm="auto")  # many tokens: flash attention, grouped expert
+#   GEMMs, on CUDA the norms in one kernel each (the shortcut MoE inline: on its side stream it measured no faster
+#   on one H200, docs/perf-run14)
 DECODE = Forms(attention="auto", experts="auto", router="auto", linear="auto", rope="auto")  # a few tokens:
 #   attend over the latent, gathered experts, on CUDA each of the four in its Triton kernel (kernels/mla_decode.py,
 #   moe_decode.py, router.py, rope_cache.py); inside torch.compile the projections as multiply-and-sum, which

@@ -153,21 +153,23 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, H, bias=cfg.attention_bias)
 
     # ----------------------------------------------------------------------------------------------------------
-    def queries(self, x, linear: str = "plain"):
-        """x (b, t, H) -> q (b, h, t, nope+rope), before any scale or RoPE. linear: the projections' form."""
+    def queries(self, x, linear: str = "plain", norm: str = "plain"):
+        """x (b, t, H) -> q (b, h, t, nope+rope), before any scale or RoPE. linear: the projections' form; norm:
+        the RMSNorm's (norm.py)."""
         if hasattr(self, "q_proj"):
             q = _linear(self.q_proj, x, linear)  # (b, t, h*qk)
         else:
-            q = _linear(self.q_b_proj, self.q_a_layernorm(_linear(self.q_a_proj, x, linear)), linear)  # (b, t, h*qk)
+            q_a = self.q_a_layernorm(_linear(self.q_a_proj, x, linear), norm)  # (b, t, q_lora_rank)
+            q = _linear(self.q_b_proj, q_a, linear)  # (b, t, h*qk)
         return rearrange(q, "b t (h d) -> b h t d", h=self.n_heads)  # (b, h, t, nope+rope)
 
-    def project(self, x, cos, sin, linear: str = "plain"):
+    def project(self, x, cos, sin, linear: str = "plain", norm: str = "plain"):
         """x (b, t, H) -> q_nope (b, h, t, nope), q_rope (b, h, t, rope), latent (b, t, r), k_rope (b, t, rope).
-        linear: the form of the projections (linear.py)."""
-        q_nope, q_rope = self.queries(x, linear).split([self.nope, self.rope_dim], dim=-1)
+        linear: the form of the projections (linear.py); norm: the RMSNorms' (norm.py)."""
+        q_nope, q_rope = self.queries(x, linear, norm).split([self.nope, self.rope_dim], dim=-1)
         kv = _linear(self.kv_a_proj_with_mqa, x, linear)  # (b, t, r+rope)
         latent, k_rope = kv.split([self.rank, self.rope_dim], dim=-1)  # (b, t, r), (b, t, rope)
-        latent = self.kv_a_layernorm(latent)  # (b, t, r)
+        latent = self.kv_a_layernorm(latent, norm)  # (b, t, r)
         if self.q_scale != 1.0:  # LongCat's LoRA scales: after the norms, before kv_b and RoPE
             q_nope, q_rope = q_nope * self.q_scale, q_rope * self.q_scale
         if self.kv_scale != 1.0:
@@ -176,11 +178,11 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope[:, None], cos, sin, self.interleaved)[:, 0]  # (b, t, rope): one shared head
         return q_nope, q_rope, latent, k_rope
 
-    def project_into_cache(self, x, cos, sin, cache, cache_position, linear: str = "plain"):
+    def project_into_cache(self, x, cos, sin, cache, cache_position, linear: str = "plain", norm: str = "plain"):
         """`project` and the cache write in one kernel (kernels/rope_cache.py) after the projections: returns
         q_nope (b, h, t, nope), q_rope (b, h, t, rope), the whole cache, latent (b, S, r), k_rope (b, S, rope), and
         the whole query q (b, h, t, nope+rope) before any scale (what the kernel read)."""
-        q = self.queries(x, linear)  # (b, h, t, nope+rope)
+        q = self.queries(x, linear, norm)  # (b, h, t, nope+rope)
         kv = _linear(self.kv_a_proj_with_mqa, x, linear)  # (b, t, r+rope)
         latent, k_rope = cache.slots(self.cache_idx)  # (b, S, r), (b, S, rope): written in place
         norm = self.kv_a_layernorm
@@ -192,14 +194,15 @@ class MLA(nn.Module):
         return q_nope, q_rope, latent, k_rope, q
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, form: str = "naive",
-                linear: str = "plain", rope: str = "plain"):
+                linear: str = "plain", rope: str = "plain", norm: str = "plain"):
         """x (b, t, H); cos/sin (b, t, rope); mask additive (b, 1, t, s) or None (causal over these t tokens).
 
         With a cache, this chunk's latents are written at slots cache_position (t,) (default: 0..t-1) and
         attention reads every key slot the cache holds. form: "naive" | "absorbed" | "sdpa" | "fused" |
         "fused_uv" | "auto"
         (module docstring); linear: the form of the projections, and of the absorbed forms' per-head products with
-        W_uk and W_uv (linear.py); rope: "plain" | "fused" | "auto" (module docstring).
+        W_uk and W_uv (linear.py); rope: "plain" | "fused" | "auto" (module docstring); norm: the form of the
+        q_a and latent RMSNorms (norm.py; with rope "fused" the latent's norm is the rope kernel's).
         """
         if cache is not None and cache_position is None:
             cache_position = torch.arange(x.shape[1], device=x.device)  # (t,)
@@ -211,11 +214,11 @@ class MLA(nn.Module):
             if not hasattr(cache, "slots"):
                 raise ValueError("rope='fused' writes a static cache in place: pass a StaticCache (or rope='plain')")
             q_nope, q_rope, latent, k_rope, q_whole = self.project_into_cache(x, cos, sin, cache, cache_position,
-                                                                              linear)
+                                                                              linear, norm)
         elif rope != "plain":
             raise ValueError(f"rope form {rope!r} is not one of {ROPE_FORMS}")
         else:
-            q_nope, q_rope, latent, k_rope = self.project(x, cos, sin, linear)
+            q_nope, q_rope, latent, k_rope = self.project(x, cos, sin, linear, norm)
             if cache is not None:  # (b, s, r), (b, s, rope)
                 latent, k_rope = cache.update(self.cache_idx, latent, k_rope, cache_position)
         if mask is None and (form != "sdpa" or cache is not None):  # causal, spelled out (SDPA: is_causal)

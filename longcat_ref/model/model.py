@@ -55,17 +55,18 @@ class LongcatLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, forms: Forms = REFERENCE):
         a = dict(mask=mask, cache=cache, cache_position=cache_position, form=forms.attention,
-                 linear=forms.linear, rope=forms.rope)  # x (b, t, H)
-        x = x + self.self_attn[0](self.input_layernorm[0](x), cos, sin, **a)
-        h = self.post_attention_layernorm[0](x)  # (b, t, H): input of both mlp0 and the MoE
+                 linear=forms.linear, rope=forms.rope, norm=forms.norm)  # x (b, t, H)
+        nf = forms.norm
+        x = x + self.self_attn[0](self.input_layernorm[0](x, nf), cos, sin, **a)
+        h = self.post_attention_layernorm[0](x, nf)  # (b, t, H): input of both mlp0 and the MoE
         # the MoE on the shortcut (a parallel MoE: its reduction in flight until finish), on a side CUDA stream
         # for forms.shortcut "stream" (overlap.py): concurrent with the three sublayers below
         side = shortcut_on_stream(forms.shortcut, x)
         moe_args = (forms.experts, forms.router, forms.linear)
         shortcut = start_on_side_stream(self.mlp, h, *moe_args) if side else self.mlp.start(h, *moe_args)
         x = x + self.mlps[0](h, forms.linear)
-        x = x + self.self_attn[1](self.input_layernorm[1](x), cos, sin, **a)
-        x = x + self.mlps[1](self.post_attention_layernorm[1](x), forms.linear)
+        x = x + self.self_attn[1](self.input_layernorm[1](x, nf), cos, sin, **a)
+        x = x + self.mlps[1](self.post_attention_layernorm[1](x, nf), forms.linear)
         if side:
             join_side_stream(x.device)
         return x + self.mlp.finish(shortcut)  # (b, t, H): wait for the MoE only here
@@ -83,9 +84,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(cfg) if cfg.layer_is_moe[layer_idx] else SwiGLU(H, cfg.ffn_hidden_size)
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, forms: Forms = REFERENCE):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_position, forms.attention,
-                               forms.linear, forms.rope)
-        h = self.post_attention_layernorm(x)  # (b, t, H)
+        x = x + self.self_attn(self.input_layernorm(x, forms.norm), cos, sin, mask, cache, cache_position,
+                               forms.attention, forms.linear, forms.rope, forms.norm)
+        h = self.post_attention_layernorm(x, forms.norm)  # (b, t, H)
         if isinstance(self.mlp, MoE):
             return x + self.mlp(h, forms.experts, forms.router, forms.linear)  # (b, t, H)
         return x + self.mlp(h, forms.linear)  # (b, t, H)
@@ -177,7 +178,7 @@ class CausalLM(nn.Module):
             cache.length += t
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(self.model.norm(x))  # (b, t, vocab), model dtype
+        logits = self.lm_head(self.model.norm(x, forms.norm))  # (b, t, vocab), model dtype
         if output_hidden_states:
             return logits, hidden
         return logits

@@ -326,11 +326,13 @@ def captured(fn):
 @torch.no_grad()
 def prefill_forms_times(model, ids, device, flops, ceil) -> dict:
     """A PREFILL forward of ids (no cache) with LongCat's shortcut MoE inline and on its side stream
-    (Forms.shortcut), each eager and captured as a CUDA graph (what generate()'s prefill_graph replays): seconds,
-    fraction of the bf16 peak, and whether the outputs are bit-equal."""
+    (Forms.shortcut), and inline with the norms as plain ops (Forms.norm), each eager and captured as a CUDA graph
+    (what generate()'s prefill_graph replays): seconds, fraction of the bf16 peak, and whether the stream's outputs
+    are bit-equal to inline's."""
     out, outs = {}, {}
-    for name, sc in (("inline", "inline"), ("stream", "stream")):
-        forms = dataclasses.replace(PREFILL, shortcut=sc)
+    for name, kw in (("inline", dict(shortcut="inline")), ("stream", dict(shortcut="stream")),
+                     ("plain_norm", dict(shortcut="inline", norm="plain"))):
+        forms = dataclasses.replace(PREFILL, **kw)
         run = lambda: model(ids, forms=forms, logits_to_keep=1)  # noqa: E731
         outs[name] = run()
         for how, fn in (("eager", run), ("graph", captured(run))):
@@ -481,7 +483,7 @@ def bench_layer(args, ceil, res) -> dict:
         print(f"  layer prefill {t}: ours {t / ts:,.0f} tok/s ({row['ours_flops_frac']:.0%} of peak), "
               f"transformers {row['hf_tok_s']:,.0f} tok/s" + "".join(
                   f", {k[5:-2]} {row[k] * 1e3:.2f} ms ({row[k[:-2] + '_flops_frac']:.0%})" for k in row
-                  if k.startswith("ours_") and k.endswith(("_inline_s", "_stream_s"))), flush=True)
+                  if k.startswith("ours_") and k.endswith(("_inline_s", "_stream_s", "_plain_norm_s"))), flush=True)
     if args.layer_prefill_only:
         del layer, ours
         return res
