@@ -545,7 +545,8 @@ def test_shortcut_form_is_checked_and_stays_inline_off_cuda():
 def test_shortcut_moe_on_a_side_stream_is_bit_equal(monkeypatch):
     """LongCat's shortcut MoE on the side stream (eager, inside a captured CUDA graph, and inside a compiled +
     captured decode step) gives the logits of the inline order (bit for bit eagerly and captured: the same kernels on
-    two streams, joined before the MoE's output is read). Counts that the side stream was really used (every layer, every call)."""
+    two streams, joined before the MoE's output is read). Counts that the side stream was really used (every
+    layer, every call)."""
     import dataclasses
 
     import longcat_ref.model.model as model_mod

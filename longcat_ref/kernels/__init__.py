@@ -2,7 +2,8 @@
 
 The package's readable forms (model/) are the definition; a kernel here is a faster way to compute one of them on
 a GPU, chosen explicitly by the caller (`Forms(attention="fused", experts="fused", router="fused", rope="fused",
-norm="fused")`, or "auto" as in `DECODE`; FP8 weights kept by `from_pretrained(..., fp8="keep")`), never by hidden global state.
+norm="fused")`, or "auto" as in `DECODE` and `PREFILL`; FP8 weights kept by `from_pretrained(..., fp8="keep")`),
+never by hidden global state.
 Each file holds one kernel family:
 
     fp8_linear.py   block-scaled FP8 weight x bf16 activation matmul (DeepSeek-V3 / LongCat-Flash-Chat-FP8 layout)

@@ -20,8 +20,9 @@ tests/test_fast.py proves them equal):
   shapes: it can sit inside a CUDA graph. Where the torch build has no grouped matmul: a padded batched matmul.
   "grouped_triton": the same sort, then kernels/grouped_gemm.py's kernels (CUDA; FP8 banks on CUDA use them in
   "grouped" too), three launches (`_grouped_kernels`): gate_up reading x's rows in expert order in place with
-  silu(gate) * up in its epilogue, down, and the router-weighted sum over slots reading down's rows in place. It beats torch._grouped_mm and the torch ops around it at every size measured
-  (tools/bench_experts.py, one H200: LongCat-Flash 2,048 tokens 10.05 vs 13.87 ms, 8,192 tokens 21.5 vs 23.3 ms).
+  silu(gate) * up in its epilogue, down, and the router-weighted sum over slots reading down's rows in place.
+  It beats torch._grouped_mm and the torch ops around it at every size measured (tools/bench_experts.py, one
+  H200: LongCat-Flash 2,048 tokens 10.05 vs 13.87 ms, 8,192 tokens 21.5 vs 23.3 ms).
 * `forward_gather` ("gather"): for a handful of tokens (decode), gather each slot's expert weights and run one
   batched matmul per projection. No sort, no sync; reads k experts' weights per token.
 * `forward_gemv` ("gemv"): the gather form written as multiply-and-sum instead of a matmul. Eagerly that is the
