@@ -238,6 +238,23 @@ def test_fp8_matmul_kernel_real_sizes_gpu(M, N, K):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_fp8_matmul_rows_choose_kernel_or_dequantize_gpu():
+    """quant.fp8_matmul on CUDA: up to KERNEL_MAX_ROWS rows the Triton kernel (bit-equal to calling it), past that
+    dequantize + cuBLAS (bit-equal to the reference formula); both close to the fp32 product."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w8, s = quant.quantize_blockwise(torch.randn(1536, 6144, device="cuda", generator=g), (128, 128))
+    for M in (quant.KERNEL_MAX_ROWS, quant.KERNEL_MAX_ROWS + 2, 2048):  # rows counted over the leading dims
+        x = torch.randn(2, M // 2, 6144, device="cuda", generator=g, dtype=torch.bfloat16)
+        y = quant.fp8_matmul(x, w8, s, (128, 128))
+        if M <= quant.KERNEL_MAX_ROWS:
+            assert torch.equal(y, fp8_linear_kernel(x, w8, s, (128, 128)))
+        else:
+            assert torch.equal(y, fp8_linear_reference(x, w8, s, (128, 128)))
+        ref = torch.nn.functional.linear(x.float(), quant.dequantize(w8, s, (128, 128)))
+        assert y.shape == ref.shape and (y.float() - ref).norm() / ref.norm() < 8e-3
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["longcat", "glm"])
 def test_kept_model_on_gpu_equals_dequantized(tmp_path, kind):
     """On CUDA the kept model's products run in the Triton kernels (FP8 read in place): in fp32 its logits equal the

@@ -182,6 +182,8 @@ def test_errors():
     q24, s24 = quantize_blockwise(w, (24, 24))  # a K step must divide 24 and be a power of two >= 16: none is
     with pytest.raises(ValueError, match="block width 24"):
         grouped_gemm(a, q24, ends, scale=s24, block=(24, 24))
+    with pytest.raises(ValueError, match="activations must be"):  # FP8 activations: refused, not multiplied in FP8
+        grouped_gemm(a.to(FP8), q, ends, scale=s, block=(16, 16))
 
 
 # ------------------------------------------------------------------------------------------------ the MoE fusions
@@ -228,6 +230,38 @@ def test_rows_and_swiglu(dtype, fp8):
                      **(dict(kw, split_rows=I - 8) if fp8 else {}))
     with pytest.raises(ValueError, match="1-d integer"):
         grouped_gemm(x, w, ends, rows=rows.float(), **kw)
+
+
+@pytest.mark.parametrize("programs", [1, 3, 7])
+def test_capped_grid_loops_over_every_tile(programs):
+    """programs=P: P programs, each looping over the output tiles pid, pid + P, ... (a persistent grid): bit-equal
+    to one program a tile, plain and with rows + swiglu, with more tiles than programs and (7) a short last
+    round."""
+    I, sizes = 24, [4, 0, 17, 12, 1, 20]
+    a, w, ends = make(sizes, 2 * I, 40, torch.float32, seed=13)
+    rows = torch.randint(0, a.shape[0], (a.shape[0],), generator=torch.Generator().manual_seed(3)).to(DEV)
+    for extra in ({}, dict(rows=rows, swiglu=True)):
+        want = grouped_gemm(a, w, ends, **extra)
+        got = grouped_gemm(a, w, ends, programs=programs, **extra)
+        assert torch.equal(got, want)
+        assert got.abs().sum() > 0  # every tile's rows written, not zeros from a skipped tile
+        close(got, grouped_gemm_reference(a, w, ends, **extra), TOL[torch.float32])
+
+
+def test_zero_rest_false_writes_every_group_row():
+    """zero_rest=False: the output starts uninitialised (filled with NaN here to show it); every row of a group is
+    still written, equal to the zeroed launch, and only rows past ends[-1] keep what was there."""
+    a, w, ends = make([4, 0, 17, 12, 1], 24, 40, torch.float32, extra=5, seed=21)
+    want = grouped_gemm(a, w, ends)
+    real_empty = torch.empty
+    try:
+        torch.empty = lambda *s, **kw: real_empty(*s, **kw).fill_(float("nan"))  # noqa: E731
+        got = grouped_gemm(a, w, ends, zero_rest=False)
+    finally:
+        torch.empty = real_empty
+    end = int(ends[-1])
+    assert torch.equal(got[:end], want[:end])
+    assert got[end:].isnan().all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

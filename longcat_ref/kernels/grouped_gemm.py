@@ -109,6 +109,9 @@ def _check(a, b, ends, scale, block, split_rows=None, rows=None, swiglu=False):
     if swiglu and (b.shape[1] % 2 or (split_rows is not None and 2 * split_rows != b.shape[1])):
         raise ValueError(f"grouped_gemm: swiglu needs b's {b.shape[1]} rows to be gate over up, two equal halves "
                          f"(split_rows {split_rows})")
+    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"grouped_gemm: a is {a.dtype}; the activations must be fp32, bf16 or fp16 (an FP8 bank is "
+                         "multiplied in a's dtype)")
     if (b.dtype == FP8) != (scale is not None) or (scale is not None and block is None):
         raise ValueError("grouped_gemm: an FP8 bank (float8_e4m3fn) comes with its scale and block, others with "
                          "neither")
@@ -147,12 +150,23 @@ if support.have_triton():
 
     @triton.jit
     def _grouped_gemm_kernel(a_ptr, rows_ptr, b_ptr, s_ptr, o_ptr, group_ptr, row0_ptr, row_end_ptr, N, K, nb_n,
-                             nb_k, split, nbg, SB_N: tl.constexpr, SB_K: tl.constexpr, HAS_SCALE: tl.constexpr,
-                             HAS_ROWS: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                             BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                             nb_k, split, nbg, n_work, SB_N: tl.constexpr, SB_K: tl.constexpr,
+                             HAS_SCALE: tl.constexpr, HAS_ROWS: tl.constexpr, SWIGLU: tl.constexpr,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+                             UPCAST: tl.constexpr):
+        """Output tiles pid, pid + P, pid + 2P, ... of the n_work (P programs: one tile each unless the launch is
+        capped, `programs` in the wrapper)."""
+        for tile in range(tl.program_id(0), n_work, tl.num_programs(0)):
+            _grouped_tile(tile, a_ptr, rows_ptr, b_ptr, s_ptr, o_ptr, group_ptr, row0_ptr, row_end_ptr, N, K, nb_n,
+                          nb_k, split, nbg, SB_N, SB_K, HAS_SCALE, HAS_ROWS, SWIGLU, BM, BN, BK, IEEE, UPCAST)
+
+    @triton.jit
+    def _grouped_tile(pid, a_ptr, rows_ptr, b_ptr, s_ptr, o_ptr, group_ptr, row0_ptr, row_end_ptr, N, K, nb_n, nb_k,
+                      split, nbg, SB_N: tl.constexpr, SB_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      HAS_ROWS: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
         """One (BM, BN) tile of the output: M-tile t of the tile map, columns [n0, n0 + BN). With SWIGLU the output
         has N / 2 columns and the tile reads b's rows n0 + arange(BN) (gate) and N / 2 + n0 + arange(BN) (up)."""
-        pid = tl.program_id(0)
         n_out = N // 2 if SWIGLU else N  # the output's columns
         n_blocks = tl.cdiv(n_out, BN)
         t = pid // n_blocks  # the M-tile; its n-blocks run next to each other (the a tile stays in L2)
@@ -260,14 +274,17 @@ def _tile_map(ends: torch.Tensor, m: int, bm: int, n_tiles: int):
 
 def grouped_gemm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, *, scale: torch.Tensor | None = None,
                  block=None, split_rows: int | None = None, rows: torch.Tensor | None = None,
-                 swiglu: bool = False) -> torch.Tensor:
+                 swiglu: bool = False, programs: int | None = None, zero_rest: bool = True) -> torch.Tensor:
     """Rows [ends[g-1], ends[g]) of a (m, K) times b[g]^T, b (G, N, K) -> (m, N) in a.dtype; rows past ends[-1]: 0.
 
     b: a.dtype, or float8_e4m3fn with scale (G, nb_N, nb_K) fp32 and block (bo, bi); split_rows: b's rows [0, s)
     and [s, N) were quantized as two weights with their block rows stacked (an expert's gate over up), as in
     `dequantize`. `ends` (G,) int: cumulative, non-decreasing, on a's device (values past m are clamped to m).
     rows (m,) int: row r of the product reads a[rows[r]] (a may then have any number of rows); swiglu: b is gate
-    over up and the result silu(gate) * up (m, N / 2) (module doc).
+    over up and the result silu(gate) * up (m, N / 2) (module doc). programs: launch at most this many programs,
+    each looping over output tiles (a persistent grid: it leaves the other SMs to a concurrent stream; measured
+    slower, docs/perf-run15). zero_rest=False: rows past ends[-1] are left unwritten (torch.empty), for callers
+    that never read them (model/experts.py's kernel path: a memset fewer each call).
     No host sync, a launch fixed by the shapes: callable inside a CUDA graph and under torch.compile.
     """
     support.require(a, "the grouped GEMM kernel")
@@ -282,17 +299,20 @@ def grouped_gemm(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor, *, scale:
     group, row0, row_end = _tile_map(ends, m, bm, n_tiles)  # (n_tiles,) each, on the device
     return torch.ops.longcat_ref.grouped_gemm(a, b, group, row0, row_end, bm, scale,
                                               None if block is None else list(block), split_rows,
-                                              None if rows is None else rows.int(), swiglu)
+                                              None if rows is None else rows.int(), swiglu, programs or 0,
+                                              zero_rest)
 
 
 @torch.library.custom_op("longcat_ref::grouped_gemm", mutates_args=())
 def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, row0: torch.Tensor,
                      row_end: torch.Tensor, bm: int, scale: torch.Tensor | None, block: list[int] | None,
-                     split_rows: int | None, rows: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+                     split_rows: int | None, rows: torch.Tensor | None = None, swiglu: bool = False,
+                     programs: int = 0, zero_rest: bool = True) -> torch.Tensor:
     """The kernel launch, given the tile map (`_tile_map`: each M-tile's group and row range) and its BM."""
     m, K = a.shape if rows is None else (rows.shape[0], a.shape[1])
     G, N = b.shape[:2]
-    out = torch.zeros(m, N // 2 if swiglu else N, device=a.device, dtype=a.dtype)  # rows of no group stay 0
+    shape = (m, N // 2 if swiglu else N)
+    out = (torch.zeros if zero_rest else torch.empty)(shape, device=a.device, dtype=a.dtype)  # rows of no group
     if m == 0 or N == 0 or G == 0:
         return out
     _, bn, bk, warps = choose_tiles(m, N, K, G, a.dtype, block)
@@ -306,9 +326,10 @@ def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, row0
         (sb_n, sb_k), (nb_n, nb_k) = block, s.shape[1:]
         split = N if split_rows is None else split_rows
         nbg = math.ceil(split / sb_n)  # the gate's block rows; the up half's follow
-    grid = (n_tiles * math.ceil(out.shape[1] / bn),)
+    n_work = n_tiles * math.ceil(out.shape[1] / bn)  # output tiles
+    grid = (n_work if not programs else min(n_work, programs),)
     _grouped_gemm_kernel[grid](a.contiguous(), group if rows is None else rows, b.contiguous(), s, out, group, row0,
-                               row_end, N, K, nb_n, nb_k, split, nbg, SB_N=sb_n, SB_K=sb_k,
+                               row_end, N, K, nb_n, nb_k, split, nbg, n_work, SB_N=sb_n, SB_K=sb_k,
                                HAS_SCALE=scale is not None, HAS_ROWS=rows is not None, SWIGLU=swiglu, BM=bm, BN=bn,
                                BK=bk, IEEE=a.dtype == torch.float32, UPCAST=support.interpreting(), num_warps=warps,
                                num_stages=3)
@@ -316,7 +337,8 @@ def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, row0
 
 
 @_grouped_gemm_op.register_fake
-def _(a, b, group, row0, row_end, bm, scale, block, split_rows, rows=None, swiglu=False):
+def _(a, b, group, row0, row_end, bm, scale, block, split_rows, rows=None, swiglu=False, programs=0,
+      zero_rest=True):
     return a.new_empty(a.shape[0] if rows is None else rows.shape[0], b.shape[1] // 2 if swiglu else b.shape[1])
 
 

@@ -250,8 +250,9 @@ class Experts(nn.Module):
         fp8 = gate_up.dtype == torch.float8_e4m3fn
         kw_gu = dict(scale=self.gate_up_proj_scale_inv, block=self.fp8_block, split_rows=self.inter) if fp8 else {}
         kw_d = dict(scale=self.down_proj_scale_inv, block=self.fp8_block) if fp8 else {}
-        a = grouped_gemm(x, gate_up, ends, rows=order // k, swiglu=True, **kw_gu)  # (n*k, I) silu(gate) * up
-        y = grouped_gemm(a, down, ends, **kw_d)  # (n*k, H), expert order
+        # rows past ends[-1] (pairs not ours) are never read, by down or by combine_slots: left unwritten
+        a = grouped_gemm(x, gate_up, ends, rows=order // k, swiglu=True, zero_rest=False, **kw_gu)  # (n*k, I)
+        y = grouped_gemm(a, down, ends, zero_rest=False, **kw_d)  # (n*k, H), expert order
         pos = torch.empty_like(order)
         pos[order] = torch.arange(n * k, device=x.device)  # (n*k,): each (token, slot) pair's row of y
         pos = torch.where(mine.flatten(), pos, -1).view(n, k)  # (n, k): -1 where the expert is not ours

@@ -41,9 +41,21 @@ def is_fp8(t: torch.Tensor) -> bool:
     return t.dtype == FP8
 
 
+KERNEL_MAX_ROWS = 32  # CUDA: up to this many rows the Triton kernel reads FP8 in place; more: dequantize + cuBLAS
+
+
 def fp8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:
-    """x (..., K) @ dequantize(w8 (N, K))^T -> (..., N): the Triton kernel on CUDA, dequantize + matmul elsewhere."""
-    if x.is_cuda and support.have_triton():
+    """x (..., K) @ dequantize(w8 (N, K))^T -> (..., N).
+
+    On CUDA, for up to KERNEL_MAX_ROWS rows (decode, short prompts) the Triton kernel, which reads the FP8 weight
+    in place: the product is bound by the weight bytes. For more rows (prefill) it is bound by arithmetic, where
+    cuBLAS is the faster GEMM: the weight is dequantized into a temporary (one Triton pass, 1 byte read and 2
+    written per weight) and multiplied there -- the reference formula itself. Measured on LongCat-Flash's dense
+    projections (one H200, docs/perf-run15/README.md): the kernel wins at 16 rows (o_proj 37.8 vs 81.4 us), the
+    dequantized product from 64 rows (o_proj 80.1 vs 124.9 us; 2,048 rows 306 vs 793 us, 674 vs 260 TFLOP/s).
+    The kernel's split-K decode tiling covers up to 32 rows, hence the bound. Elsewhere always dequantize +
+    matmul."""
+    if x.is_cuda and support.have_triton() and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]:
         return fp8_linear_kernel(x, w8, scale, block)
     return F.linear(x, dequantize(w8, scale, block, x.dtype))
 

@@ -197,8 +197,9 @@ def prefill_flops(model, t: int) -> float:
     """Useful FLOPs of a causal prefill of t tokens (matmuls with activated weights + causal attention)."""
     cfg = model.config
     _, per_tok = active_experts(model)
-    experts_all = sum(weight_bytes(m.experts) for m in model.moe_blocks())
-    dense_params = (weight_bytes(model) - experts_all - weight_bytes(model.model.embed_tokens)) / 2
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731  (parameters, not bytes: FP8 is 1 a weight)
+    experts_all = sum(count(m.experts) for m in model.moe_blocks())
+    dense_params = count(model) - experts_all - count(model.model.embed_tokens)
     mm = 2 * t * (dense_params + per_tok * expert_bytes(cfg) / 2)
     attn = cfg.num_attn_sublayers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * t * t  # causal
     return mm + attn

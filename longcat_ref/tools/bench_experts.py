@@ -42,6 +42,7 @@ def time_form(experts, form, n, k, repeats, trials=5, seed=0):
     """(microseconds per call, mean distinct experts touched per call) from a CUDA graph of `repeats` calls."""
     E, H = experts.n_local, experts.gate_up_proj.shape[2]
     device, dtype = experts.gate_up_proj.device, experts.gate_up_proj.dtype
+    dtype = torch.bfloat16 if experts.fp8 else dtype  # a kept-FP8 bank multiplies bf16 activations
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(n, H, device=device, generator=g).to(dtype)
     w = torch.rand(n, k, device=device, generator=g)
