@@ -11,6 +11,8 @@ fp8prefill: bench's FP8 LongCat-Flash layer (bench_fp8's model), a 2k-token PREF
 and kept FP8, with each one's kernel profile.
 skew: the LongCat bank (bf16, then FP8) at 2k tokens under routings of growing skew: uniform top-12, and top-12 of
 noise plus a per-expert popularity (std s): how the rows per expert spread changes each bank's time.
+swap: the expert banks (LongCat-Flash's, GLM-4.7-Flash's; bf16 and FP8) with each tile computed transposed
+(`choose_swap`: w x^T, the weight as the MMA's left operand) against the plain tiles, at several tile shapes.
 """
 
 import argparse
@@ -209,6 +211,55 @@ def skew(out):
                   f"{int((counts > 64).sum())} experts > 64 rows, {int((counts > 0).sum())} touched", flush=True)
 
 
+def _bank(case, fp8):
+    from longcat_ref.model.quant import quantize_blockwise
+
+    E, H, I, k = BE.CASES[case]
+    with torch.device("cuda"):
+        ex = EX.Experts(E, H, I).to(torch.bfloat16).requires_grad_(False)
+    ex.gate_up_proj.uniform_(-0.05, 0.05), ex.down_proj.uniform_(-0.05, 0.05)
+    if fp8:
+        gu16, d16 = ex.gate_up_proj.data, ex.down_proj.data
+        ex.to_fp8_((128, 128))
+        for c in range(0, E, 32):
+            ex.gate_up_proj.data[c:c + 32], ex.gate_up_proj_scale_inv[c:c + 32] = quantize_blockwise(
+                gu16[c:c + 32], (128, 128), split_rows=I)
+            ex.down_proj.data[c:c + 32], ex.down_proj_scale_inv[c:c + 32] = quantize_blockwise(
+                d16[c:c + 32], (128, 128))
+        del gu16, d16
+        torch.cuda.empty_cache()
+    return ex, k
+
+
+def swap(out):
+    rule, rule_swap = gg.choose_tiles, gg.choose_swap
+    for case, tokens in (("glm", (32, 2048)), ("longcat", (2048, 8192))):
+        for fp8 in (False, True):
+            ex, k = _bank(case, fp8)
+            for n in tokens:
+                for sw, tiles in [(False, None), (True, None), (True, (16, 128)), (True, (32, 128)),
+                                  (True, (64, 128)), (True, (128, 128))]:
+                    def forced(m, N, K, G, dtype, block=None, t=tiles):
+                        bm, bn, bk, w = rule(m, N, K, G, dtype, block)
+                        if t is None:
+                            return bm, bn, bk, w
+                        return t[0], t[1], bk, 8 if t[0] * t[1] >= 128 * 128 else 4
+                    gg.choose_tiles, gg.choose_swap = forced, (lambda *a, v=sw, **kw: v)
+                    try:
+                        us, _ = BE.time_form(ex, "grouped_triton", n, k, 2)
+                    except Exception as e:
+                        print(f"  swap {case} fp8={fp8} n={n} swap={sw} {tiles}: {type(e).__name__}: "
+                              f"{str(e)[:100]}", flush=True)
+                        continue
+                    finally:
+                        gg.choose_tiles, gg.choose_swap = rule, rule_swap
+                    out.append(dict(part="swap", case=case, fp8=fp8, tokens=n, swap=sw, tiles=tiles, us=us))
+                    print(f"  swap {case:7s} {'fp8 ' if fp8 else 'bf16'} n={n:5d} swap={sw!s:5s} "
+                          f"{str(tiles or 'rule'):10s}: {us:8.1f} us", flush=True)
+            del ex
+            torch.cuda.empty_cache()
+
+
 def layer(out):
     ours = B.longcat_layer("cuda", torch.bfloat16, 8192 + 64, False)[2]
     peak = 745e12
@@ -234,10 +285,10 @@ def layer(out):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", default="bank,layer", help="comma list of bank, layer, fp8bank, fp8linear, fp8prefill, skew")
+    ap.add_argument("--part", default="bank,layer", help="comma list of bank, layer, fp8bank, fp8linear, fp8prefill, skew, swap")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "exp.json"))
     args = ap.parse_args()
     rows = []
     for part in args.part.split(","):
-        {"bank": bank, "layer": layer, "fp8bank": fp8bank, "fp8linear": fp8linear, "fp8prefill": fp8prefill, "skew": skew}[part](rows)
+        {"bank": bank, "layer": layer, "fp8bank": fp8bank, "fp8linear": fp8linear, "fp8prefill": fp8prefill, "skew": skew, "swap": swap}[part](rows)
         json.dump(rows, open(args.out, "w"), indent=1)

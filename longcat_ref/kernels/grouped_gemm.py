@@ -58,7 +58,11 @@ And the other end: `combine_slots` sums each token's k expert outputs (rows of t
 order) weighted by the router, reading them in place by position, in fp32 -- instead of a scatter back to (token,
 slot) order, a mask, an fp32 copy and an einsum (1.3 ms of the same prefill).
 
-Tile sizes come from a fixed rule (`choose_tiles`), not an autotuner: the launch is a pure function of the shapes,
+The tile transposed (`choose_swap`, 16-bit banks): a program computes acc^T = w x^T, (BN, BM), the weight tile as
+the MMA's left operand and the rows as its right, and turns the accumulators back before the epilogue. The same
+sums; on Hopper it lets a tile of 16 or 32 rows (a decode batch's few rows an expert) use warp-group MMAs.
+
+Tile sizes come from a fixed rule (`choose_tiles`, `choose_swap`), not an autotuner: the launch is a pure function of the shapes,
 the same on every call, as a CUDA graph and torch.compile (which sees the kernel as an opaque custom op) need.
 """
 
@@ -134,14 +138,28 @@ if support.have_triton():
     import triton.language as tl
 
     @triton.jit
-    def _tile_dot(x, b_row, rk, mask, dtype, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-        """x (BM, BK) times the (BN, BK) tile of b at b_row + rk, transposed -> (BM, BN) fp32."""
+    def _tile_dot(x, b_row, rk, mask, dtype, IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
+        """x (BM, BK) times the (BN, BK) tile of b at b_row + rk, transposed -> (BM, BN) fp32; SWAP: the same
+        product transposed, w x^T -> (BN, BM) (the weight is the MMA's left operand, taken from registers)."""
         w = tl.load(b_row + rk[None, :], mask=mask, other=0.0).to(dtype)  # (BN, BK)
         if UPCAST:  # Triton's CPU interpreter (3.9) mis-multiplies bf16 tiles: there, multiply in fp32
             x, w = x.to(tl.float32), w.to(tl.float32)
+        if SWAP:
+            lhs, rhs = w, tl.trans(x)  # (BN, BK) @ (BK, BM)
+        else:
+            lhs, rhs = x, tl.trans(w)  # (BM, BK) @ (BK, BN)
         if IEEE or UPCAST:
-            return tl.dot(x, tl.trans(w), input_precision="ieee")  # (BM, BN) fp32 (fp32 inputs: no tf32)
-        return tl.dot(x, tl.trans(w))  # (BM, BN) fp32 accumulate
+            return tl.dot(lhs, rhs, input_precision="ieee")  # fp32 (fp32 inputs: no tf32)
+        return tl.dot(lhs, rhs)  # fp32 accumulate
+
+    @triton.jit
+    def _col_scale(part, s, SWAP: tl.constexpr):
+        """A partial product scaled by one scale per output column s (BN,): part (BM, BN), or (BN, BM) with SWAP."""
+        if SWAP:  # (one return: Triton 3.6 compiles the code after a constexpr branch's return too)
+            scaled = part * s[:, None]
+        else:
+            scaled = part * s[None, :]
+        return scaled
 
     @triton.jit
     def _block_rows(rn, split, nbg, SB_N: tl.constexpr):
@@ -153,18 +171,19 @@ if support.have_triton():
                              nb_k, split, nbg, n_work, SB_N: tl.constexpr, SB_K: tl.constexpr,
                              HAS_SCALE: tl.constexpr, HAS_ROWS: tl.constexpr, SWIGLU: tl.constexpr,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
-                             UPCAST: tl.constexpr):
+                             UPCAST: tl.constexpr, SWAP: tl.constexpr):
         """Output tiles pid, pid + P, pid + 2P, ... of the n_work (P programs: one tile each unless the launch is
         capped, `programs` in the wrapper)."""
         for tile in range(tl.program_id(0), n_work, tl.num_programs(0)):
             _grouped_tile(tile, a_ptr, rows_ptr, b_ptr, s_ptr, o_ptr, group_ptr, row0_ptr, row_end_ptr, N, K, nb_n,
-                          nb_k, split, nbg, SB_N, SB_K, HAS_SCALE, HAS_ROWS, SWIGLU, BM, BN, BK, IEEE, UPCAST)
+                          nb_k, split, nbg, SB_N, SB_K, HAS_SCALE, HAS_ROWS, SWIGLU, BM, BN, BK, IEEE, UPCAST,
+                          SWAP)
 
     @triton.jit
     def _grouped_tile(pid, a_ptr, rows_ptr, b_ptr, s_ptr, o_ptr, group_ptr, row0_ptr, row_end_ptr, N, K, nb_n, nb_k,
                       split, nbg, SB_N: tl.constexpr, SB_K: tl.constexpr, HAS_SCALE: tl.constexpr,
                       HAS_ROWS: tl.constexpr, SWIGLU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                      BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
         """One (BM, BN) tile of the output: M-tile t of the tile map, columns [n0, n0 + BN). With SWIGLU the output
         has N / 2 columns and the tile reads b's rows n0 + arange(BN) (gate) and N / 2 + n0 + arange(BN) (up)."""
         n_out = N // 2 if SWIGLU else N  # the output's columns
@@ -185,24 +204,31 @@ if support.have_triton():
         if HAS_SCALE:
             s_row = s_ptr + g * nb_n * nb_k + _block_rows(rn, split, nbg, SB_N).to(tl.int64) * nb_k  # (BN,)
             s_up = s_ptr + g * nb_n * nb_k + _block_rows(rn + n_out, split, nbg, SB_N).to(tl.int64) * nb_k
-        acc = tl.zeros((BM, BN), dtype=tl.float32)  # (BM, BN) gate (or the only) accumulator
-        acc_up = tl.zeros((BM, BN), dtype=tl.float32)  # (BM, BN) up (SWIGLU)
+        if SWAP:  # the accumulators transposed (BN, BM), turned back before the epilogue
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+            acc_up = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)  # (BM, BN) gate (or the only) accumulator
+            acc_up = tl.zeros((BM, BN), dtype=tl.float32)  # (BM, BN) up (SWIGLU)
         k_hi = tl.where(row0 < row_end, K, 0)  # an empty tile skips the loop (and stores nothing: mask all off)
         for k0 in range(0, k_hi, BK):
             rk = k0 + tl.arange(0, BK)  # (BK,)
             k_ok = rk < K  # (BK,)
             x = tl.load(a_row + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
             wmask = n_ok[:, None] & k_ok[None, :]  # (BN, BK)
-            part = _tile_dot(x, b_row, rk, wmask, x.dtype, IEEE, UPCAST)  # (BM, BN) fp32
+            part = _tile_dot(x, b_row, rk, wmask, x.dtype, IEEE, UPCAST, SWAP)  # (BM, BN) fp32 (SWAP: (BN, BM))
             if HAS_SCALE:
                 s = tl.load(s_row + k0 // SB_K, mask=n_ok, other=0.0)  # (BN,) this step's scales (BK divides bi)
-                part = part * s[None, :]  # (BM, BN) the partial sum scaled, not the weight
+                part = _col_scale(part, s, SWAP)  # the partial sum scaled, not the weight
             acc += part
             if SWIGLU:
-                part = _tile_dot(x, b_up, rk, wmask, x.dtype, IEEE, UPCAST)  # (BM, BN) fp32
+                part = _tile_dot(x, b_up, rk, wmask, x.dtype, IEEE, UPCAST, SWAP)  # (BM, BN) fp32
                 if HAS_SCALE:
-                    part = part * tl.load(s_up + k0 // SB_K, mask=n_ok, other=0.0)[None, :]
+                    part = _col_scale(part, tl.load(s_up + k0 // SB_K, mask=n_ok, other=0.0), SWAP)
                 acc_up += part
+        if SWAP:
+            acc = tl.trans(acc)  # (BM, BN)
+            acc_up = tl.trans(acc_up)  # (BM, BN)
         dtype = o_ptr.dtype.element_ty
         if SWIGLU:  # rounded as the unfused path: h in a's dtype, silu(gate) rounded, the product rounded
             gate = acc.to(dtype).to(tl.float32)  # (BM, BN)
@@ -252,6 +278,20 @@ def choose_tiles(m: int, N: int, K: int, G: int, dtype: torch.dtype, block=None)
     bn = min(128, max(16, _next_pow2(N)))
     bk = _k_step(K, dtype, block)
     return bm, bn, bk, 8 if bm * bn >= 128 * 128 else 4
+
+
+def choose_swap(m: int, N: int, K: int, G: int, dtype: torch.dtype, block=None) -> bool:
+    """Compute each tile transposed, acc^T = w x^T (BN, BM), and turn it back before the epilogue? For 16-bit
+    banks, yes; for FP8 banks (block given), no.
+
+    Swapped, the weight tile is the MMA's left operand and the rows (tokens) its right, so on Hopper a tile of 16
+    or 32 rows still runs warp-group MMAs (the unswapped form falls back to smaller MMAs below 64 rows) and the
+    weights stream as the wide side. Measured (tools/bench_experts.py's Triton path, one H200,
+    docs/perf-run15/swap.json, us): GLM-4.7-Flash bf16 32 tokens 345 vs 356, 2,048 tokens 678 vs 727;
+    LongCat-Flash bf16 2,048 tokens 9,883 vs 9,863 (even), 8,192 tokens 19,622 vs 22,011. FP8 banks, whose weight
+    tile is converted to bf16 in registers first, run slower swapped (GLM 32 tokens 371 vs 327, LongCat 2,048
+    tokens 13,208 vs 11,078)."""
+    return block is None
 
 
 def _tile_map(ends: torch.Tensor, m: int, bm: int, n_tiles: int):
@@ -331,7 +371,8 @@ def _grouped_gemm_op(a: torch.Tensor, b: torch.Tensor, group: torch.Tensor, row0
     _grouped_gemm_kernel[grid](a.contiguous(), group if rows is None else rows, b.contiguous(), s, out, group, row0,
                                row_end, N, K, nb_n, nb_k, split, nbg, n_work, SB_N=sb_n, SB_K=sb_k,
                                HAS_SCALE=scale is not None, HAS_ROWS=rows is not None, SWIGLU=swiglu, BM=bm, BN=bn,
-                               BK=bk, IEEE=a.dtype == torch.float32, UPCAST=support.interpreting(), num_warps=warps,
+                               BK=bk, IEEE=a.dtype == torch.float32, UPCAST=support.interpreting(),
+                               SWAP=choose_swap(m, N, K, G, a.dtype, block), num_warps=warps,
                                num_stages=3)
     return out
 
