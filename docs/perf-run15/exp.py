@@ -13,6 +13,9 @@ skew: the LongCat bank (bf16, then FP8) at 2k tokens under routings of growing s
 noise plus a per-expert popularity (std s): how the rows per expert spread changes each bank's time.
 swap: the expert banks (LongCat-Flash's, GLM-4.7-Flash's; bf16 and FP8) with each tile computed transposed
 (`choose_swap`: w x^T, the weight as the MMA's left operand) against the plain tiles, at several tile shapes.
+sdpa: LongCat-Flash's prefill attention (64 heads, qk 192, v 128, 2k and 8k tokens, bf16): v padded to 192 (as
+mla._sdpa did before 2026-12-04) against v as it is, with SDPA's default choice and each backend forced; then the
+layer prefill.
 """
 
 import argparse
@@ -260,6 +263,35 @@ def swap(out):
             torch.cuda.empty_cache()
 
 
+def sdpa(out):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for t in (2048, 8192):
+        q = torch.randn(1, 64, t, 192, device="cuda", generator=g).bfloat16()
+        k = torch.randn(1, 64, t, 192, device="cuda", generator=g).bfloat16()
+        v = torch.randn(1, 64, t, 128, device="cuda", generator=g).bfloat16()
+        padded = lambda: F.scaled_dot_product_attention(q, k, F.pad(v, (0, 64)), is_causal=True)[..., :128]  # noqa
+        plain = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        want = padded()
+        for be in (None, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            for label, fn in (("padded", padded), ("plain", plain)):
+                try:
+                    if be is None:
+                        got, us = fn(), B.timed(B.captured(fn), "cuda", reps=5) * 1e6
+                    else:
+                        with sdpa_kernel([be]):
+                            got, us = fn(), B.timed(B.captured(fn), "cuda", reps=5) * 1e6
+                except Exception as e:
+                    print(f"  sdpa t={t} {str(be):32s} {label:6s}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+                    continue
+                err = float((got.float() - want.float()).abs().max())
+                out.append(dict(part="sdpa", tokens=t, backend=str(be), v=label, us=us, max_abs_vs_padded=err))
+                print(f"  sdpa t={t} {str(be):32s} {label:6s}: {us:8.1f} us  max |diff| vs padded default {err:.2e}",
+                      flush=True)
+
+
 def layer(out):
     ours = B.longcat_layer("cuda", torch.bfloat16, 8192 + 64, False)[2]
     peak = 745e12
@@ -285,10 +317,10 @@ def layer(out):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", default="bank,layer", help="comma list of bank, layer, fp8bank, fp8linear, fp8prefill, skew, swap")
+    ap.add_argument("--part", default="bank,layer", help="comma list of bank, layer, fp8bank, fp8linear, fp8prefill, skew, swap, sdpa")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "exp.json"))
     args = ap.parse_args()
     rows = []
     for part in args.part.split(","):
-        {"bank": bank, "layer": layer, "fp8bank": fp8bank, "fp8linear": fp8linear, "fp8prefill": fp8prefill, "skew": skew, "swap": swap}[part](rows)
+        {"bank": bank, "layer": layer, "fp8bank": fp8bank, "fp8linear": fp8linear, "fp8prefill": fp8prefill, "skew": skew, "swap": swap, "sdpa": sdpa}[part](rows)
         json.dump(rows, open(args.out, "w"), indent=1)

@@ -316,9 +316,7 @@ class MLA(nn.Module):
     def _sdpa(self, q_nope, q_rope, latent, k_rope, mask):
         k, v = self.expand_kv(latent, k_rope)  # (b, h, s, qk), (b, h, s, v)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (b, h, t, qk)
-        pad = q.shape[-1] - self.v_dim
-        if pad > 0:
-            v = F.pad(v, (0, pad))  # (b, h, s, qk): same head dim as q/k, so flash attention applies
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           scale=self.softmax_scale)  # (b, h, t, qk)
-        return o[..., : self.v_dim]  # (b, h, t, v)
+        # v keeps its own head dim (v < qk): SDPA's cuDNN and memory-efficient kernels take that, and padding v to
+        # qk for the flash kernel cost a copy of v and of the output (docs/perf-run15)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              scale=self.softmax_scale)  # (b, h, t, v)
