@@ -28,8 +28,8 @@ Four forms of the same attention, chosen per call by `form` (the caller's choice
 * "auto": for a few query tokens (decode, speculative verify) on a GPU "fused_uv" where the batch has at most
   FUSED_UV_MAX_ROWS query tokens in all and the kernel splits the context into at most FUSED_UV_MAX_CHUNKS chunks,
   "fused" otherwise; "absorbed" for more query tokens or without a GPU.
-* "sdpa": the naive form through `F.scaled_dot_product_attention`, with v zero-padded to the q/k head dim so that
-  the flash kernel applies (192 = 192 on LongCat); with mask=None it runs `is_causal` (prefill).
+* "sdpa": the naive form through `F.scaled_dot_product_attention`, v at its own head dim (128 beside q/k's 192 on
+  LongCat: on CUDA, cuDNN's flash kernel takes that); with mask=None it runs `is_causal` (prefill).
 
 All of them read the same cache (cache.py) and `tests/test_core.py` / `tests/test_fast.py` prove them equal.
 
