@@ -39,11 +39,33 @@ def capped(P):
     EX.grouped_gemm = gg.grouped_gemm if P is None else functools.partial(gg.grouped_gemm, programs=P)
 
 
-def bank(out):
-    E, H, I, k = BE.CASES["longcat"]
+def to_fp8(ex):
+    """The bank quantized in place to FP8 with 128 x 128 block scales, 32 experts at a time (the fp32 temporaries of
+    the whole bank would not fit)."""
+    from longcat_ref.model.quant import quantize_blockwise
+
+    gu16, d16 = ex.gate_up_proj.data, ex.down_proj.data
+    ex.to_fp8_((128, 128))
+    for c in range(0, ex.n_local, 32):
+        ex.gate_up_proj.data[c:c + 32], ex.gate_up_proj_scale_inv[c:c + 32] = quantize_blockwise(
+            gu16[c:c + 32], (128, 128), split_rows=ex.inter)
+        ex.down_proj.data[c:c + 32], ex.down_proj_scale_inv[c:c + 32] = quantize_blockwise(d16[c:c + 32], (128, 128))
+    del gu16, d16
+    torch.cuda.empty_cache()
+
+
+def _bank(case, fp8):
+    E, H, I, k = BE.CASES[case]
     with torch.device("cuda"):
         ex = EX.Experts(E, H, I).to(torch.bfloat16).requires_grad_(False)
     ex.gate_up_proj.uniform_(-0.05, 0.05), ex.down_proj.uniform_(-0.05, 0.05)
+    if fp8:
+        to_fp8(ex)
+    return ex, k
+
+
+def bank(out):
+    ex, k = _bank("longcat", False)
     nbytes = (ex.gate_up_proj.numel() + ex.down_proj.numel()) * 2
     for n in (2048, 8192):
         for P in CAPS:
@@ -57,20 +79,7 @@ def bank(out):
 
 
 def fp8bank(out):
-    from longcat_ref.model.quant import quantize_blockwise
-
-    E, H, I, k = BE.CASES["longcat"]
-    with torch.device("cuda"):
-        ex = EX.Experts(E, H, I).to(torch.bfloat16).requires_grad_(False)
-    ex.gate_up_proj.uniform_(-0.05, 0.05), ex.down_proj.uniform_(-0.05, 0.05)
-    gu16, d16 = ex.gate_up_proj.data, ex.down_proj.data
-    ex.to_fp8_((128, 128))
-    for c in range(0, E, 32):  # 32 experts at a time: the fp32 temporaries of the whole bank would not fit
-        ex.gate_up_proj.data[c:c + 32], ex.gate_up_proj_scale_inv[c:c + 32] = quantize_blockwise(
-            gu16[c:c + 32], (128, 128), split_rows=I)
-        ex.down_proj.data[c:c + 32], ex.down_proj_scale_inv[c:c + 32] = quantize_blockwise(d16[c:c + 32], (128, 128))
-    del gu16, d16
-    torch.cuda.empty_cache()
+    ex, k = _bank("longcat", True)
     nbytes = ex.gate_up_proj.numel() + ex.down_proj.numel()
     rule = gg.choose_tiles
     for n in (2048, 8192):
@@ -179,12 +188,8 @@ def fp8prefill(out):
 
 
 def skew(out):
-    from longcat_ref.model.quant import quantize_blockwise
-
-    E, H, I, k = BE.CASES["longcat"]
-    with torch.device("cuda"):
-        ex = EX.Experts(E, H, I).to(torch.bfloat16).requires_grad_(False)
-    ex.gate_up_proj.uniform_(-0.05, 0.05), ex.down_proj.uniform_(-0.05, 0.05)
+    ex, k = _bank("longcat", False)
+    E, H = ex.n_local, ex.gate_up_proj.shape[2]
     g = torch.Generator(device="cuda").manual_seed(0)
     n = 2048
     x = torch.randn(n, H, device="cuda", generator=g).bfloat16()
@@ -195,15 +200,7 @@ def skew(out):
             for s_ in (0.0, 0.25, 0.5, 1.0)}
     for precision in ("bf16", "fp8"):
         if precision == "fp8":
-            gu16, d16 = ex.gate_up_proj.data, ex.down_proj.data
-            ex.to_fp8_((128, 128))
-            for c in range(0, E, 32):
-                ex.gate_up_proj.data[c:c + 32], ex.gate_up_proj_scale_inv[c:c + 32] = quantize_blockwise(
-                    gu16[c:c + 32], (128, 128), split_rows=I)
-                ex.down_proj.data[c:c + 32], ex.down_proj_scale_inv[c:c + 32] = quantize_blockwise(
-                    d16[c:c + 32], (128, 128))
-            del gu16, d16
-            torch.cuda.empty_cache()
+            to_fp8(ex)
         for name, idx in idxs.items():
             counts = torch.bincount(idx.flatten(), minlength=E)
             with torch.no_grad():
@@ -212,26 +209,6 @@ def skew(out):
                             experts=int((counts > 0).sum()), over_64=int((counts > 64).sum())))
             print(f"  skew {precision} {name:7s}: {t * 1e6:8.0f} us; rows per expert max {int(counts.max())}, "
                   f"{int((counts > 64).sum())} experts > 64 rows, {int((counts > 0).sum())} touched", flush=True)
-
-
-def _bank(case, fp8):
-    from longcat_ref.model.quant import quantize_blockwise
-
-    E, H, I, k = BE.CASES[case]
-    with torch.device("cuda"):
-        ex = EX.Experts(E, H, I).to(torch.bfloat16).requires_grad_(False)
-    ex.gate_up_proj.uniform_(-0.05, 0.05), ex.down_proj.uniform_(-0.05, 0.05)
-    if fp8:
-        gu16, d16 = ex.gate_up_proj.data, ex.down_proj.data
-        ex.to_fp8_((128, 128))
-        for c in range(0, E, 32):
-            ex.gate_up_proj.data[c:c + 32], ex.gate_up_proj_scale_inv[c:c + 32] = quantize_blockwise(
-                gu16[c:c + 32], (128, 128), split_rows=I)
-            ex.down_proj.data[c:c + 32], ex.down_proj_scale_inv[c:c + 32] = quantize_blockwise(
-                d16[c:c + 32], (128, 128))
-        del gu16, d16
-        torch.cuda.empty_cache()
-    return ex, k
 
 
 def swap(out):
