@@ -294,10 +294,12 @@ def layer(out):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", default="bank,layer", help="comma list of bank, layer, fp8bank, fp8linear, fp8prefill, skew, swap, sdpa")
+    parts = dict(bank=bank, layer=layer, fp8bank=fp8bank, fp8linear=fp8linear, fp8prefill=fp8prefill, skew=skew,
+                 swap=swap, sdpa=sdpa)
+    ap.add_argument("--part", default="bank,layer", help=f"comma list of {', '.join(parts)} (default: bank,layer)")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "exp.json"))
     args = ap.parse_args()
     rows = []
     for part in args.part.split(","):
-        {"bank": bank, "layer": layer, "fp8bank": fp8bank, "fp8linear": fp8linear, "fp8prefill": fp8prefill, "skew": skew, "swap": swap, "sdpa": sdpa}[part](rows)
+        parts[part](rows)
         json.dump(rows, open(args.out, "w"), indent=1)

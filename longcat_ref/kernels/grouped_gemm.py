@@ -62,8 +62,9 @@ The tile transposed (`choose_swap`, 16-bit banks): a program computes acc^T = w 
 the MMA's left operand and the rows as its right, and turns the accumulators back before the epilogue. The same
 sums; on Hopper it lets a tile of 16 or 32 rows (a decode batch's few rows an expert) use warp-group MMAs.
 
-Tile sizes come from a fixed rule (`choose_tiles`, `choose_swap`), not an autotuner: the launch is a pure function of the shapes,
-the same on every call, as a CUDA graph and torch.compile (which sees the kernel as an opaque custom op) need.
+Tile sizes come from fixed rules (`choose_tiles`, `choose_swap`), not an autotuner: the launch is a pure function of
+the shapes, the same on every call, as a CUDA graph and torch.compile (which sees the kernel as an opaque custom op)
+need.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ if support.have_triton():
     @triton.jit
     def _tile_dot(x, b_row, rk, mask, dtype, IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
         """x (BM, BK) times the (BN, BK) tile of b at b_row + rk, transposed -> (BM, BN) fp32; SWAP: the same
-        product transposed, w x^T -> (BN, BM) (the weight is the MMA's left operand, taken from registers)."""
+        product transposed, w x^T -> (BN, BM) (the weight tile is the MMA's left operand)."""
         w = tl.load(b_row + rk[None, :], mask=mask, other=0.0).to(dtype)  # (BN, BK)
         if UPCAST:  # Triton's CPU interpreter (3.9) mis-multiplies bf16 tiles: there, multiply in fp32
             x, w = x.to(tl.float32), w.to(tl.float32)
