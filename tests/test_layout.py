@@ -121,6 +121,7 @@ import sys; sys.modules["triton"] = None
 import torch
 import longcat_ref as L
 from longcat_ref.kernels import fp8_linear, gemv, grouped_gemm, mla_decode, moe_decode, rmsnorm, rope_cache, router, support
+from longcat_ref.kernels import skinny_gemm
 from longcat_ref.model.quant import quantize_blockwise
 assert not support.have_triton()
 w8, s = quantize_blockwise(torch.randn(32, 32), (16, 16))
@@ -138,6 +139,7 @@ calls = [
      (torch.ones(3, 8), torch.tensor([[0, -1], [2, 1]]), torch.ones(2, 2), torch.zeros(2, 8))),
     (router.route_reference, router.route, (torch.randn(2, 8), torch.zeros(8), 2, True, False, 1.0)),
     (gemv.gemv_reference, gemv.batched_gemv, (torch.randn(1, 2, 8), torch.randn(1, 3, 8))),
+    (skinny_gemm.skinny_reference, skinny_gemm.batched_skinny_gemm, (torch.randn(1, 20, 8), torch.randn(1, 3, 8))),
     (rmsnorm.rmsnorm_reference, rmsnorm.rmsnorm, (torch.randn(2, 8), torch.ones(8), 1e-6)),
     (rope_cache.rope_cache_reference, rope_cache.rope_cache_write,
      (torch.randn(1, 1, 20), torch.randn(1, 1, 1, 8), torch.ones(16), 1e-6, torch.ones(1, 1, 4), torch.zeros(1, 1, 4),
@@ -156,6 +158,7 @@ ids = torch.randint(4, 512, (1, 6))
 with torch.no_grad():
     torch.testing.assert_close(m(ids, forms=L.DECODE), m(ids), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(m(ids, forms=L.Forms(linear="triton")), m(ids), atol=1e-5, rtol=1e-5)  # plain here
+    torch.testing.assert_close(m(ids, forms=L.Forms(linear="skinny")), m(ids), atol=1e-5, rtol=1e-5)  # plain here
     c = L.StaticCache.for_model(m.config, 1, 8)
     torch.testing.assert_close(m(ids, cache=c, forms=L.DECODE), m(ids), atol=1e-5, rtol=1e-5)  # rope "auto": plain
 print("ok")

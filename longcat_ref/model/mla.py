@@ -53,6 +53,7 @@ from torch import nn
 
 from ..kernels import support
 from ..kernels.gemv import batched_gemv
+from ..kernels.skinny_gemm import batched_skinny_gemm
 from ..kernels.mla_decode import chunks as mla_chunks
 from ..kernels.mla_decode import mla_decode
 from ..kernels.rope_cache import rope_cache_write
@@ -231,6 +232,8 @@ class MLA(nn.Module):
             form = auto_form(x.shape[0], x.shape[1], kernels, n)
         if form in ("absorbed", "fused", "fused_uv"):
             per_head = resolve_linear(linear, x, self.kv_b_proj.weight.numel() // 2)  # W_uk / W_uv's form
+            if linear == "auto" and per_head == "skinny":  # the per-head products measured faster in cuBLAS's
+                per_head = "plain"  # batched GEMM than in the skinny kernel (one H200, docs/perf-run16/)
             fold = fold_form(linear, per_head)  # W_uk's own
             q_lat = None
             if fold == "bmm" and q_whole is not None:  # W_uk's product from the buffer the rope kernel read: its
@@ -269,14 +272,16 @@ class MLA(nn.Module):
     def fold_query(q_nope, w_uk, linear: str = "plain"):
         """q_nope (b, h, t, nope), W_uk (h, nope, r) -> q_lat (b, h, t, r) = W_uk^T q_nope per head. linear (a
         resolved form of linear.py): "gemv" as multiply-and-sum in fp32 (for torch.compile), "triton" in
-        kernels/gemv.py (its sum runs over nope, W_uk's strided axis: the kernel's wide tile); "bmm" the plain
+        kernels/gemv.py (its sum runs over nope, W_uk's strided axis: the kernel's wide tile), "skinny" in
+        kernels/skinny_gemm.py (the MMA reads either layout); "bmm" the plain
         einsum inside an op torch.compile cannot restride (fold_form; inference only: the op has no backward)."""
         if linear == "bmm":
             return _fold_bmm(q_nope, w_uk)  # (b, h, t, r)
         if linear == "gemv":
             return (q_nope.float()[..., None] * w_uk.float()[:, None]).sum(-2).to(q_nope.dtype)  # (b, h, t, r)
-        if linear == "triton":
-            y = batched_gemv(rearrange(q_nope, "b h t d -> h (b t) d"), w_uk.transpose(1, 2))  # (h, b*t, r)
+        if linear in ("triton", "skinny"):
+            gemm = batched_gemv if linear == "triton" else batched_skinny_gemm
+            y = gemm(rearrange(q_nope, "b h t d -> h (b t) d"), w_uk.transpose(1, 2))  # (h, b*t, r)
             return rearrange(y, "h (b t) r -> b h t r", b=q_nope.shape[0])  # (b, h, t, r)
         return torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # (b, h, t, r)
 
@@ -285,8 +290,9 @@ class MLA(nn.Module):
         """o_lat (b, h, t, r), W_uv (h, v, r) -> o (b, h, t, v) = W_uv o_lat per head. linear: as fold_query."""
         if linear == "gemv":
             return (o_lat.float()[..., None, :] * w_uv.float()[:, None]).sum(-1).to(o_lat.dtype)  # (b, h, t, v)
-        if linear == "triton":
-            y = batched_gemv(rearrange(o_lat, "b h t r -> h (b t) r"), w_uv)  # (h, b*t, v)
+        if linear in ("triton", "skinny"):
+            gemm = batched_gemv if linear == "triton" else batched_skinny_gemm
+            y = gemm(rearrange(o_lat, "b h t r -> h (b t) r"), w_uv)  # (h, b*t, v)
             return rearrange(y, "h (b t) v -> b h t v", b=o_lat.shape[0])  # (b, h, t, v)
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)  # (b, h, t, v)
 

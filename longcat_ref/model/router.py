@@ -25,6 +25,7 @@ from torch import nn
 
 from ..kernels import support
 from ..kernels.router import route
+from ..kernels.skinny_gemm import skinny_gemm
 from .linear import gemv, resolve
 
 FUSED_MAX_TOKENS = 64  # "auto" routes up to this many tokens in the kernel (one program per token)
@@ -51,8 +52,13 @@ class Router(nn.Module):
     def logits(self, x: torch.Tensor, linear: str = "plain") -> torch.Tensor:
         """x (n, H) -> fp32 logits x W^T (n, E); linear: the Linear form of model/linear.py (under torch.compile
         "gemv" is one reduction kernel that reads W in its own dtype, where "plain" first copies W to fp32)."""
-        if resolve(linear, x, self.weight.numel()) in ("gemv", "triton"):  # "triton" too: tiny fp32 logits
+        f = resolve(linear, x, self.weight.numel())
+        if f in ("gemv", "triton"):  # "triton" too: tiny fp32 logits
             return gemv(x.float(), self.weight)  # (n, E) fp32
+        if f == "skinny":  # the kernel's fp32 sum; bf16 x bf16 products are exact in fp32, as in x.float() @ W.float()
+            same = x.dtype == self.weight.dtype
+            return skinny_gemm(x if same else x.float(), self.weight if same else self.weight.float(),
+                               out_dtype=torch.float32)  # (n, E) fp32
         return F.linear(x.float(), self.weight.float())  # (n, E) fp32
 
     def scores(self, x: torch.Tensor, linear: str = "plain") -> torch.Tensor:
