@@ -52,17 +52,32 @@ def test_bf16_operands_give_exact_products_in_fp32():
     torch.testing.assert_close(got.double(), written_out(x, w), atol=1e-4, rtol=1e-5)
 
 
-def test_split_k_partials_sum_to_the_product():
-    """A short, wide weight is split over the reduction axis: every split's fp32 partial is its own columns' sum."""
+def test_split_k_sums_in_one_kernel_and_leaves_its_counters_at_zero():
+    """A short, wide weight is split over the reduction axis: the splits' partials are summed by the tile's last
+    program, in split order (two calls agree bit for bit), and every counter it used is zero again afterwards."""
+    from longcat_ref.kernels import skinny_gemm as SK
+
     g = torch.Generator().manual_seed(1)
-    x, w = torch.randn(1, 16, 2048, generator=g), torch.randn(1, 64, 2048, generator=g)
-    tiles = choose_tiles(1, 16, 64, 2048)
+    x, w = torch.randn(1, 16, 2048, generator=g).to(DEV), torch.randn(1, 70, 2048, generator=g).to(DEV)
+    tiles = choose_tiles(1, 16, 70, 2048)
     assert tiles[4] > 1
-    part = _skinny_op(x.to(DEV), w.to(DEV), *tiles).cpu()  # (SPLIT, 1, 16, 64)
-    ks = tiles[3]
-    for s in range(tiles[4]):
-        torch.testing.assert_close(part[s, 0], x[0, :, s * ks:(s + 1) * ks] @ w[0, :, s * ks:(s + 1) * ks].T,
-                                   atol=1e-4, rtol=1e-5)
+    y = _skinny_op(x, w, *tiles, torch.float32)
+    torch.testing.assert_close(y.cpu().double(), written_out(x.cpu(), w.cpu()), atol=1e-4, rtol=1e-5)
+    assert torch.equal(_skinny_op(x, w, *tiles, torch.float32), y)
+    pool, _ = SK._pools[x.device]
+    assert int(pool.abs().sum()) == 0
+
+
+def test_counter_pool_wraps_and_refuses_too_many_tiles():
+    from longcat_ref.kernels import skinny_gemm as SK
+
+    dev = torch.device(DEV)
+    SK._counters(dev, 1)
+    SK._pools[dev][1] = SK.COUNTERS - 3
+    c = SK._counters(dev, 5)  # does not fit at the end: starts again at 0
+    assert c.data_ptr() == SK._pools[dev][0].data_ptr() and SK._pools[dev][1] == 5
+    with pytest.raises(ValueError, match="counter pool"):
+        SK._counters(dev, SK.COUNTERS + 1)
 
 
 @pytest.mark.parametrize("G,M,N,K", [(1, 32, 768, 2048), (1, 32, 576, 2048), (1, 64, 2048, 5120),
@@ -108,7 +123,7 @@ def test_opcheck():
     """The custom op's registration (fake shapes, schema) as torch.library checks it."""
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(2, 17, 40, generator=g).to(DEV), torch.randn(2, 12, 40, generator=g).to(DEV)
-    torch.library.opcheck(_skinny_op, (x, w, *choose_tiles(2, 17, 12, 40)))
+    torch.library.opcheck(_skinny_op, (x, w, *choose_tiles(2, 17, 12, 40), torch.float32))
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
