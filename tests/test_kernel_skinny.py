@@ -7,8 +7,8 @@ here are small; on a GPU they run natively, plus GLM-4.7-Flash's real batch-32 s
 import pytest
 import torch
 
-from longcat_ref.kernels.skinny_gemm import (MAX_TOKENS, TARGET_PROGRAMS, _skinny_op, batched_skinny_gemm,
-                                             choose_tiles, skinny_gemm, skinny_reference)
+from longcat_ref.kernels.skinny_gemm import (MAX_SPLIT, MAX_TOKENS, TARGET_PROGRAMS, _skinny_op,
+                                             batched_skinny_gemm, choose_tiles, skinny_gemm, skinny_reference)
 from longcat_ref.kernels.support import can_run
 
 CUDA = torch.cuda.is_available()
@@ -52,15 +52,17 @@ def test_bf16_operands_give_exact_products_in_fp32():
     torch.testing.assert_close(got.double(), written_out(x, w), atol=1e-4, rtol=1e-5)
 
 
-def test_split_k_sums_in_one_kernel_and_leaves_its_counters_at_zero():
+@pytest.mark.parametrize("K,splits", [(2048, 8), (1536, 6)])
+def test_split_k_sums_in_one_kernel_and_leaves_its_counters_at_zero(K, splits):
     """A short, wide weight is split over the reduction axis: the splits' partials are summed by the tile's last
-    program, in split order (two calls agree bit for bit), and every counter it used is zero again afterwards."""
+    program, in split order (two calls agree bit for bit), and every counter it used is zero again afterwards.
+    6 splits: the last program's second load of SUM_SPLITS partial tiles is partly masked."""
     from longcat_ref.kernels import skinny_gemm as SK
 
     g = torch.Generator().manual_seed(1)
-    x, w = torch.randn(1, 16, 2048, generator=g).to(DEV), torch.randn(1, 70, 2048, generator=g).to(DEV)
-    tiles = choose_tiles(1, 16, 70, 2048)
-    assert tiles[4] > 1
+    x, w = torch.randn(1, 16, K, generator=g).to(DEV), torch.randn(1, 70, K, generator=g).to(DEV)
+    tiles = choose_tiles(1, 16, 70, K)
+    assert tiles[4] == splits
     y = _skinny_op(x, w, *tiles, torch.float32)
     torch.testing.assert_close(y.cpu().double(), written_out(x.cpu(), w.cpu()), atol=1e-4, rtol=1e-5)
     assert torch.equal(_skinny_op(x, w, *tiles, torch.float32), y)
@@ -89,7 +91,7 @@ def test_tiles(G, M, N, K):
     assert all(t & (t - 1) == 0 for t in (bm, bn, bk)) and M <= bm and 16 <= bm <= MAX_TOKENS
     assert ks % bk == 0 and split * ks >= K and (split - 1) * ks < K
     programs = G * -(-N // bn)
-    assert split == 1 or programs * split // 2 < TARGET_PROGRAMS
+    assert split == 1 or programs * split // 2 < TARGET_PROGRAMS and split <= MAX_SPLIT
 
 
 def test_linear_with_bias_and_leading_axes_equals_f_linear():

@@ -39,9 +39,9 @@ programs, each streaming long contiguous runs of W) with the multiply on tensor 
     contiguous; the MMA does not care.
 
 The custom op `longcat_ref::skinny_gemm` returns y; `skinny_gemm` / `batched_skinny_gemm` choose its tiles, a pure
-function of shapes (`choose_tiles`), outside the op, so a CUDA graph or torch.compile sees the same launch on every call. Fixed shapes, no host sync, inference only.
-`skinny_reference` is the definition the kernel is tested equal to (tests/test_kernel_skinny.py); without Triton
-this module still imports and the kernel raises a one-line error (kernels/support.py).
+function of shapes (`choose_tiles`), outside the op, so a CUDA graph or torch.compile sees the same launch on every
+call. Fixed shapes, no host sync, inference only. `skinny_reference` is the definition the kernel is tested equal to
+(tests/test_kernel_skinny.py); without Triton this module still imports and the kernel raises a one-line error (kernels/support.py).
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ BLOCK_K = 128  # reduced columns a step (256-byte runs of a bf16 weight row)
 NUM_WARPS = 4
 NUM_STAGES = 3
 MAX_TOKENS = 64  # the token tile is a power of two from 16 to this
+MAX_SPLIT = 8  # at most this many splits of K: the last program of a tile reads them all (SUM_SPLITS at a time)
+SUM_SPLITS = 4  # partial tiles the last program loads at once (one round trip to L2 for each SUM_SPLITS)
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -77,7 +79,7 @@ if support.have_triton():
         G, M, N, K, K_SPLIT, SPLIT,
         s_xg, s_xm, s_xk, s_wg, s_wn, s_wk,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        SPLIT_K: tl.constexpr,
+        SPLIT_K: tl.constexpr, SUM_SPLITS: tl.constexpr,
     ):
         gn = tl.program_id(0)  # (matrix, row tile)
         s = tl.program_id(1)  # which split of the reduction axis
@@ -109,8 +111,13 @@ if support.have_triton():
             done = tl.atomic_add(count_ptr + gn, 1, sem="acq_rel", scope="gpu")  # splits finished before this one
             if done == SPLIT - 1:  # the last: the others' partials are visible (acquire); read them from L2 (.cg)
                 total = tl.zeros((BN, BM), dtype=tl.float32)
-                for s2 in range(0, SPLIT):  # in split order, whichever program came last: deterministic
-                    total += tl.load(part_ptr + s2 * G * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+                r = tl.arange(0, SUM_SPLITS)  # (SUM_SPLITS,): that many partial tiles loaded at once
+                for s2 in range(0, SPLIT, SUM_SPLITS):  # in split order, whichever program came last: deterministic
+                    ss = s2 + r
+                    ptrs = part_ptr + ss.to(tl.int64)[:, None, None] * G * M * N + tile[None, :, :]
+                    parts = tl.load(ptrs, mask=(ss < SPLIT)[:, None, None] & mask[None, :, :], other=0.0,
+                                    cache_modifier=".cg")  # (SUM_SPLITS, BN, BM)
+                    total += tl.sum(parts, axis=0)  # (BN, BM)
                 tl.store(y_ptr + tile, total.to(y_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(count_ptr + gn, 0)  # the counter back to zero for the next call (or graph replay)
         else:
@@ -126,7 +133,7 @@ def choose_tiles(G: int, M: int, N: int, K: int, target: int = TARGET_PROGRAMS, 
                  block_k: int = BLOCK_K) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, K_SPLIT, SPLIT) for G matrices (N, K) and M tokens (module docstring).
 
-    SPLIT: powers of two until G * cdiv(N, BN) * SPLIT >= target or a split is down to one BK chunk. A pure
+    SPLIT: powers of two until G * cdiv(N, BN) * SPLIT >= target, a split is down to one BK chunk, or MAX_SPLIT. A pure
     function of its arguments: deterministic, and the same on every call of a graph."""
     if M > MAX_TOKENS:
         raise ValueError(f"skinny_gemm: {M} tokens; the kernel takes at most {MAX_TOKENS} (use the plain form)")
@@ -134,7 +141,7 @@ def choose_tiles(G: int, M: int, N: int, K: int, target: int = TARGET_PROGRAMS, 
     block_k = max(16, min(block_k, _next_pow2(K)))
     programs = G * math.ceil(N / block_n)
     split = 1
-    while programs * split < target and K >= 2 * split * block_k:
+    while programs * split < target and K >= 2 * split * block_k and split < MAX_SPLIT:
         split *= 2
     k_split = math.ceil(math.ceil(K / split) / block_k) * block_k  # a whole number of chunks per split
     return block_m, block_n, block_k, k_split, math.ceil(K / k_split)
@@ -194,7 +201,7 @@ def _skinny_op(x: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, blo
     _skinny_kernel[(tiles, split)](
         x, w, y, part, count, G, M, N, K, k_split, split, *x.stride(), *w.stride(),
         BM=block_m, BN=block_n, BK=block_k, IEEE=x.dtype == torch.float32, UPCAST=support.interpreting(),
-        SPLIT_K=split > 1, num_warps=num_warps, num_stages=num_stages)
+        SPLIT_K=split > 1, SUM_SPLITS=SUM_SPLITS, num_warps=num_warps, num_stages=num_stages)
     return y
 
 
