@@ -73,7 +73,7 @@ def shapes(out, sweep=True, save=lambda: None):
             err = (ker(w0).float().reshape(want.shape) - want).abs().max().item()
             t_c, t_k = time_calls(cub, ws), time_calls(ker, ws)
             tiles = SK.choose_tiles(G, M, N, K)
-            t_op = time_calls(lambda w: SK._skinny_op(x, w, *tiles, x.dtype), ws)
+            t_op = time_calls(lambda w: SK._skinny_op(x, w, *tiles), ws)
             row = dict(part="shapes", name=name, M=M, G=G, N=N, K=K, cublas_us=t_c * 1e6, skinny_us=t_k * 1e6,
                        skinny_op_us=t_op * 1e6, tiles=tiles, cublas_tb_s=nbytes / t_c / 1e12,
                        skinny_op_tb_s=nbytes / t_op / 1e12, max_err=err)
@@ -87,7 +87,7 @@ def shapes(out, sweep=True, save=lambda: None):
                                                             (2, 3, 4)):
                     t = SK.choose_tiles(G, M, N, K, target=target, block_n=bn, block_k=bk)
                     try:
-                        us = time_calls(lambda w: SK._skinny_op(x, w, *t, x.dtype, 4, st), ws) * 1e6
+                        us = time_calls(lambda w: SK._skinny_op(x, w, *t, 4, st), ws) * 1e6
                     except Exception as e:  # out of shared memory etc.
                         out.append(dict(part="sweep", name=name, target=target, bn=bn, bk=bk, stages=st,
                                         error=type(e).__name__))

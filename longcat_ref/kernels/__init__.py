@@ -12,6 +12,7 @@ Each file holds one kernel family:
     grouped_gemm.py a grouped GEMM over expert groups (prefill) that reads FP8 expert banks in place
     router.py       the router's scores, biased top-k and weights for a few decode tokens, one program per token
     gemv.py         a split-K GEMV for the projections of a few tokens (opt-in: measured slower than inductor's)
+    skinny_gemm.py  a split-K tensor-core GEMM for the projections of a decode batch of 5-64 tokens (opt-in)
     rope_cache.py   MLA's latent RMSNorm, RoPE of q and k and the cache write of a decode step, one program a token
     rmsnorm.py      RMSNorm, one program a row (a prefill's norms; inside torch.compile inductor fuses them)
 

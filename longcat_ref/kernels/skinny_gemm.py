@@ -16,10 +16,8 @@ programs, each streaming long contiguous runs of W) with the multiply on tensor 
                          columns [s * K_SPLIT, min(K, (s + 1) * K_SPLIT))
             for each BK chunk c of those columns:
                 acc^T[n, m] += W[g, n, c] @ x[g, m, c]^T       a (BN, BK) x (BK, BM) tensor-core MMA, fp32 acc
-            SPLIT = 1:  y[g, m, n] = acc, rounded once
-            else:       part[s, g, m, n] = acc                  (SPLIT, G, M, N) fp32
-                        count[tile] += 1                        atomically; the program that counts last sums
-                        y = sum_s part[s] in split order        every split's tile, rounds once, zeroes count
+            part[s, g, m, n] = acc                              -> (SPLIT, G, M, N) fp32
+    then  y = part.sum(0), rounded once (in PyTorch: under torch.compile it fuses into what reads y)
 
     The swap. The tile is computed transposed, acc^T = W x^T: the weight's BN = 64 rows are the MMA's M side and
     the few tokens (BM = 16, 32 or 64) its N side. Hopper's warp-group MMA needs 64 rows on the M side; the tokens
@@ -27,21 +25,26 @@ programs, each streaming long contiguous runs of W) with the multiply on tensor 
 
     Split-K. A projection with few rows (kv_a: 576 rows of 2048) gives too few row tiles to fill 132 SMs, so the
     reduction axis is split until there are about TARGET_PROGRAMS programs. Each split writes its own fp32
-    partial sums and bumps its tile's counter; the last one to arrive (whichever it is) adds the SPLIT partials
-    in split order. Nothing is summed atomically, so the result does not depend on the order the programs run in,
-    and y comes out of the one kernel. (The first version returned the partials and summed them in PyTorch: in
-    GLM-4.7-Flash's compiled batch-32 step those sums became separate reductions, and the step was no faster than
-    with cuBLAS, 16.93 vs 17.01 ms, one H200, 2026-12-04, docs/perf-run16/.) The counters are a per-device
-    pool of int32s, zero between calls (each tile's last program zeroes its own): a CUDA graph replays them.
+    partial sums; nothing is added atomically, so the result does not depend on the order the programs run in.
 
     Either layout. The W tile is loaded by pointer arithmetic from W's strides: rows along K (a projection, W_uv)
     or columns along K (W_uk's product reduces over its strided axis). Loads are coalesced along whichever axis is
     contiguous; the MMA does not care.
 
-The custom op `longcat_ref::skinny_gemm` returns y; `skinny_gemm` / `batched_skinny_gemm` choose its tiles, a pure
-function of shapes (`choose_tiles`), outside the op, so a CUDA graph or torch.compile sees the same launch on every
-call. Fixed shapes, no host sync, inference only. `skinny_reference` is the definition the kernel is tested equal to
-(tests/test_kernel_skinny.py); without Triton this module still imports and the kernel raises a one-line error (kernels/support.py).
+The custom op `longcat_ref::skinny_partials` returns the partials; `skinny_gemm` / `batched_skinny_gemm` sum and
+round them in ordinary PyTorch. The tiles are a pure function of shapes (`choose_tiles`), chosen outside the op,
+so a CUDA graph or torch.compile sees the same launch on every call. Fixed shapes, no host sync, inference only.
+`skinny_reference` is the definition the kernel is tested equal to (tests/test_kernel_skinny.py); without Triton
+this module still imports and the kernel raises a one-line error (kernels/support.py).
+
+What it bought (one H200, torch 2.11, Triton 3.6, 2026-12-04, docs/perf-run16/). The op alone, 32 tokens, in a
+CUDA graph with rotating weights, partials op against cuBLAS: GLM-4.7-Flash's q_a 3.8 vs 5.8 us, kv_a 3.4 vs 5.6,
+q_b 5.5 vs 5.5, o_proj 10.1 vs 11.4, the router's fp32 logits 2.65 vs 13.4 (LongCat-Flash's 6.8 vs 41.9); the
+per-head W_uk / W_uv products slower (4.6 vs 4.15, 5.4 vs 4.8). In the whole compiled batch-32 GLM step it was not
+measurably faster (16.93 vs 17.01 ms, same run): where the consumer is an opaque op (our Triton kernels) the sum of
+the partials is a separate reduction (~0.8-1 ms in all), eating most of the ~0.7 ms the products saved. A variant
+that summed the partials in the kernel (the last program of each tile, counted with atomics) made the op itself
+slower (q_a 9.1 us, o_proj 17.3) and the step 17.63 ms, so it was not kept. Hence "skinny" is an opt-in form.
 """
 
 from __future__ import annotations
@@ -53,15 +56,12 @@ import torch
 from . import support
 
 WHAT = "skinny_gemm (the Triton split-K GEMM for a decode batch)"
-TARGET_PROGRAMS = 132  # programs to aim for (one per SM of an H200): fewer splits to sum than 264 measured
-#   nearly as fast (docs/perf-run16/, the sweep)
+TARGET_PROGRAMS = 264  # programs to aim for (2 per SM of an H200): enough loads in flight
 BLOCK_N = 64  # weight rows a program (the MMA's M side, swapped)
 BLOCK_K = 128  # reduced columns a step (256-byte runs of a bf16 weight row)
 NUM_WARPS = 4
 NUM_STAGES = 3
 MAX_TOKENS = 64  # the token tile is a power of two from 16 to this
-MAX_SPLIT = 8  # at most this many splits of K: the last program of a tile reads them all (SUM_SPLITS at a time)
-SUM_SPLITS = 4  # partial tiles the last program loads at once (one round trip to L2 for each SUM_SPLITS)
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -73,13 +73,10 @@ if support.have_triton():
     def _skinny_kernel(
         x_ptr,  # (G, M, K), strides s_x*
         w_ptr,  # (G, N, K), strides s_w*: any layout
-        y_ptr,  # (G, M, N) contiguous, the output's dtype: the result
-        part_ptr,  # (SPLIT, G, M, N) fp32, contiguous: each split's partial sums (SPLIT > 1)
-        count_ptr,  # (G * cdiv(N, BN),) int32, zero on entry and on exit: splits done, per output tile
-        G, M, N, K, K_SPLIT, SPLIT,
+        part_ptr,  # (SPLIT, G, M, N) fp32, contiguous: the output
+        G, M, N, K, K_SPLIT,
         s_xg, s_xm, s_xk, s_wg, s_wn, s_wk,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-        SPLIT_K: tl.constexpr, SUM_SPLITS: tl.constexpr,
     ):
         gn = tl.program_id(0)  # (matrix, row tile)
         s = tl.program_id(1)  # which split of the reduction axis
@@ -103,25 +100,8 @@ if support.have_triton():
                 acc = tl.dot(w.to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")  # (BN, BM)
             else:
                 acc = tl.dot(w, xt, acc)  # (BN, BM): fp32 accumulation on tensor cores
-        mask = nmask[:, None] & mmask[None, :]  # (BN, BM)
-        tile = (g.to(tl.int64) * M + m[None, :]) * N + n[:, None]  # (BN, BM): offsets of y[g, m, n]
-        if SPLIT_K:  # write this split's partial; the last split of the tile to finish sums them all
-            tl.store(part_ptr + s.to(tl.int64) * G * M * N + tile, acc, mask=mask)
-            tl.debug_barrier()  # every thread's partial stored before the release below
-            done = tl.atomic_add(count_ptr + gn, 1, sem="acq_rel", scope="gpu")  # splits finished before this one
-            if done == SPLIT - 1:  # the last: the others' partials are visible (acquire); read them from L2 (.cg)
-                total = tl.zeros((BN, BM), dtype=tl.float32)
-                r = tl.arange(0, SUM_SPLITS)  # (SUM_SPLITS,): that many partial tiles loaded at once
-                for s2 in range(0, SPLIT, SUM_SPLITS):  # in split order, whichever program came last: deterministic
-                    ss = s2 + r
-                    ptrs = part_ptr + ss.to(tl.int64)[:, None, None] * G * M * N + tile[None, :, :]
-                    parts = tl.load(ptrs, mask=(ss < SPLIT)[:, None, None] & mask[None, :, :], other=0.0,
-                                    cache_modifier=".cg")  # (SUM_SPLITS, BN, BM)
-                    total += tl.sum(parts, axis=0)  # (BN, BM)
-                tl.store(y_ptr + tile, total.to(y_ptr.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(count_ptr + gn, 0)  # the counter back to zero for the next call (or graph replay)
-        else:
-            tl.store(y_ptr + tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        out = part_ptr + ((s * G + g).to(tl.int64) * M + m[None, :]) * N + n[:, None]  # (BN, BM) -> [.., m, n]
+        tl.store(out, acc, mask=nmask[:, None] & mmask[None, :])
 
 
 # ------------------------------------------------------------------------------------------------ tiles
@@ -133,7 +113,7 @@ def choose_tiles(G: int, M: int, N: int, K: int, target: int = TARGET_PROGRAMS, 
                  block_k: int = BLOCK_K) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, K_SPLIT, SPLIT) for G matrices (N, K) and M tokens (module docstring).
 
-    SPLIT: powers of two until G * cdiv(N, BN) * SPLIT >= target, a split is down to one BK chunk, or MAX_SPLIT. A pure
+    SPLIT: powers of two until G * cdiv(N, BN) * SPLIT >= target or a split is down to one BK chunk. A pure
     function of its arguments: deterministic, and the same on every call of a graph."""
     if M > MAX_TOKENS:
         raise ValueError(f"skinny_gemm: {M} tokens; the kernel takes at most {MAX_TOKENS} (use the plain form)")
@@ -141,7 +121,7 @@ def choose_tiles(G: int, M: int, N: int, K: int, target: int = TARGET_PROGRAMS, 
     block_k = max(16, min(block_k, _next_pow2(K)))
     programs = G * math.ceil(N / block_n)
     split = 1
-    while programs * split < target and K >= 2 * split * block_k and split < MAX_SPLIT:
+    while programs * split < target and K >= 2 * split * block_k:
         split *= 2
     k_split = math.ceil(math.ceil(K / split) / block_k) * block_k  # a whole number of chunks per split
     return block_m, block_n, block_k, k_split, math.ceil(K / k_split)
@@ -159,56 +139,30 @@ def _check(x, w):
         raise ValueError(f"skinny_gemm: x and w must be on one device; got {x.device}, {w.device}")
 
 
-COUNTERS = 1 << 16  # the split counters' pool a device (int32): each call takes the next slice, cyclically
-_pools: dict = {}  # device -> [counters (COUNTERS,) int32, all zero between calls; the next free index]
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """n split counters, zero, that no call in flight uses: the next slice of the device's pool (every call leaves
-    its counters at zero, so the pool needs no reset; two calls share a slice only COUNTERS tiles apart). While a
-    CUDA graph is being captured and the device has no pool yet, a fresh zeroed slice (the memset is captured)."""
-    if n > COUNTERS:
-        raise ValueError(f"skinny_gemm: {n} output tiles exceed the counter pool ({COUNTERS}); use the plain form")
-    pool = _pools.get(device)
-    if pool is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return torch.zeros(n, dtype=torch.int32, device=device)
-        pool = _pools[device] = [torch.zeros(COUNTERS, dtype=torch.int32, device=device), 0]
-    start = pool[1] if pool[1] + n <= COUNTERS else 0
-    pool[1] = start + n
-    return pool[0][start:start + n]
-
-
-@torch.library.custom_op("longcat_ref::skinny_gemm", mutates_args=())
+@torch.library.custom_op("longcat_ref::skinny_partials", mutates_args=())
 def _skinny_op(x: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, block_k: int, k_split: int,
-               split: int, out_dtype: torch.dtype, num_warps: int = NUM_WARPS,
-               num_stages: int = NUM_STAGES) -> torch.Tensor:
+               split: int, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
     support.require(x, WHAT)
     _check(x, w)
     G, M, K = x.shape
     N = w.shape[1]
-    y = torch.empty(G, M, N, dtype=out_dtype, device=x.device)  # (G, M, N)
-    if y.numel() == 0:
-        return y
+    part = torch.empty(split, G, M, N, dtype=torch.float32, device=x.device)  # (SPLIT, G, M, N)
+    if part.numel() == 0:
+        return part
     if M > block_m:
         raise ValueError(f"skinny_gemm: {M} tokens do not fit BM={block_m}")
-    tiles = G * triton.cdiv(N, block_n)
-    if split > 1:
-        part = torch.empty(split, G, M, N, dtype=torch.float32, device=x.device)  # (SPLIT, G, M, N) partials
-        count = _counters(x.device, tiles)  # (tiles,) int32, zero
-    else:
-        part = count = y  # unused pointers: nothing is split
-    _skinny_kernel[(tiles, split)](
-        x, w, y, part, count, G, M, N, K, k_split, split, *x.stride(), *w.stride(),
+    _skinny_kernel[(G * triton.cdiv(N, block_n), split)](
+        x, w, part, G, M, N, K, k_split, *x.stride(), *w.stride(),
         BM=block_m, BN=block_n, BK=block_k, IEEE=x.dtype == torch.float32, UPCAST=support.interpreting(),
-        SPLIT_K=split > 1, SUM_SPLITS=SUM_SPLITS, num_warps=num_warps, num_stages=num_stages)
-    return y
+        num_warps=num_warps,
+        num_stages=num_stages)
+    return part
 
 
 @_skinny_op.register_fake
-def _(x, w, block_m, block_n, block_k, k_split, split, out_dtype, num_warps=NUM_WARPS, num_stages=NUM_STAGES):
+def _(x, w, block_m, block_n, block_k, k_split, split, num_warps=NUM_WARPS, num_stages=NUM_STAGES):
     _check(x, w)
-    return x.new_empty(x.shape[0], x.shape[1], w.shape[1], dtype=out_dtype)  # (G, M, N)
+    return x.new_empty(split, x.shape[0], x.shape[1], w.shape[1], dtype=torch.float32)  # (SPLIT, G, M, N)
 
 
 def batched_skinny_gemm(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -217,23 +171,20 @@ def batched_skinny_gemm(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype
     support.require(x, WHAT)
     _check(x, w)
     tiles = choose_tiles(x.shape[0], x.shape[1], w.shape[1], x.shape[2])
-    return _skinny_op(x, w, *tiles, out_dtype or x.dtype)  # (G, M, N)
+    return _skinny_op(x, w, *tiles).sum(0).to(out_dtype or x.dtype)  # (G, M, N): splits summed in fp32
 
 
 def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias=None, out_dtype: torch.dtype | None = None):
     """x (..., K), W (N, K) (+ bias (N,)) -> (..., N) = x W^T (+ b): the kernel's form of `F.linear`, fp32 sum
-    rounded once to out_dtype (default x.dtype; fp32 for the router's logits; with a bias the kernel's fp32 sum
-    plus the bias, then one rounding)."""
+    rounded once to out_dtype (default x.dtype; fp32 for the router's logits)."""
     support.require(x, WHAT)
     lead, K = x.shape[:-1], x.shape[-1]
     x3 = x.reshape(1, -1, K)  # (1, M, K): the tokens
     _check(x3, weight[None])
-    out = out_dtype or x.dtype
-    tiles = choose_tiles(1, x3.shape[1], weight.shape[0], K)
-    y = _skinny_op(x3, weight[None], *tiles, torch.float32 if bias is not None else out)[0]  # (M, N)
+    y = _skinny_op(x3, weight[None], *choose_tiles(1, x3.shape[1], weight.shape[0], K)).sum(0)[0]  # (M, N) fp32
     if bias is not None:
-        y = (y + bias.float()).to(out)
-    return y.reshape(*lead, weight.shape[0])  # (..., N)
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype).reshape(*lead, weight.shape[0])  # (..., N), rounded once
 
 
 def skinny_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

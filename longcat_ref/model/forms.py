@@ -38,8 +38,8 @@ class Forms:
     #                        kernel) | "auto" (fused for a few tokens and up to 256 experts on CUDA, else plain)
     linear: str = "plain"  # "plain" (cuBLAS) | "gemv" (multiply-and-sum, for torch.compile to fuse) | "triton"
     #                        (the split-K GEMV kernel for up to 16 tokens: CUDA) | "skinny" (the split-K tensor-core
-    #                        kernel for up to 64 tokens: CUDA) | "auto" (while compiling, for weights up to 16M
-    #                        elements: gemv for a few tokens, skinny for a decode batch of 5-32 on CUDA; else plain)
+    #                        kernel for up to 64 tokens: CUDA) | "auto" (gemv for a few tokens and weights up to
+    #                        16M elements while compiling, else plain)
     rope: str = "plain"  # MLA's latent norm, RoPE of q and k and the cache write: "plain" (norm.py, rope.py,
     #                      cache.py) | "fused" (one Triton kernel: a static cache) | "auto" (fused for a few
     #                      query tokens on CUDA with a static cache, else plain)
@@ -74,4 +74,4 @@ PREFILL = Forms(attention="sdpa", experts="auto", norm="auto")  # many tokens: f
 DECODE = Forms(attention="auto", experts="auto", router="auto", linear="auto", rope="auto")  # a few tokens:
 #   attend over the latent, gathered experts, on CUDA each of the four in its Triton kernel (kernels/mla_decode.py,
 #   moe_decode.py, router.py, rope_cache.py); inside torch.compile the projections as multiply-and-sum, which
-#   inductor fuses, and for a decode batch in the skinny tensor-core kernel (linear.py)
+#   inductor fuses (linear.py)

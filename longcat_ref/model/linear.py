@@ -19,15 +19,13 @@ Two forms of the same product, chosen per call (`CausalLM.forward(..., forms=For
   4.916 against 4.428 ms; kernels/gemv.py's docstring has the numbers).
 * "skinny": the product on tensor cores in our split-K kernel (kernels/skinny_gemm.py: the weight's rows as the
   MMA's wide side, the few tokens as its narrow one), on CUDA for up to SKINNY_MAX_TOKENS (64) tokens, plain
-  otherwise: a decode *batch*. It returns fp32 partial sums per split, summed and rounded here in PyTorch, so under
-  torch.compile that sum fuses into whatever reads y. Measured (one H200, 2026-12-04, docs/perf-run16/, 32 tokens,
-  the op alone in a CUDA graph against cuBLAS): GLM-4.7-Flash's q_a 3.8 vs 5.8 us, kv_a 3.4 vs 5.6, o_proj 10.1
-  vs 11.4, the shared expert's gate 5.5 vs 6.7, the router's fp32 logits 2.7 vs 13.4; q_b even (5.5); the per-head
-  W_uk / W_uv products slower (4.6 vs 4.2, 5.4 vs 4.8), so "auto" leaves those to cuBLAS (mla.py).
+  otherwise: for a decode *batch*. It returns fp32 partial sums per split, summed and rounded here in PyTorch.
+  Opt-in only. Alone, at 32 tokens, in a CUDA graph, it beats cuBLAS on most of GLM-4.7-Flash's projections (one
+  H200, 2026-12-04, docs/perf-run16/: q_a 3.8 vs 5.8 us, kv_a 3.4 vs 5.6, o_proj 10.1 vs 11.4, the router's fp32
+  logits 2.7 vs 13.4). In the compiled batch-32 step the sums of the partials run as separate reductions where
+  the consumer is an opaque op, and the step was not measurably faster: 16.93 vs 17.01 ms, in the same run.
 * "auto": gemv for up to GEMV_MAX_TOKENS tokens while torch.compile traces and for weights of at most
-  GEMV_MAX_WEIGHT elements; skinny for GEMV_MAX_TOKENS + 1 to SKINNY_AUTO_TOKENS tokens on CUDA while compiling,
-  for the same weights (eagerly the separate sum of the partials costs more than the kernel saves); plain
-  otherwise. Why the size cap (one H200, 2026-12-02, docs/perf-run7/): every
+  GEMV_MAX_WEIGHT elements, plain otherwise. Why the size cap (one H200, 2026-12-02, docs/perf-run7/): every
   GLM-4.7-Flash projection is below it (at most 10.5M elements), and gemv made its compiled batch-1 step 6.47 ->
   5.46 ms; a LongCat-Flash layer with *every* projection as gemv got slower (0.807 -> 0.836 ms), its 12288 x 6144
   dense down projection taking 72 us as a reduction against ~31 us in cuBLAS, which is near the bandwidth for a
@@ -52,26 +50,21 @@ from ..kernels.skinny_gemm import skinny_gemm
 GEMV_MAX_TOKENS = 4  # "auto": the gemv form for up to this many tokens (decode, a short speculative verify)
 GEMV_MAX_WEIGHT = 16 * 2**20  # "auto": ... and weights of up to this many elements (32 MiB in bf16)
 TRITON_MAX_TOKENS = 16  # "triton": the kernel for up to this many tokens (its token tile is a power of two)
-SKINNY_AUTO_TOKENS = 32  # "auto": the skinny kernel up to this many tokens (at 64 its 64-token tile measured
-#   slower than cuBLAS for GLM-4.7-Flash's q_b and shared expert, docs/perf-run16/)
 
 
 def resolve(form: str, x: torch.Tensor, weight_numel: int) -> str:
     """The form one product runs in, for input x (..., K) and a weight of weight_numel elements: "auto" -> "gemv"
-    "skinny" or "plain"; "triton" / "skinny" -> themselves where the kernel can run (kernels/support.py) for up to
+    or "plain"; "triton" / "skinny" -> themselves where the kernel can run (kernels/support.py) for up to
     TRITON_MAX_TOKENS / SKINNY_MAX_TOKENS tokens, else "plain"; the others unchanged."""
+    if form not in ("auto", "triton", "skinny"):
+        return form  # "plain", "gemv": no look at x (the plain path dispatches no extra op)
     tokens = x[..., 0].numel()
     if form == "auto":
-        if not torch.compiler.is_compiling() or weight_numel > GEMV_MAX_WEIGHT:
-            return "plain"
-        if tokens <= GEMV_MAX_TOKENS:
-            return "gemv"
-        return "skinny" if tokens <= SKINNY_AUTO_TOKENS and x.is_cuda and support.can_run(x) else "plain"
+        few = tokens <= GEMV_MAX_TOKENS and weight_numel <= GEMV_MAX_WEIGHT
+        return "gemv" if torch.compiler.is_compiling() and few else "plain"
     if form == "triton":
         return "triton" if support.can_run(x) and tokens <= TRITON_MAX_TOKENS else "plain"
-    if form == "skinny":
-        return "skinny" if support.can_run(x) and tokens <= SKINNY_MAX_TOKENS else "plain"
-    return form
+    return "skinny" if support.can_run(x) and tokens <= SKINNY_MAX_TOKENS else "plain"
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:

@@ -232,8 +232,6 @@ class MLA(nn.Module):
             form = auto_form(x.shape[0], x.shape[1], kernels, n)
         if form in ("absorbed", "fused", "fused_uv"):
             per_head = resolve_linear(linear, x, self.kv_b_proj.weight.numel() // 2)  # W_uk / W_uv's form
-            if linear == "auto" and per_head == "skinny":  # the per-head products measured faster in cuBLAS's
-                per_head = "plain"  # batched GEMM than in the skinny kernel (one H200, docs/perf-run16/)
             fold = fold_form(linear, per_head)  # W_uk's own
             q_lat = None
             if fold == "bmm" and q_whole is not None:  # W_uk's product from the buffer the rope kernel read: its

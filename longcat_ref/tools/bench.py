@@ -400,6 +400,9 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     "compiled_decode_triton": dict(experts="auto", attention="auto", router="auto", linear="triton", rope="auto",
                                    compile=True),
     # ... with the projections (and MLA's W_uk / W_uv products) in kernels/gemv.py's split-K GEMV kernel
+    "compiled_decode_skinny": dict(experts="auto", attention="auto", router="auto", linear="skinny", rope="auto",
+                                   compile=True),  # ... with the projections, MLA's per-head products and the
+    # router's logits in kernels/skinny_gemm.py's split-K tensor-core kernel (opt-in: a decode batch of 5-64)
     "compiled_decode_cublas": dict(experts="auto", attention="auto", router="auto", compile=True),  # ... with the
     # projections through cuBLAS (= compiled_fused_mla, plus the router kernel where "auto" picks it: GLM)
     "compiled_decode_stream": dict(experts="auto", attention="auto", router="auto", linear="auto", rope="auto",
