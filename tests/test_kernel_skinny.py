@@ -147,38 +147,20 @@ def test_forms_resolve():
     assert seen == {4: "gemv", 5: "plain", 32: "plain"}
 
 
-def test_router_logits_form():
-    """linear="auto": the router's logits take the kernel on CUDA for up to 64 tokens where the projections stay
-    plain; on the CPU (even in the interpreter) they stay plain, and under torch.compile 4 tokens stay gemv."""
-    import longcat_ref as L
-    from longcat_ref.model import router as R
-
-    r = L.CausalLM(L.tiny_glm()).model.layers[1].mlp.router
-    cuda = DEV == "cuda"
-    assert r.logits_form("auto", torch.randn(32, 8, device=DEV)) == ("skinny" if cuda else "plain")
-    assert r.logits_form("auto", torch.randn(R.SKINNY_LOGITS_MAX_TOKENS + 1, 8, device=DEV)) == "plain"
-    assert r.logits_form("plain", torch.randn(32, 8, device=DEV)) == "plain"
-    seen = {}
-
-    def f(x):
-        seen[x.shape[0]] = r.logits_form("auto", x)
-        return x + 1
-
-    for n in (4, 16):
-        torch.compile(f, fullgraph=True, dynamic=False, backend="eager")(torch.randn(n, 8, device=DEV))
-    assert seen == {4: "gemv", 16: "skinny" if cuda else "plain"}
-
-
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("n", [1, 8, 32, 64])
-def test_router_logits_auto_on_cuda(n):
-    """The router's fp32 logits in the kernel (linear="auto", bf16 weights) == x.float() @ W.float()^T."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 8, 32])
+def test_router_logits_in_the_kernel(n, dtype):
+    """The router's fp32 logits with linear="skinny" == x.float() @ W.float()^T (linear="plain")."""
     import longcat_ref as L
 
-    r = L.init_weights(L.CausalLM(L.tiny_glm()), seed=2).model.layers[1].mlp.router.cuda().bfloat16()
-    x = torch.randn(n, r.weight.shape[1], device="cuda").bfloat16()
-    assert r.logits_form("auto", x) == "skinny"
-    torch.testing.assert_close(r.logits(x, "auto"), r.logits(x, "plain"), atol=1e-5, rtol=1e-5)
+    r = L.init_weights(L.CausalLM(L.tiny_glm()), seed=2).model.layers[1].mlp.router.to(DEV, dtype)
+    x = torch.randn(n, r.weight.shape[1], generator=torch.Generator().manual_seed(n)).to(DEV, dtype)
+    from longcat_ref.model.linear import resolve
+
+    assert resolve("skinny", x, r.weight.numel()) == "skinny"  # the kernel runs (the interpreter on a CPU)
+    got = r.logits(x, "skinny")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, r.logits(x, "plain"), atol=1e-5, rtol=1e-5)
 
 
 def test_per_head_products_in_the_kernel():

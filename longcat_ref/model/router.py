@@ -33,11 +33,6 @@ FUSED_MAX_TOKENS = 64  # "auto" routes up to this many tokens in the kernel (one
 # batch-1 steps: GLM-4.7-Flash (64 experts) 6.706 -> 6.471 ms with the kernel; a LongCat-Flash layer (768 = 512 +
 # 256 zero experts: one program walks a 1,024-wide row 12 times) 0.789 -> 0.807 ms, so LongCat keeps torch.topk.
 FUSED_MAX_EXPERTS = 256
-SKINNY_LOGITS_MAX_TOKENS = 64  # linear="auto": the logits of up to this many tokens on CUDA in the skinny kernel
-# (kernels/skinny_gemm.py) wherever "auto" leaves a projection to cuBLAS (0: never). "plain" first copies W to
-# fp32 for an fp32 GEMM; the kernel reads W in bf16 and sums in fp32. Measured alone (one H200, 2026-12-04,
-# docs/perf-run16/, a CUDA graph, kernel + the partials' sum): GLM-4.7-Flash's 64 x 2048 router at 32 tokens 5.4
-# vs 13.4 us, at 8 tokens 4.9 vs 13.0; LongCat-Flash's 768 x 6144 at 32 tokens 10.1 vs 41.9.
 
 
 class Router(nn.Module):
@@ -57,7 +52,7 @@ class Router(nn.Module):
     def logits(self, x: torch.Tensor, linear: str = "plain") -> torch.Tensor:
         """x (n, H) -> fp32 logits x W^T (n, E); linear: the Linear form of model/linear.py (under torch.compile
         "gemv" is one reduction kernel that reads W in its own dtype, where "plain" first copies W to fp32)."""
-        f = self.logits_form(linear, x)
+        f = resolve(linear, x, self.weight.numel())
         if f in ("gemv", "triton"):  # "triton" too: tiny fp32 logits
             return gemv(x.float(), self.weight)  # (n, E) fp32
         if f == "skinny":  # the kernel's fp32 sum; bf16 x bf16 products are exact in fp32, as in x.float() @ W.float()
@@ -65,15 +60,6 @@ class Router(nn.Module):
             return skinny_gemm(x if same else x.float(), self.weight if same else self.weight.float(),
                                out_dtype=torch.float32)  # (n, E) fp32
         return F.linear(x.float(), self.weight.float())  # (n, E) fp32
-
-    def logits_form(self, linear: str, x: torch.Tensor) -> str:
-        """The form the logits of x (n, H) run in: linear.py's resolve, except that "auto" takes the skinny kernel
-        on CUDA for up to SKINNY_LOGITS_MAX_TOKENS tokens where resolve says "plain" (see the constant)."""
-        f = resolve(linear, x, self.weight.numel())
-        if linear == "auto" and f == "plain" and x.is_cuda and support.can_run(x):
-            if x[..., 0].numel() <= SKINNY_LOGITS_MAX_TOKENS:
-                return "skinny"
-        return f
 
     def scores(self, x: torch.Tensor, linear: str = "plain") -> torch.Tensor:
         """x (n, H) -> fp32 scores (n, E): softmax probabilities or sigmoid gates."""
