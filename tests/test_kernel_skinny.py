@@ -52,17 +52,22 @@ def test_bf16_operands_give_exact_products_in_fp32():
     torch.testing.assert_close(got.double(), written_out(x, w), atol=1e-4, rtol=1e-5)
 
 
-def test_split_k_partials_sum_to_the_product():
-    """A short, wide weight is split over the reduction axis: every split's fp32 partial is its own columns' sum."""
+@pytest.mark.parametrize("layout", ["rows along K", "columns along K"])
+def test_split_k_partials_sum_to_the_product(layout):
+    """A short, wide weight is split over the reduction axis, in either of its layouts (a projection; W_uk's
+    product, which reduces over W's strided axis): each split's fp32 partial is its own columns' sum, and the
+    partials add up to the product."""
     g = torch.Generator().manual_seed(1)
-    x, w = torch.randn(1, 16, 2048, generator=g), torch.randn(1, 64, 2048, generator=g)
-    tiles = choose_tiles(1, 16, 64, 2048)
-    assert tiles[4] > 1
-    part = _skinny_op(x.to(DEV), w.to(DEV), *tiles).cpu()  # (SPLIT, 1, 16, 64)
-    ks = tiles[3]
-    for s in range(tiles[4]):
-        torch.testing.assert_close(part[s, 0], x[0, :, s * ks:(s + 1) * ks] @ w[0, :, s * ks:(s + 1) * ks].T,
-                                   atol=1e-4, rtol=1e-5)
+    x = torch.randn(1, 16, 2048, generator=g)
+    w = torch.randn(1, 64, 2048, generator=g) if layout == "rows along K" else \
+        torch.randn(1, 2048, 64, generator=g).transpose(1, 2)  # (1, N, K) either way
+    bm, bn, bk, ks, splits = choose_tiles(1, 16, 64, 2048)
+    assert splits > 1
+    part = _skinny_op(x.to(DEV), w.to(DEV), bm, bn, bk, ks, splits).cpu()  # (SPLIT, 1, 16, 64)
+    cols = [slice(s * ks, (s + 1) * ks) for s in range(splits)]
+    want = torch.stack([x[0, :, c].double() @ w[0, :, c].double().T for c in cols])  # (SPLIT, 16, 64)
+    torch.testing.assert_close(part[:, 0].double(), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(part.sum(0)[0].double(), written_out(x, w)[0], atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("G,M,N,K", [(1, 32, 768, 2048), (1, 32, 576, 2048), (1, 64, 2048, 5120),
