@@ -1,4 +1,4 @@
-"""A skinny GEMM: the dense projections of a decode batch (16-64 tokens) on tensor cores, split over K.
+"""A skinny GEMM: the dense projections of a decode batch (5-64 tokens) on tensor cores, split over K.
 
 What is computed (the math of `model/linear.py`'s "plain" form), for G independent matrices (1 for a projection,
 the heads for MLA's per-head W_uk / W_uv products), M tokens (a decode batch: 5-64), W (G, N, K):
@@ -17,7 +17,7 @@ programs, each streaming long contiguous runs of W) with the multiply on tensor 
             for each BK chunk c of those columns:
                 acc^T[n, m] += W[g, n, c] @ x[g, m, c]^T       a (BN, BK) x (BK, BM) tensor-core MMA, fp32 acc
             part[s, g, m, n] = acc                              -> (SPLIT, G, M, N) fp32
-    then  y = part.sum(0), rounded once (in PyTorch: under torch.compile it fuses into what reads y)
+    then  y = part.sum(0), rounded once (in PyTorch: under torch.compile it fuses into an inductor consumer)
 
     The swap. The tile is computed transposed, acc^T = W x^T: the weight's BN = 64 rows are the MMA's M side and
     the few tokens (BM = 16, 32 or 64) its N side. Hopper's warp-group MMA needs 64 rows on the M side; the tokens
@@ -154,8 +154,7 @@ def _skinny_op(x: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, blo
     _skinny_kernel[(G * triton.cdiv(N, block_n), split)](
         x, w, part, G, M, N, K, k_split, *x.stride(), *w.stride(),
         BM=block_m, BN=block_n, BK=block_k, IEEE=x.dtype == torch.float32, UPCAST=support.interpreting(),
-        num_warps=num_warps,
-        num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
     return part
 
 
