@@ -22,7 +22,7 @@ Two forms of the same product, chosen per call (`CausalLM.forward(..., forms=For
   otherwise: for a decode *batch*. It returns fp32 partial sums per split, summed and rounded here in PyTorch.
   Opt-in only. Alone, at 32 tokens, in a CUDA graph, it beats cuBLAS on most of GLM-4.7-Flash's projections (one
   H200, 2026-12-04, docs/perf-run16/: q_a 3.8 vs 5.8 us, kv_a 3.4 vs 5.6, o_proj 10.1 vs 11.4, the router's fp32
-  logits 2.7 vs 13.4). In the compiled batch-32 step the sums of the partials run as separate reductions where
+  logits 2.65 vs 13.4). In the compiled batch-32 step the sums of the partials run as separate reductions where
   the consumer is an opaque op, and the step was not measurably faster: 16.93 vs 17.01 ms, in the same run.
 * "auto": gemv for up to GEMV_MAX_TOKENS tokens while torch.compile traces and for weights of at most
   GEMV_MAX_WEIGHT elements, plain otherwise. Why the size cap (one H200, 2026-12-02, docs/perf-run7/): every
