@@ -1,13 +1,18 @@
 """Experiments (one GPU), not the package: `PYTHONPATH=. python docs/perf-run17/exp.py --part router_ab`.
 
-Prepared on 2026-12-06 for the next device session; on a GPU it has not run yet (no device could be started that
-day). `--device cpu` runs the same steps on the tiny GLM config, to check the plumbing only.
+Prepared on 2026-12-06 for the next device session. `--device cpu` runs the same steps on the tiny GLM config, to
+check the plumbing only.
 
 router_ab: GLM-4.7-Flash's compiled decode step (bench's `compiled_decode` forms, batch 32 by default) twice in one
 process, A/B/A/B: with the router's fp32 logits as today (linear="auto" -> "plain" past 4 tokens: the weight copied
 to fp32, an fp32 GEMM) and with only the logits in kernels/skinny_gemm.py (docs/perf-run16/: alone at 32 tokens
 5.4 vs 13.4 us with the partials' sum). The switch is a patch of `model/router.py`'s `resolve` inside this script,
 never a package setting; if the step wins, the rule goes into the package with this run's numbers.
+
+linear_ab: the same step compiled once per rule -- "cublas" (today), "small" (the router's logits and the products
+with weights of up to 3.5M elements in the skinny kernel: GLM's q_a, kv_a, the shared expert's gate, up and down),
+"small+o" (... and o_proj; q_b stays on cuBLAS: a tie alone) -- each decoder kept, then the captured steps timed
+interleaved, `--rounds` times, so that the A/B needs no second compile.
 """
 
 import argparse
@@ -17,6 +22,7 @@ import time
 import torch
 
 from longcat_ref.kernels import support
+from longcat_ref.model import linear as L
 from longcat_ref.model import router as R
 from longcat_ref.model.config import glm_4_7_flash, tiny_glm
 from longcat_ref.model.linear import resolve as linear_resolve
@@ -56,9 +62,63 @@ def router_ab(out, device, batch, rounds, save):
     R.resolve = linear_resolve
 
 
+Q_B_NUMEL = 5120 * 768  # GLM-4.7-Flash's q_b: a tie alone (docs/perf-run16/), kept on cuBLAS in "small+o"
+
+
+def numel_rule(cap, skip=()):
+    """linear.resolve, except that "auto" sends a compiled product of 5-32 tokens whose weight has at most cap
+    elements (and not one of skip) to the skinny kernel: a patch for this experiment, not a package setting."""
+    def rule(form, x, weight_numel):
+        f = linear_resolve(form, x, weight_numel)
+        if (form == "auto" and f == "plain" and torch.compiler.is_compiling() and support.can_run(x)
+                and 4 < x[..., 0].numel() <= 32 and weight_numel <= cap and weight_numel not in skip):
+            return "skinny"
+        return f
+    return rule
+
+
+def linear_ab(out, device, batch, rounds, save, budget_s=430):
+    """Compile each rule once (its decoder kept), then time the captured steps interleaved, `rounds` times."""
+    small = device == "cpu"
+    with torch.device("meta"):
+        glm = CausalLM(tiny_glm() if small else glm_4_7_flash()).to(torch.bfloat16)
+    glm = glm.to_empty(device=device).eval().requires_grad_(False)
+    B.synth_(glm)
+    rules = [("cublas", linear_resolve, linear_resolve),  # (label, linear.py's resolve, router.py's)
+             ("small", numel_rule(3_500_000), skinny_logits_resolve),  # q_a, kv_a, shared gate/up/down, router
+             ("small+o", numel_rule(11_000_000, (Q_B_NUMEL,)), skinny_logits_resolve)]  # ... and o_proj
+    t_start, decs = time.perf_counter(), []
+    for label, lin, rou in rules:
+        if time.perf_counter() - t_start > budget_s:
+            print(f"  {label}: skipped (time budget)", flush=True)
+            continue
+        L.resolve, R.resolve = lin, rou
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        t, dec = B.ours_decode(glm, batch, 128, device, **B.VARIANTS["compiled_decode"])
+        row = dict(part="linear_ab", round=0, label=label, batch=batch, ms=t * 1e3, tok_s=batch / t,
+                   setup_s=time.perf_counter() - t0)
+        if dec.graphs:
+            row.update(B.kernel_stats(dec))  # the rule still patched: the compiled step as captured
+        out.append(row)
+        decs.append((label, dec))
+        print(f"  {label:8s}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s, {row.get('kernels_per_step', '?')} "
+              f"kernels (set-up {row['setup_s']:.0f} s)", flush=True)
+        save()
+    L.resolve, R.resolve = linear_resolve, linear_resolve
+    for r in range(1, rounds + 1):  # interleaved replays of the captured graphs: no recompiling
+        for label, dec in decs:
+            if not dec.graphs:  # the CPU (plumbing only): run_step would write past the cache's end
+                continue
+            t = B.timed(dec.graph.replay, device, reps=3, inner=20, warmup=1)  # the same step, the same slot
+            out.append(dict(part="linear_ab", round=r, label=label, batch=batch, ms=t * 1e3, tok_s=batch / t))
+            print(f"  round {r} {label:8s}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s", flush=True)
+        save()
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", default="router_ab", help="comma-separated: router_ab (default: %(default)s)")
+    ap.add_argument("--part", default="router_ab", help="comma-separated: router_ab, linear_ab (default: %(default)s)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=32, help="decode batch (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="A/B rounds, each compiles twice (default: %(default)s)")
@@ -67,5 +127,6 @@ if __name__ == "__main__":
     rows = []
     save = lambda: json.dump(dict(torch=torch.__version__, rows=rows), open(a.out, "w"), indent=1)  # noqa: E731
     for part in a.part.split(","):
-        {"router_ab": lambda o: router_ab(o, a.device, a.batch, a.rounds, save)}[part](rows)
+        {"router_ab": lambda o: router_ab(o, a.device, a.batch, a.rounds, save),
+         "linear_ab": lambda o: linear_ab(o, a.device, a.batch, a.rounds, save)}[part](rows)
     save()
