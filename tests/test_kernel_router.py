@@ -124,3 +124,24 @@ def test_router_auto_is_plain_off_cuda_and_a_bad_form_is_refused():
         assert all(torch.equal(a, b) for a, b in zip(moe.router(x, "auto"), moe.router(x, "plain")))
     with pytest.raises(ValueError, match="router form 'topk' is not one of"):
         L.Forms(router="topk")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logits_auto_is_the_fp32_product(dtype):
+    """linear="auto" logits == x.float() @ W.float(): bit for bit off CUDA or in fp32 (the same fp32 GEMM); on CUDA
+    with a 16-bit model the 16-bit product with fp32 output (router.py), equal up to the order of the fp32 sum."""
+    from longcat_ref.model import router as R
+
+    cfg = L.tiny_longcat()
+    moe = L.init_weights(MoE(cfg), seed=3, std=0.2).to(DEV).to(dtype)
+    for n in (3, 40, 300):  # gemv sizes (eager: plain), a decode batch, a prefill
+        x = torch.randn(n, cfg.hidden_size, generator=torch.Generator().manual_seed(n)).to(dtype).to(DEV)
+        with torch.no_grad():
+            got, want = moe.router.logits(x, "auto"), moe.router.logits(x, "plain")
+        assert got.dtype == torch.float32 and got.shape == (n, cfg.num_router_experts)
+        exact = not (CUDA and dtype == torch.bfloat16 and R.HAVE_MM_OUT_DTYPE)
+        if exact:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            assert not torch.equal(got.to(dtype).float(), got)  # fp32 output, not rounded to the model dtype

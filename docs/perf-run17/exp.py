@@ -13,9 +13,19 @@ linear_ab: the same step compiled once per rule -- "cublas" (today), "small" (th
 with weights of up to 3.5M elements in the skinny kernel: GLM's q_a, kv_a, the shared expert's gate, up and down),
 "small+o" (... and o_proj; q_b stays on cuBLAS: a tie alone) -- each decoder kept, then the captured steps timed
 interleaved, `--rounds` times, so that the A/B needs no second compile.
+
+prefill_ab: LongCat-Flash's one-layer prefill (bench's `longcat_layer`, 2k and 8k tokens) with the forms before
+this change (attention "sdpa", experts and norm "auto": RoPE and SDPA's [nope | rope] concatenations as torch ops,
+the router's fp32 GEMM) and with PREFILL (+ rope "auto": kernels/rope_qk.py; linear "auto": the router's logits as
+a 16-bit product with fp32 output), eager and captured as a CUDA graph, interleaved, with the kernel profile of each
+and the largest difference of their logits.
+
+router_mm: GLM-4.7-Flash's compiled batch-32 step with the router's logits as the fp32 GEMM (before) and as the
+16-bit product with fp32 output (router.py's "auto" now), compiled once each, timed interleaved.
 """
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -25,6 +35,7 @@ from longcat_ref.kernels import support
 from longcat_ref.model import linear as L
 from longcat_ref.model import router as R
 from longcat_ref.model.config import glm_4_7_flash, tiny_glm
+from longcat_ref.model.forms import PREFILL, Forms
 from longcat_ref.model.linear import resolve as linear_resolve
 from longcat_ref.model.model import CausalLM
 from longcat_ref.tools import bench as B
@@ -110,15 +121,89 @@ def linear_ab(out, device, batch, rounds, save, budget_s=430):
         for label, dec in decs:
             if not dec.graphs:  # the CPU (plumbing only): run_step would write past the cache's end
                 continue
-            t = B.timed(dec.graph.replay, device, reps=3, inner=20, warmup=1)  # the same step, the same slot
+            dec.cache_position.fill_(128)  # back to the context's end: 61 replays stay inside the cache
+            t = B.timed(dec.graph.replay, device, reps=3, inner=20, warmup=1)
             out.append(dict(part="linear_ab", round=r, label=label, batch=batch, ms=t * 1e3, tok_s=batch / t))
             print(f"  round {r} {label:8s}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s", flush=True)
         save()
 
 
+OLD_PREFILL = Forms(attention="sdpa", experts="auto", norm="auto")  # PREFILL before kernels/rope_qk.py
+
+
+def prefill_ab(out, device, rounds, save, tokens=(2048, 8192)):
+    small = device == "cpu"
+    ceil = B.machine_ceilings(device) if not small else dict(bf16_flops=1e12)
+    out.append(dict(part="prefill_ab", machine=ceil))
+    _, _, ours = B.longcat_layer(device, torch.bfloat16, 131072 + 4096, small)
+    for t in ((128, 256) if small else tokens):
+        ids = torch.randint(4, ours.config.vocab_size, (1, t), device=device)
+        runs = {}
+        with torch.no_grad():
+            ours(ids, forms=OLD_PREFILL, logits_to_keep=1)
+            fl = B.prefill_flops(ours, t)  # counts the experts the last forward routed to
+            for label, forms in (("before", OLD_PREFILL), ("PREFILL", PREFILL)):
+                run = (lambda f: lambda: ours(ids, forms=f, logits_to_keep=1))(forms)  # noqa: E731
+                y = run()
+                runs[label] = dict(eager=run, graph=B.captured(run) if not small else run, y=y.float())
+                row = dict(part="prefill_ab", tokens=t, label=label, profile=True)
+                if not small:
+                    row.update(B.kernel_stats(run))
+                out.append(row)
+            diff = (runs["PREFILL"]["y"] - runs["before"]["y"]).abs().max().item()
+            scale = runs["before"]["y"].abs().max().item()
+            for r in range(rounds):
+                for label in runs:
+                    for how in ("eager", "graph"):
+                        ts = B.timed(runs[label][how], device, reps=3)
+                        out.append(dict(part="prefill_ab", tokens=t, label=label, how=how, round=r, ms=ts * 1e3,
+                                        flops_frac=fl / ts / ceil["bf16_flops"], logits_max_diff=diff,
+                                        logits_max_abs=scale))
+                        print(f"  prefill {t} {label:8s} {how:5s} round {r}: {ts * 1e3:.2f} ms "
+                              f"({fl / ts / ceil['bf16_flops']:.1%} of the bf16 peak)", flush=True)
+            print(f"  prefill {t}: logits max |PREFILL - before| = {diff:.3g} (max |logit| {scale:.3g})", flush=True)
+        save()
+        del runs
+        torch.cuda.empty_cache() if not small else None
+
+
+def router_mm(out, device, batch, rounds, save):
+    small = device == "cpu"
+    with torch.device("meta"):
+        glm = CausalLM(tiny_glm() if small else glm_4_7_flash()).to(torch.bfloat16)
+    glm = glm.to_empty(device=device).eval().requires_grad_(False)
+    B.synth_(glm)
+    decs = []
+    for label, mm in (("fp32 GEMM", False), ("16-bit mm, fp32 out", True)):
+        R.HAVE_MM_OUT_DTYPE = mm and hasattr(torch.ops.aten.mm, "dtype")
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        t, dec = B.ours_decode(glm, batch, 128, device, **B.VARIANTS["compiled_decode"])
+        row = dict(part="router_mm", round=0, label=label, batch=batch, ms=t * 1e3, tok_s=batch / t,
+                   setup_s=time.perf_counter() - t0)
+        if dec.graphs:
+            row.update(B.kernel_stats(dec))
+        out.append(row)
+        decs.append((label, dec))
+        print(f"  {label}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s, {row.get('kernels_per_step', '?')} kernels "
+              f"(set-up {row['setup_s']:.0f} s)", flush=True)
+        save()
+    R.HAVE_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+    for r in range(1, rounds + 1):
+        for label, dec in decs:
+            if not dec.graphs:
+                continue
+            dec.cache_position.fill_(128)  # back to the context's end: 61 replays stay inside the cache
+            t = B.timed(dec.graph.replay, device, reps=3, inner=20, warmup=1)
+            out.append(dict(part="router_mm", round=r, label=label, batch=batch, ms=t * 1e3, tok_s=batch / t))
+            print(f"  round {r} {label}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s", flush=True)
+        save()
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", default="router_ab", help="comma-separated: router_ab, linear_ab (default: %(default)s)")
+    ap.add_argument("--part", default="router_ab",
+                    help="comma-separated: router_ab, linear_ab, prefill_ab, router_mm (default: %(default)s)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=32, help="decode batch (default: %(default)s)")
     ap.add_argument("--rounds", type=int, default=2, help="A/B rounds, each compiles twice (default: %(default)s)")
@@ -128,5 +213,7 @@ if __name__ == "__main__":
     save = lambda: json.dump(dict(torch=torch.__version__, rows=rows), open(a.out, "w"), indent=1)  # noqa: E731
     for part in a.part.split(","):
         {"router_ab": lambda o: router_ab(o, a.device, a.batch, a.rounds, save),
-         "linear_ab": lambda o: linear_ab(o, a.device, a.batch, a.rounds, save)}[part](rows)
+         "linear_ab": lambda o: linear_ab(o, a.device, a.batch, a.rounds, save),
+         "prefill_ab": lambda o: prefill_ab(o, a.device, a.rounds, save),
+         "router_mm": lambda o: router_mm(o, a.device, a.batch, a.rounds, save)}[part](rows)
     save()

@@ -17,7 +17,7 @@ ROUTER_FORMS = ("plain", "fused", "auto")  # router.py ("fused": kernels/router.
 LINEAR_FORMS = ("plain", "gemv", "triton", "skinny", "auto")  # linear.py (the dense projections; "gemv":
 #   inside torch.compile; "triton": kernels/gemv.py on CUDA; "skinny": kernels/skinny_gemm.py on CUDA)
 ROPE_FORMS = ("plain", "fused", "auto")  # mla.py, between the projections and the attention ("fused":
-#   kernels/rope_cache.py)
+#   kernels/rope_cache.py; with attention "sdpa" kernels/rope_qk.py)
 SHORTCUT_FORMS = ("inline", "stream", "auto")  # model.py, LongCat-Flash's layer: where its shortcut MoE runs
 NORM_FORMS = ("plain", "fused", "auto")  # norm.py, every RMSNorm of the layers and the final one ("fused":
 #   kernels/rmsnorm.py)
@@ -39,10 +39,12 @@ class Forms:
     linear: str = "plain"  # "plain" (cuBLAS) | "gemv" (multiply-and-sum, for torch.compile to fuse) | "triton"
     #                        (the split-K GEMV kernel for up to 16 tokens: CUDA) | "skinny" (the split-K tensor-core
     #                        kernel for up to 64 tokens: CUDA) | "auto" (gemv for a few tokens and weights up to
-    #                        16M elements while compiling, else plain)
+    #                        16M elements while compiling, else plain; the router's logits on CUDA in a 16-bit
+    #                        model: a 16-bit product with fp32 output)
     rope: str = "plain"  # MLA's latent norm, RoPE of q and k and the cache write: "plain" (norm.py, rope.py,
-    #                      cache.py) | "fused" (one Triton kernel: a static cache) | "auto" (fused for a few
-    #                      query tokens on CUDA with a static cache, else plain)
+    #                      cache.py) | "fused" (one Triton kernel: a static cache; with attention "sdpa" RoPE and
+    #                      the query / key assembly in two, any cache) | "auto" (fused on CUDA for "sdpa" and for a
+    #                      few query tokens with a static cache, else plain)
     shortcut: str = "inline"  # LongCat-Flash's MoE on the shortcut (model.py, overlap.py): "inline" (on the
     #                           current stream, in the order the layer is written) | "stream" (on a side CUDA
     #                           stream, concurrent with mlp0, attn1 and mlp1) | "auto" (stream on CUDA outside
@@ -68,9 +70,11 @@ class Forms:
 
 
 REFERENCE = Forms()  # what the notebooks teach, and what transformers computes
-PREFILL = Forms(attention="sdpa", experts="auto", norm="auto")  # many tokens: flash attention, grouped expert
-#   GEMMs, on CUDA the norms in one kernel each (the shortcut MoE inline: on its side stream it measured no faster
-#   on one H200, docs/perf-run14)
+PREFILL = Forms(attention="sdpa", experts="auto", linear="auto", rope="auto", norm="auto")  # many tokens: flash
+#   attention, grouped expert GEMMs; on CUDA the norms in one kernel each, RoPE and SDPA's query / key assembly in
+#   kernels/rope_qk.py, the router's logits as a 16-bit product with fp32 output (router.py); the projections
+#   through cuBLAS (linear "auto" is "plain" for many tokens). The shortcut MoE inline: on its side stream it
+#   measured no faster on one H200, docs/perf-run14
 DECODE = Forms(attention="auto", experts="auto", router="auto", linear="auto", rope="auto")  # a few tokens:
 #   attend over the latent, gathered experts, on CUDA each of the four in its Triton kernel (kernels/mla_decode.py,
 #   moe_decode.py, router.py, rope_cache.py); inside torch.compile the projections as multiply-and-sum, which

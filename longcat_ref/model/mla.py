@@ -34,9 +34,11 @@ Four forms of the same attention, chosen per call by `form` (the caller's choice
 All of them read the same cache (cache.py) and `tests/test_core.py` / `tests/test_fast.py` prove them equal.
 
 Between the projections and the attention, `rope` picks how the latent is normalised, q and k rotated and the
-cache written: "plain" (norm.py, rope.py, cache.py: the lines of `project` and `StaticCache.update`), "fused" (one
-Triton kernel for all of it, kernels/rope_cache.py; a static cache), "auto" (fused for a few query tokens on a GPU
-with a static cache). tests/test_kernel_rope.py proves them equal.
+cache written: "plain" (norm.py, rope.py, cache.py: the lines of `project` and `StaticCache.update`), "fused"
+(Triton kernels: with attention "sdpa" the prefill's RoPE and its query and key assembly, kernels/rope_qk.py, no
+concatenation; otherwise the latent's norm, RoPE and the cache write in one kernel, kernels/rope_cache.py, which
+needs a static cache), "auto" (fused on a GPU for "sdpa", and for a few query tokens with a static cache).
+tests/test_kernel_rope.py and tests/test_kernel_rope_qk.py prove them equal.
 
 The mask is additive, (b, 1, t, s), built once per forward by `attention_bias` (the package's only mask builder).
 mask=None means plain causal attention over this chunk's own t tokens (no cache before it, no padding).
@@ -57,6 +59,7 @@ from ..kernels.skinny_gemm import batched_skinny_gemm
 from ..kernels.mla_decode import chunks as mla_chunks
 from ..kernels.mla_decode import mla_decode
 from ..kernels.rope_cache import rope_cache_write
+from ..kernels.rope_qk import assemble_keys, rope_query
 from .forms import ROPE_FORMS
 from .linear import linear as _linear
 from .linear import resolve as resolve_linear
@@ -179,6 +182,19 @@ class MLA(nn.Module):
         k_rope = apply_rope(k_rope[:, None], cos, sin, self.interleaved)[:, 0]  # (b, t, rope): one shared head
         return q_nope, q_rope, latent, k_rope
 
+    def project_assembled(self, x, cos, sin, linear: str = "plain", norm: str = "plain"):
+        """`project` with RoPE and the query's [nope | rope] assembly in one kernel (kernels/rope_qk.py), for SDPA:
+        returns q_nope (b, h, t, nope) and q_rope (b, h, t, rope) as views of q, latent (b, t, r), k_rope (b, t,
+        rope), and q (b, h, t, nope+rope) = [q_nope | q_rope] contiguous, what SDPA reads (no concatenation)."""
+        q = self.queries(x, linear, norm)  # (b, h, t, nope+rope) before any scale or RoPE
+        kv = _linear(self.kv_a_proj_with_mqa, x, linear)  # (b, t, r+rope)
+        latent, k_raw = kv.split([self.rank, self.rope_dim], dim=-1)  # (b, t, r), (b, t, rope)
+        latent = self.kv_a_layernorm(latent, norm)  # (b, t, r)
+        if self.kv_scale != 1.0:
+            latent = latent * self.kv_scale
+        q, k_rope = rope_query(q, k_raw, cos, sin, self.nope, self.interleaved, self.q_scale)  # (b,h,t,qk), (b,t,rope)
+        return q[..., : self.nope], q[..., self.nope:], latent, k_rope, q
+
     def project_into_cache(self, x, cos, sin, cache, cache_position, linear: str = "plain", norm: str = "plain"):
         """`project` and the cache write in one kernel (kernels/rope_cache.py) after the projections: returns
         q_nope (b, h, t, nope), q_rope (b, h, t, rope), the whole cache, latent (b, S, r), k_rope (b, S, rope), and
@@ -208,10 +224,15 @@ class MLA(nn.Module):
         if cache is not None and cache_position is None:
             cache_position = torch.arange(x.shape[1], device=x.device)  # (t,)
         if rope == "auto":
-            rope = ("fused" if hasattr(cache, "slots") and x.shape[1] <= FUSED_MAX_QUERIES and support.can_run(x)
-                    and x.is_cuda else "plain")
+            kernels = support.can_run(x) and x.is_cuda
+            few = hasattr(cache, "slots") and x.shape[1] <= FUSED_MAX_QUERIES
+            rope = "fused" if kernels and (form == "sdpa" or few) else "plain"
         q_whole = None  # the whole query as the rope kernel read it (rope "fused")
-        if rope == "fused":
+        if rope == "fused" and form == "sdpa":  # the prefill's kernels: q assembled for SDPA, the keys below
+            q_nope, q_rope, latent, k_rope, q_whole = self.project_assembled(x, cos, sin, linear, norm)
+            if cache is not None:  # (b, s, r), (b, s, rope)
+                latent, k_rope = cache.update(self.cache_idx, latent, k_rope, cache_position)
+        elif rope == "fused":
             if not hasattr(cache, "slots"):
                 raise ValueError("rope='fused' writes a static cache in place: pass a StaticCache (or rope='plain')")
             q_nope, q_rope, latent, k_rope, q_whole = self.project_into_cache(x, cos, sin, cache, cache_position,
@@ -240,8 +261,10 @@ class MLA(nn.Module):
                 attend = functools.partial(self._absorbed, linear=per_head, fold=fold, q_lat=q_lat)
             else:
                 attend = functools.partial(self._fused, linear=per_head, fold=fold, uv=form == "fused_uv", q_lat=q_lat)
+        elif form == "sdpa":
+            attend = functools.partial(self._sdpa, q=q_whole)  # q_whole: assembled by kernels/rope_qk.py
         else:
-            attend = {"naive": self._naive, "sdpa": self._sdpa}[form]
+            attend = {"naive": self._naive}[form]
         o = attend(q_nope, q_rope, latent, k_rope, mask)  # (b, h, t, v)
         return _linear(self.o_proj, rearrange(o, "b h t d -> b t (h d)"), linear)  # (b, t, H)
 
@@ -317,9 +340,15 @@ class MLA(nn.Module):
         o_lat = mla_decode(q_lat, q_rope, latent, k_rope, mask, self.softmax_scale)  # (b, h, t, r)
         return self.unfold_output(o_lat, w_uv, linear)  # (b, h, t, v)
 
-    def _sdpa(self, q_nope, q_rope, latent, k_rope, mask):
-        k, v = self.expand_kv(latent, k_rope)  # (b, h, s, qk), (b, h, s, v)
-        q = torch.cat([q_nope, q_rope], dim=-1)  # (b, h, t, qk)
+    def _sdpa(self, q_nope, q_rope, latent, k_rope, mask, q=None):
+        """q: the assembled query [q_nope | q_rope] (rope "fused": kernels/rope_qk.py, which then assembles the
+        keys too), or None (the concatenations as torch ops)."""
+        if q is None:
+            k, v = self.expand_kv(latent, k_rope)  # (b, h, s, qk), (b, h, s, v)
+            q = torch.cat([q_nope, q_rope], dim=-1)  # (b, h, t, qk)
+        else:
+            kv = rearrange(self.kv_b_proj(latent), "b s (h d) -> b h s d", h=self.n_heads)  # (b, h, s, nope+v)
+            k, v = assemble_keys(kv, k_rope, self.nope), kv[..., self.nope:]  # (b, h, s, qk), (b, h, s, v)
         # v keeps its own head dim (v < qk): SDPA's cuDNN and memory-efficient kernels take that, and padding v to
         # qk for the flash kernel cost a copy of v and of the output (docs/perf-run15)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,

@@ -14,7 +14,11 @@ GLM-4.7-Flash / DeepSeek-V3 ("sigmoid", aux-loss-free "noaux_tc"):
     w     = s[idx] (/ sum if norm_topk_prob) * routed_scaling_factor
 
 Everything here is fp32 (the router is where tiny differences flip an expert choice): the hidden state and the
-weight are upcast before the matmul, exactly as transformers does.
+weight are upcast before the matmul, exactly as transformers does. On a GPU with a 16-bit model, the logits' "auto"
+form gets the same numbers without the upcast copies: a 16-bit x 16-bit product is exact in fp32, so
+`torch.mm(x, W^T, out_dtype=torch.float32)` (cuBLAS on tensor cores, fp32 accumulation, W read in place) differs
+from the fp32 GEMM only in the order of the fp32 sum. Measured on one H200 (2026-12-04, docs/perf-run15/): the
+fp32 GEMM of LongCat-Flash's 2k-token prefill was 0.39 ms a layer, an fp32 CUDA-core GEMM plus a copy of W.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ FUSED_MAX_TOKENS = 64  # "auto" routes up to this many tokens in the kernel (one
 # batch-1 steps: GLM-4.7-Flash (64 experts) 6.706 -> 6.471 ms with the kernel; a LongCat-Flash layer (768 = 512 +
 # 256 zero experts: one program walks a 1,024-wide row 12 times) 0.789 -> 0.807 ms, so LongCat keeps torch.topk.
 FUSED_MAX_EXPERTS = 256
+HAVE_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=...): CUDA, torch >= 2.8
 
 
 class Router(nn.Module):
@@ -51,8 +56,12 @@ class Router(nn.Module):
 
     def logits(self, x: torch.Tensor, linear: str = "plain") -> torch.Tensor:
         """x (n, H) -> fp32 logits x W^T (n, E); linear: the Linear form of model/linear.py (under torch.compile
-        "gemv" is one reduction kernel that reads W in its own dtype, where "plain" first copies W to fp32)."""
+        "gemv" is one reduction kernel that reads W in its own dtype, where "plain" first copies W to fp32; "auto"
+        where it resolves to "plain", on CUDA with 16-bit x and W: the 16-bit product with fp32 output, above)."""
         f = resolve(linear, x, self.weight.numel())
+        if (f == "plain" and linear == "auto" and x.is_cuda and HAVE_MM_OUT_DTYPE and x.dtype == self.weight.dtype
+                and x.dtype in (torch.bfloat16, torch.float16)):
+            return torch.mm(x, self.weight.t(), out_dtype=torch.float32)  # (n, E) fp32: exact products, fp32 sum
         if f in ("gemv", "triton"):  # "triton" too: tiny fp32 logits
             return gemv(x.float(), self.weight)  # (n, E) fp32
         if f == "skinny":  # the kernel's fp32 sum; bf16 x bf16 products are exact in fp32, as in x.float() @ W.float()
