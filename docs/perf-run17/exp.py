@@ -49,29 +49,51 @@ def skinny_logits_resolve(form, x, weight_numel):
     return f
 
 
-def router_ab(out, device, batch, rounds, save):
-    small = device == "cpu"
+def synth_glm(device):
+    """GLM-4.7-Flash (the tiny GLM on the CPU) with bench's synthetic bf16 weights, on device."""
     with torch.device("meta"):
-        glm = CausalLM(tiny_glm() if small else glm_4_7_flash()).to(torch.bfloat16)
+        glm = CausalLM(tiny_glm() if device == "cpu" else glm_4_7_flash()).to(torch.bfloat16)
     glm = glm.to_empty(device=device).eval().requires_grad_(False)
     B.synth_(glm)
+    return glm
+
+
+def compiled_step(glm, part, label, batch, device, out, save, round_=0):
+    """Compile and capture bench's compiled_decode step under whatever is patched now; time it and profile it."""
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    t, dec = B.ours_decode(glm, batch, 128, device, **B.VARIANTS["compiled_decode"])
+    row = dict(part=part, round=round_, label=label, batch=batch, ms=t * 1e3, tok_s=batch / t,
+               setup_s=time.perf_counter() - t0)
+    if dec.graphs:
+        row.update(B.kernel_stats(dec))  # the patch still applied: the compiled step as captured
+    out.append(row)
+    print(f"  round {round_} {label}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s, {row.get('kernels_per_step', '?')} "
+          f"kernels (set-up {row['setup_s']:.0f} s)", flush=True)
+    save()
+    return dec
+
+
+def replay_rounds(decs, part, batch, device, rounds, out, save):
+    """Time the captured steps (label, Decoder) interleaved, `rounds` times: no recompiling."""
+    for r in range(1, rounds + 1):
+        for label, dec in decs:
+            if not dec.graphs:  # the CPU (plumbing only): run_step would write past the cache's end
+                continue
+            dec.cache_position.fill_(128)  # back to the context's end: 61 replays stay inside the cache
+            t = B.timed(dec.graph.replay, device, reps=3, inner=20, warmup=1)
+            out.append(dict(part=part, round=r, label=label, batch=batch, ms=t * 1e3, tok_s=batch / t))
+            print(f"  round {r} {label}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s", flush=True)
+        save()
+
+
+def router_ab(out, device, batch, rounds, save):
+    glm = synth_glm(device)
     for r in range(rounds):
         for label, fn in (("logits plain", linear_resolve), ("logits skinny", skinny_logits_resolve)):
             R.resolve = fn
-            torch._dynamo.reset()
-            t0 = time.perf_counter()
-            t, dec = B.ours_decode(glm, batch, 128, device, **B.VARIANTS["compiled_decode"])
-            row = dict(part="router_ab", round=r, label=label, batch=batch, ms=t * 1e3, tok_s=batch / t,
-                       setup_s=time.perf_counter() - t0)
-            if dec.graphs:
-                row.update(B.kernel_stats(dec))
-            out.append(row)
-            print(f"  round {r} {label:14s}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s, "
-                  f"{row.get('kernels_per_step', '?')} kernels (set-up {row['setup_s']:.0f} s)", flush=True)
-            del dec
-            save()
+            compiled_step(glm, "router_ab", label, batch, device, out, save, r)  # its decoder dropped
     R.resolve = linear_resolve
-
 
 Q_B_NUMEL = 5120 * 768  # GLM-4.7-Flash's q_b: a tie alone (docs/perf-run16/), kept on cuBLAS in "small+o"
 
@@ -90,11 +112,7 @@ def numel_rule(cap, skip=()):
 
 def linear_ab(out, device, batch, rounds, save, budget_s=430):
     """Compile each rule once (its decoder kept), then time the captured steps interleaved, `rounds` times."""
-    small = device == "cpu"
-    with torch.device("meta"):
-        glm = CausalLM(tiny_glm() if small else glm_4_7_flash()).to(torch.bfloat16)
-    glm = glm.to_empty(device=device).eval().requires_grad_(False)
-    B.synth_(glm)
+    glm = synth_glm(device)
     rules = [("cublas", linear_resolve, linear_resolve),  # (label, linear.py's resolve, router.py's)
              ("small", numel_rule(3_500_000), skinny_logits_resolve),  # q_a, kv_a, shared gate/up/down, router
              ("small+o", numel_rule(11_000_000, (Q_B_NUMEL,)), skinny_logits_resolve)]  # ... and o_proj
@@ -104,29 +122,9 @@ def linear_ab(out, device, batch, rounds, save, budget_s=430):
             print(f"  {label}: skipped (time budget)", flush=True)
             continue
         L.resolve, R.resolve = lin, rou
-        torch._dynamo.reset()
-        t0 = time.perf_counter()
-        t, dec = B.ours_decode(glm, batch, 128, device, **B.VARIANTS["compiled_decode"])
-        row = dict(part="linear_ab", round=0, label=label, batch=batch, ms=t * 1e3, tok_s=batch / t,
-                   setup_s=time.perf_counter() - t0)
-        if dec.graphs:
-            row.update(B.kernel_stats(dec))  # the rule still patched: the compiled step as captured
-        out.append(row)
-        decs.append((label, dec))
-        print(f"  {label:8s}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s, {row.get('kernels_per_step', '?')} "
-              f"kernels (set-up {row['setup_s']:.0f} s)", flush=True)
-        save()
+        decs.append((label, compiled_step(glm, "linear_ab", label, batch, device, out, save)))
     L.resolve, R.resolve = linear_resolve, linear_resolve
-    for r in range(1, rounds + 1):  # interleaved replays of the captured graphs: no recompiling
-        for label, dec in decs:
-            if not dec.graphs:  # the CPU (plumbing only): run_step would write past the cache's end
-                continue
-            dec.cache_position.fill_(128)  # back to the context's end: 61 replays stay inside the cache
-            t = B.timed(dec.graph.replay, device, reps=3, inner=20, warmup=1)
-            out.append(dict(part="linear_ab", round=r, label=label, batch=batch, ms=t * 1e3, tok_s=batch / t))
-            print(f"  round {r} {label:8s}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s", flush=True)
-        save()
-
+    replay_rounds(decs, "linear_ab", batch, device, rounds, out, save)
 
 OLD_PREFILL = Forms(attention="sdpa", experts="auto", norm="auto")  # PREFILL before kernels/rope_qk.py
 
@@ -168,37 +166,13 @@ def prefill_ab(out, device, rounds, save, tokens=(2048, 8192)):
 
 
 def router_mm(out, device, batch, rounds, save):
-    small = device == "cpu"
-    with torch.device("meta"):
-        glm = CausalLM(tiny_glm() if small else glm_4_7_flash()).to(torch.bfloat16)
-    glm = glm.to_empty(device=device).eval().requires_grad_(False)
-    B.synth_(glm)
+    glm = synth_glm(device)
     decs = []
     for label, mm in (("fp32 GEMM", False), ("16-bit mm, fp32 out", True)):
         R.HAVE_MM_OUT_DTYPE = mm and hasattr(torch.ops.aten.mm, "dtype")
-        torch._dynamo.reset()
-        t0 = time.perf_counter()
-        t, dec = B.ours_decode(glm, batch, 128, device, **B.VARIANTS["compiled_decode"])
-        row = dict(part="router_mm", round=0, label=label, batch=batch, ms=t * 1e3, tok_s=batch / t,
-                   setup_s=time.perf_counter() - t0)
-        if dec.graphs:
-            row.update(B.kernel_stats(dec))
-        out.append(row)
-        decs.append((label, dec))
-        print(f"  {label}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s, {row.get('kernels_per_step', '?')} kernels "
-              f"(set-up {row['setup_s']:.0f} s)", flush=True)
-        save()
+        decs.append((label, compiled_step(glm, "router_mm", label, batch, device, out, save)))
     R.HAVE_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
-    for r in range(1, rounds + 1):
-        for label, dec in decs:
-            if not dec.graphs:
-                continue
-            dec.cache_position.fill_(128)  # back to the context's end: 61 replays stay inside the cache
-            t = B.timed(dec.graph.replay, device, reps=3, inner=20, warmup=1)
-            out.append(dict(part="router_mm", round=r, label=label, batch=batch, ms=t * 1e3, tok_s=batch / t))
-            print(f"  round {r} {label}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s", flush=True)
-        save()
-
+    replay_rounds(decs, "router_mm", batch, device, rounds, out, save)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
