@@ -17,8 +17,9 @@ interleaved, `--rounds` times, so that the A/B needs no second compile.
 prefill_ab: LongCat-Flash's one-layer prefill (bench's `longcat_layer`, 2k and 8k tokens) with the forms before
 this change (attention "sdpa", experts and norm "auto": RoPE and SDPA's [nope | rope] concatenations as torch ops,
 the router's fp32 GEMM) and with PREFILL (+ rope "auto": kernels/rope_qk.py; linear "auto": the router's logits as
-a 16-bit product with fp32 output), eager and captured as a CUDA graph, interleaved, with the kernel profile of each
-and the largest difference of their logits.
+a 16-bit product with fp32 output), and PREFILL with the router's selection in kernels/router.py ("PREFILL+route":
+one program per token, against torch.topk's), eager and captured as a CUDA graph, interleaved, with the kernel
+profile of each and the largest difference of their logits from "before".
 
 router_mm: GLM-4.7-Flash's compiled batch-32 step with the router's logits as the fp32 GEMM (before) and as the
 16-bit product with fp32 output (router.py's "auto" now), compiled once each, timed interleaved.
@@ -140,7 +141,9 @@ def prefill_ab(out, device, rounds, save, tokens=(2048, 8192)):
         with torch.no_grad():
             ours(ids, forms=OLD_PREFILL, logits_to_keep=1)
             fl = B.prefill_flops(ours, t)  # counts the experts the last forward routed to
-            for label, forms in (("before", OLD_PREFILL), ("PREFILL", PREFILL)):
+            variants = [("before", OLD_PREFILL), ("PREFILL", PREFILL),
+                        ("PREFILL+route", dataclasses.replace(PREFILL, router="fused"))]  # + the router's kernel
+            for label, forms in variants:
                 run = (lambda f: lambda: ours(ids, forms=f, logits_to_keep=1))(forms)  # noqa: E731
                 y = run()
                 runs[label] = dict(eager=run, graph=B.captured(run) if not small else run, y=y.float())
@@ -148,18 +151,21 @@ def prefill_ab(out, device, rounds, save, tokens=(2048, 8192)):
                 if not small:
                     row.update(B.kernel_stats(run))
                 out.append(row)
-            diff = (runs["PREFILL"]["y"] - runs["before"]["y"]).abs().max().item()
             scale = runs["before"]["y"].abs().max().item()
             for r in range(rounds):
                 for label in runs:
                     for how in ("eager", "graph"):
                         ts = B.timed(runs[label][how], device, reps=3)
+                        diff = (runs[label]["y"] - runs["before"]["y"]).abs().max().item()
                         out.append(dict(part="prefill_ab", tokens=t, label=label, how=how, round=r, ms=ts * 1e3,
                                         flops_frac=fl / ts / ceil["bf16_flops"], logits_max_diff=diff,
                                         logits_max_abs=scale))
                         print(f"  prefill {t} {label:8s} {how:5s} round {r}: {ts * 1e3:.2f} ms "
                               f"({fl / ts / ceil['bf16_flops']:.1%} of the bf16 peak)", flush=True)
-            print(f"  prefill {t}: logits max |PREFILL - before| = {diff:.3g} (max |logit| {scale:.3g})", flush=True)
+            for label in runs:
+                diff = (runs[label]["y"] - runs["before"]["y"]).abs().max().item()
+                print(f"  prefill {t}: logits max |{label} - before| = {diff:.3g} (max |logit| {scale:.3g})",
+                      flush=True)
         save()
         del runs
         torch.cuda.empty_cache() if not small else None
