@@ -317,6 +317,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
 
 
 # ------------------------------------------------------------------------------------------------- fast decoding
+CAPTURE_WARMUPS = 3  # warm-up runs of the decode step before its capture, on a side stream, as torch.cuda.graph's
+#   documentation does: a step that first runs compiled code (or compiles again) inside the capture fails there
 PREFILL_GRAPH_ROWS = 4096  # prefill_graph: captured prefills of at most this many (batch x bucket) token rows;
 #   beyond, a prefill is compute-bound and the graph's memory pool would hold large activations for nothing
 
@@ -483,12 +485,16 @@ class Decoder:
         return ids, pos, graph, logits
 
     def capture(self):
-        """Record one decode step as a CUDA graph (after a warm-up run; the state it advanced is restored)."""
+        """Record one decode step as a CUDA graph (after CAPTURE_WARMUPS warm-up runs, each from the same state,
+        which is restored after them)."""
         state = [t.clone() for t in (self.cache_position, self.attention_mask)]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
-            self.run_step()  # warm-up: cuBLAS handles, lazy inits, compilation
+            for _ in range(CAPTURE_WARMUPS):  # cuBLAS handles, lazy inits, compilation and inductor's autotuning:
+                for t, v in zip((self.cache_position, self.attention_mask), state):  # none of it may run in a
+                    t.copy_(v)  # capture (a synchronize there ends it)
+                self.run_step()
         torch.cuda.current_stream().wait_stream(s)
         for t, v in zip((self.cache_position, self.attention_mask), state):
             t.copy_(v)
