@@ -63,7 +63,7 @@ if support.have_triton():
     ):
         n = tl.program_id(0)
         j = tl.program_id(1)
-        bi, ti = (n // T).to(tl.int64), n % T  # this token's sequence (int64: offsets) and position in it
+        bi, ti = (n // T).to(tl.int64), (n % T).to(tl.int64)  # this token's sequence and position (int64 offsets)
         dtype = Q_OUT.dtype.element_ty
         QK: tl.constexpr = NOPE + ROPE
         HALF: tl.constexpr = ROPE // 2
@@ -108,7 +108,8 @@ if support.have_triton():
     ):
         n = tl.program_id(0)
         j = tl.program_id(1)
-        bi, si = (n // S).to(tl.int64), n % S  # this key slot's sequence and position
+        bi, si = (n // S).to(tl.int64), (n % S).to(tl.int64)  # this key slot's sequence and position (int64: a
+        #                                                     128k-slot cache times 64 heads x 256 passes 2^31)
         QK: tl.constexpr = NOPE + ROPE
         heads = j * BH + tl.arange(0, BH)  # (BH,)
         h_ok = heads < H
