@@ -155,3 +155,12 @@ def test_bad_inputs_are_refused():
 def test_gpu_longcat_sizes_bf16(t):
     """LongCat-Flash's heads (64 x [128 | 64], v 128), bf16, on the GPU: the kernels against the reference."""
     check_bf16((1, 64, t, 128, 64, 128), 2.0)
+
+
+def test_mla_refuses_an_unknown_attention_form():
+    cfg = tiny_glm()
+    mla = MLA(cfg).eval()
+    x = torch.randn(1, 3, cfg.hidden_size)
+    cos, sin = rope_cos_sin(torch.arange(3)[None], cfg.qk_rope_head_dim, cfg.rope_theta, torch.float32)
+    with pytest.raises(ValueError, match="attention form 'bogus' is not one of"):
+        mla(x, cos, sin, form="bogus")

@@ -60,7 +60,7 @@ from ..kernels.mla_decode import chunks as mla_chunks
 from ..kernels.mla_decode import mla_decode
 from ..kernels.rope_cache import rope_cache_write
 from ..kernels.rope_qk import assemble_keys, rope_query
-from .forms import ROPE_FORMS
+from .forms import ATTENTION_FORMS, ROPE_FORMS
 from .linear import linear as _linear
 from .linear import resolve as resolve_linear
 from .norm import RMSNorm
@@ -263,8 +263,10 @@ class MLA(nn.Module):
                 attend = functools.partial(self._fused, linear=per_head, fold=fold, uv=form == "fused_uv", q_lat=q_lat)
         elif form == "sdpa":
             attend = functools.partial(self._sdpa, q=q_whole)  # q_whole: assembled by kernels/rope_qk.py
+        elif form == "naive":
+            attend = self._naive
         else:
-            attend = {"naive": self._naive}[form]
+            raise ValueError(f"attention form {form!r} is not one of {ATTENTION_FORMS}")
         o = attend(q_nope, q_rope, latent, k_rope, mask)  # (b, h, t, v)
         return _linear(self.o_proj, rearrange(o, "b h t d -> b t (h d)"), linear)  # (b, t, H)
 
