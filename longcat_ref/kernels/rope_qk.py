@@ -15,9 +15,13 @@ out[i] = x1 cos_i - x2 sin_i, out[d/2 + i] = x2 cos_i + x1 sin_i.
 
 Why kernels. Written as PyTorch ops this is RoPE's slices, products and concatenation for the query and for the
 key, then a concatenation of [nope | rope] for each: LongCat-Flash's 2k-token layer prefill spent 0.51 ms in six
-`cat` kernels (strided inputs, one of them broadcast over the 64 heads) and ~0.25 ms in RoPE's elementwise ops, for
-~200 MB of traffic worth ~50 us (one H200, 2026-12-04, docs/perf-run15/prefill_sdpa.json). Here every byte is read
-once and written once, by programs whose rows are contiguous runs of the outputs.
+`cat` kernels (strided inputs, one of them broadcast over the 64 heads) and ~0.25 ms in RoPE's products and the
+LoRA scale's, for ~200 MB of traffic worth ~50 us (one H200, 2026-12-04, docs/perf-run15/prefill_sdpa.json). Here
+every byte is read once and written once, by programs whose rows are contiguous runs of the outputs.
+
+What it bought (one H100, 2026-12-06, docs/perf-run17/; with the router's logits as a 16-bit product, router.py):
+the layer's captured prefill 19.26 -> 18.09 ms at 2k tokens, 44.3-45.6 -> 40.0 ms at 8k, in the same run;
+`rope_query` 38 us and `assemble_keys` 32 us a sublayer at 2k, about the bytes they move at that card's speed.
 
 The tiling. Both kernels: program (n, j) handles token (or key slot) n = (b, t) and a block of BH heads j:
     * rope_query: a (BH, BLOCK_NOPE) tile of q's nope channels copied (scaled) into Q, two (BH, BLOCK_HALF) tiles
