@@ -2,6 +2,7 @@
 the static cache with its fixed-shape decode step, generate(fast=True), torch.compile (compiled once, whatever the
 prompt length), CUDA graphs (GPU only)."""
 
+import contextlib
 import copy
 from pathlib import Path
 import os
@@ -465,6 +466,111 @@ def test_fast_generate_on_cuda_captures_and_matches(dtype):
     assert fast.shape == (2, 29)
     if dtype == torch.float32:
         assert torch.equal(fast, m.generate(ids, 24))
+
+
+class _FakeGraphs:
+    """torch.cuda's stream and graph API as plain Python (the CPU has no CUDA graph): records what
+    Decoder.capture asks of it; `capturing` is True inside a `torch.cuda.graph` block."""
+
+    def __init__(self):
+        self.capturing, self.captures, self.current = False, 0, "main"
+        self.set_streams = []
+
+    def install(self, monkeypatch):
+        fake = self
+
+        class Stream:
+            def wait_stream(self, other):
+                pass
+
+        class graph:
+            def __init__(self, g, stream=None):
+                pass
+
+            def __enter__(self):
+                fake.capturing, fake.captures = True, fake.captures + 1
+
+            def __exit__(self, *exc):
+                fake.capturing = False  # (a real failed capture also leaves its stream current)
+
+        import contextlib
+        for name, value in dict(Stream=Stream, stream=lambda s: contextlib.nullcontext(), graph=graph,
+                                CUDAGraph=lambda: object(), current_stream=lambda: Stream(),
+                                set_stream=lambda st: fake.set_streams.append(st)).items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+@pytest.mark.parametrize("failures", [0, 1, 2])
+def test_decoder_capture_retries_a_failed_capture_once(monkeypatch, failures):
+    """Decoder.capture's control flow (on the CPU, torch.cuda's graph API faked): CAPTURE_WARMUPS warm-ups from
+    the same restored state, then the capture; a capture that raises is retried once after as many warm-ups again
+    with a one-line RuntimeWarning, and restores the main stream; a second failure is a one-line RuntimeError that
+    says what to do. Warm-ups and failed captures leave the step's inputs where they were."""
+    from longcat_ref.model import generate as G
+
+    m = tiny("glm").requires_grad_(False)  # (Decoder.step, which calls capture, runs under no_grad)
+    dec = Decoder(m, 1, 64, graphs=False)
+    dec.prefill(torch.tensor([[1, 5, 6, 7]]))
+    before = [dec.cache_position.clone(), dec.attention_mask.clone()]
+    fake, calls, seen = _FakeGraphs(), {"warm": 0, "fail": 0}, set()
+    fake.install(monkeypatch)
+    step = dec.step_fn
+
+    def flaky(*args):
+        if fake.capturing and calls["fail"] < failures:
+            calls["fail"] += 1
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+        calls["warm"] += not fake.capturing
+        seen.add(int(args[3]))  # the slot every run starts from (args: model, cache, ids, cache_position, ...)
+        return step(*args)
+
+    dec.step_fn = flaky
+    if failures < G.CAPTURE_ATTEMPTS:
+        with pytest.warns(RuntimeWarning, match="retrying") if failures else contextlib.nullcontext():
+            dec.capture()
+        assert dec.graph is not None and dec.logits.shape == (1, m.config.vocab_size)
+    else:
+        with pytest.raises(RuntimeError, match=r"failed 2 times \(last: more detail\); generate\(\.\.\., "
+                                               r"compile=False\)") as err:
+            with pytest.warns(RuntimeWarning):
+                dec.capture()
+        assert "\n" not in str(err.value) and dec.graph is None
+    attempts = min(failures + 1, G.CAPTURE_ATTEMPTS)
+    assert fake.captures == attempts and calls["warm"] == attempts * G.CAPTURE_WARMUPS
+    assert len(fake.set_streams) == min(failures, G.CAPTURE_ATTEMPTS)  # the main stream put back per failure
+    assert seen == {int(before[0])}  # each warm-up (and the capture) from the same restored state
+    ran = int(failures < G.CAPTURE_ATTEMPTS)  # the fake ran the step it "captured" (a real capture only records)
+    assert int(dec.cache_position) == int(before[0]) + ran  # warm-ups and failed captures leave no trace
+    assert int(dec.attention_mask.sum()) == int(before[1].sum()) + ran
+
+
+@CUDA
+def test_capture_retry_on_cuda_recovers_and_matches():
+    """On a GPU: the first capture of the decode step fails for real (a synchronize inside it, as inductor's
+    first autotuning run did on 2026-12-06), the retry captures it, the main stream is current again, and the
+    greedy tokens equal the readable path's (fp32)."""
+    m = tiny("glm").cuda()
+    ids = torch.tensor([[1, 60, 61, 62, 63]], device="cuda")
+    dec = Decoder(m, 1, 64)
+    logits = dec.prefill(ids, room=8)
+    step, n = dec.step_fn, {"sync": 0}
+
+    def syncs_in_first_capture(*args):
+        if torch.cuda.is_current_stream_capturing() and n["sync"] == 0:
+            n["sync"] += 1
+            torch.cuda.synchronize()  # not permitted while capturing: the capture fails
+        return step(*args)
+
+    dec.step_fn = syncs_in_first_capture
+    main = torch.cuda.current_stream()
+    out = [logits.argmax(-1)]
+    with pytest.warns(RuntimeWarning, match="retrying"):
+        out.append(dec.step(out[-1]).argmax(-1))
+    assert n["sync"] == 1 and torch.cuda.current_stream() == main
+    for _ in range(6):
+        out.append(dec.step(out[-1]).argmax(-1))
+    got = torch.cat([ids, torch.stack(out, 1)], 1)
+    assert torch.equal(got, m.generate(ids, 8))
 
 
 @CUDA

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import warnings
 
 import torch
 
@@ -317,6 +318,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int | None = None, 
 
 
 # ------------------------------------------------------------------------------------------------- fast decoding
+CAPTURE_ATTEMPTS = 2  # Decoder.capture: a failed capture is retried once, after as many warm-ups again
 CAPTURE_WARMUPS = 3  # warm-up runs of the decode step before its capture, on a side stream, as torch.cuda.graph's
 #   documentation does: a step that first runs compiled code (or compiles again) inside the capture fails there
 PREFILL_GRAPH_ROWS = 4096  # prefill_graph: captured prefills of at most this many (batch x bucket) token rows;
@@ -486,21 +488,40 @@ class Decoder:
 
     def capture(self):
         """Record one decode step as a CUDA graph (after CAPTURE_WARMUPS warm-up runs, each from the same state,
-        which is restored after them)."""
+        which is restored after them). A capture that fails (compiled code that compiles, autotunes or syncs for
+        the first time inside it) is retried once after more warm-ups, with a one-line warning; a second failure
+        is a one-line error saying what to do."""
         state = [t.clone() for t in (self.cache_position, self.attention_mask)]
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(CAPTURE_WARMUPS):  # cuBLAS handles, lazy inits, compilation and inductor's autotuning:
-                for t, v in zip((self.cache_position, self.attention_mask), state):  # none of it may run in a
-                    t.copy_(v)  # capture (a synchronize there ends it)
-                self.run_step()
-        torch.cuda.current_stream().wait_stream(s)
+        for attempt in range(1, CAPTURE_ATTEMPTS + 1):
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(CAPTURE_WARMUPS):  # cuBLAS handles, lazy inits, compilation and inductor's
+                    self._restore(state)  # autotuning: none of it may run in a capture (a synchronize ends it)
+                    self.run_step()
+            torch.cuda.current_stream().wait_stream(s)
+            self._restore(state)
+            graph, main = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
+            try:
+                with torch.cuda.graph(graph, stream=torch.cuda.Stream()):  # a fresh capture stream per attempt
+                    logits = self.run_step()  # (b, vocab), a static output
+            except Exception as e:  # noqa: BLE001 -- whatever ended the capture (CUDA, inductor, Triton)
+                torch.cuda.set_stream(main)  # a failed capture leaves its own stream current
+                self._restore(state)  # (nothing ran: a capture only records)
+                why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+                if attempt == CAPTURE_ATTEMPTS:
+                    raise RuntimeError(f"capturing the decode step as a CUDA graph failed {attempt} times (last: "
+                                       f"{why}); generate(..., compile=False) avoids the compiled step, or run with "
+                                       "TORCH_LOGS=recompiles to see what compiled inside the capture") from e
+                warnings.warn(f"capturing the decode step as a CUDA graph failed ({why}); warming it up again and "
+                              "retrying", RuntimeWarning, stacklevel=3)
+                continue
+            self.graph, self.logits = graph, logits
+            return
+
+    def _restore(self, state):
         for t, v in zip((self.cache_position, self.attention_mask), state):
             t.copy_(v)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.run_step()
 
     def run_step(self):
         """The decode step on the current inputs, not replayed (eager or compiled)."""
