@@ -377,6 +377,17 @@ def compiled_decode_step(compile: bool | str = True):
     return _COMPILED[compile]
 
 
+def _first_error(e: BaseException) -> str:
+    """The first line of the first exception in e's chain (a failed capture's own error comes second: the end of
+    the capture fails because of what happened inside it)."""
+    for _ in range(8):
+        if e.__context__ is None:
+            break
+        e = e.__context__
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
+
+
 class Decoder:
     """Prefill once, then decode one token per `step` with fixed shapes (a replayed CUDA graph on GPU).
 
@@ -404,6 +415,7 @@ class Decoder:
         self.forms = forms  # the decode step's forms (prefill always uses PREFILL)
         self.graph = None
         self.logits = None
+        self.failed_captures = []  # CUDAGraph objects of captures that failed (capture)
         self.length = 0  # tokens in the cache (host side, for the overflow check only)
         self.setup_s = None  # wall time of the first step: compile + capture (None until it ran)
         # prefill_graph: pad each prompt on the left to its bucket (`prompt_bucket`) and run the prefill at that
@@ -507,8 +519,10 @@ class Decoder:
                     logits = self.run_step()  # (b, vocab), a static output
             except Exception as e:  # noqa: BLE001 -- whatever ended the capture (CUDA, inductor, Triton)
                 torch.cuda.set_stream(main)  # a failed capture leaves its own stream current
+                self.failed_captures.append(graph)  # kept alive: torch's allocator still holds a filter that reads
+                #   it (a capture_end that fails returns before ending the graph's allocation to its pool)
                 self._restore(state)  # (nothing ran: a capture only records)
-                why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+                why = _first_error(e)
                 if attempt == CAPTURE_ATTEMPTS:
                     raise RuntimeError(f"capturing the decode step as a CUDA graph failed {attempt} times (last: "
                                        f"{why}); generate(..., compile=False) avoids the compiled step, or run with "
