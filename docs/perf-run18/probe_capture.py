@@ -3,9 +3,10 @@ autotuning of a reduction ran inside the decode step's CUDA graph capture, after
 
 Experiment, not the package: `PYTHONPATH=. python docs/perf-run18/probe_capture.py --layers 4 [--hf]`. GLM-4.7-Flash
 at full width with `--layers` decoder layers (synthetic bf16 weights, as bench), one generate(fast=True,
-compile=True) of 128 + 16 tokens, with dynamo's recompile and graph-break logs on (TORCH_LOGS), counting how often
-the compiled decode step is entered and compiled. `--hf`: the weights shared with a transformers model, as bench's
-e2e builds them; `--warmups N`: generate.CAPTURE_WARMUPS (if this tree has it).
+compile=True) of 128 + 16 tokens, twice, printing dynamo's counters (graphs compiled, graph breaks) after each; run
+it with TORCH_LOGS=recompiles,graph_breaks for the reasons. `--hf`: the weights shared with a transformers model, as
+bench's e2e builds them; `--warmups N`: generate.CAPTURE_WARMUPS; `--attempts N`: generate.CAPTURE_ATTEMPTS
+(default 1: no retry, so that a failed capture shows as it did on 2026-12-06; where the tree has them).
 """
 
 import argparse
@@ -23,8 +24,10 @@ ap.add_argument("--hf", action="store_true")
 ap.add_argument("--warmups", type=int, default=None)
 ap.add_argument("--new", type=int, default=16)
 ap.add_argument("--device", default="cuda")
-ap.add_argument("--gc-first", action="store_true", help="gc.collect() before the warm-ups (torch.cuda.graph does "
-                "one before the capture: a guarded object collected there would force a recompile inside it)")
+ap.add_argument("--attempts", type=int, default=1)
+ap.add_argument("--gc-first", action="store_true", help="gc.collect() before the warm-ups (torch.cuda.graph collects "
+                "before a capture where torch.compiler.config.force_cudagraph_gc is set: a guarded object collected "
+                "there would force a recompile inside the capture)")
 a = ap.parse_args()
 
 from longcat_ref.model import generate as G  # noqa: E402
@@ -33,7 +36,10 @@ if a.warmups is not None:
     if not hasattr(G, "CAPTURE_WARMUPS"):
         raise SystemExit("this tree has no CAPTURE_WARMUPS")
     G.CAPTURE_WARMUPS = a.warmups
-print("tree:", G.__file__, "CAPTURE_WARMUPS =", getattr(G, "CAPTURE_WARMUPS", "absent (1 warm-up)"), flush=True)
+if hasattr(G, "CAPTURE_ATTEMPTS"):
+    G.CAPTURE_ATTEMPTS = a.attempts
+print("tree:", G.__file__, "CAPTURE_WARMUPS =", getattr(G, "CAPTURE_WARMUPS", "absent (1 warm-up)"),
+      "CAPTURE_ATTEMPTS =", getattr(G, "CAPTURE_ATTEMPTS", "absent (1)"), flush=True)
 
 import gc  # noqa: E402
 
