@@ -243,3 +243,224 @@ def test_gpu_cuda_graph_replays():
     torch.cuda.synchronize()
     torch.testing.assert_close(lat.float(), lat_ref.float(), atol=3e-2, rtol=1e-2)
     torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------------ W_uk folded in
+def w_uk_of(h, nope, v, r, dtype, seed=1, device=DEV):
+    """W_uk (h, nope, r) as the model makes it: a strided view of kv_b_proj's (h*(nope+v), r) weight."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(h * (nope + v), r, generator=g) / nope ** 0.5).to(dtype).to(device)  # (h*(nope+v), r)
+    return w.view(h, nope + v, r)[:, :nope]  # (h, nope, r): head stride (nope+v)*r
+
+
+def run_fold(b, h, t, nope, v, r, d, S, dtype, interleaved=True, kv_scale=1.0, q_scale=1.0, **kw):
+    kv, q, w, cos, sin, lat, kr, pos = inputs(b, h, t, nope, r, d, S, dtype, **kw)
+    w_uk = w_uk_of(h, nope, v, r, dtype)
+    lat2, kr2 = lat.clone(), kr.clone()
+    ref = K.rope_cache_fold_reference(kv, q, w, 1e-6, cos, sin, lat, kr, pos, nope, w_uk, interleaved, kv_scale,
+                                      q_scale)
+    out = K.rope_cache_fold_write(kv, q, w, 1e-6, cos, sin, lat2, kr2, pos, nope, w_uk, interleaved, kv_scale,
+                                  q_scale)
+    return (*ref, lat, kr), (*out, lat2, kr2)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (3.4641, 2.0)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8, 12, 16, 4, 6),  # b, h, t, nope, v, r, d, S
+                                   (2, 3, 3, 6, 10, 80, 8, 12),  # r = 80: two column blocks, one partial
+                                   (1, 3, 1, 12, 4, 20, 4, 5)])
+def test_fold_kernel_equals_reference_fp32(interleaved, scales, shape):
+    (q_rope, q_lat, lat, kr), (q_rope2, q_lat2, lat2, kr2) = run_fold(*shape, torch.float32, interleaved, *scales)
+    assert q_lat2.shape == q_lat.shape and q_lat2.is_contiguous()
+    torch.testing.assert_close(q_lat2, q_lat, atol=1e-5, rtol=1e-5)  # the einsum sums in another order
+    torch.testing.assert_close(q_rope2, q_rope, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lat2, lat, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(kr2, kr, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("q_scale", [1.0, 2.0])
+def test_fold_kernel_equals_reference_bf16(q_scale):
+    (q_rope, q_lat, lat, kr), (q_rope2, q_lat2, lat2, kr2) = run_fold(2, 3, 2, 12, 8, 80, 8, 6, torch.bfloat16,
+                                                                      True, 3.4641, q_scale)
+    # q_lat: one fp32 sum rounded once against the einsum's; the interpreter's truncating fp32 -> bf16 cast (see
+    # test_kernel_equals_reference_bf16) adds a step: the same three-step tolerance
+    tol = dict(atol=2e-2, rtol=2.5e-2)
+    torch.testing.assert_close(q_lat2.float(), q_lat.float(), **tol)
+    torch.testing.assert_close(q_rope2.float(), q_rope.float(), **tol)
+    torch.testing.assert_close(lat2.float(), lat.float(), **tol)
+    torch.testing.assert_close(kr2.float(), kr.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fold_rest_is_rope_cache_write_bit_for_bit(dtype):
+    """q_rope and the caches of rope_cache_fold_write == rope_cache_write's (one helper, _token_work)."""
+    kv, q, w, cos, sin, lat, kr, pos = inputs(2, 3, 2, 6, 80, 8, 6, dtype)
+    w_uk = w_uk_of(3, 6, 10, 80, dtype)
+    lat2, kr2 = lat.clone(), kr.clone()
+    out = K.rope_cache_write(kv, q, w, 1e-6, cos, sin, lat, kr, pos, 6, False, 3.4641, 2.0)
+    out2, _ = K.rope_cache_fold_write(kv, q, w, 1e-6, cos, sin, lat2, kr2, pos, 6, w_uk, False, 3.4641, 2.0)
+    assert torch.equal(out2, out) and torch.equal(lat2, lat) and torch.equal(kr2, kr)
+
+
+def test_fold_kernel_is_not_the_reference():
+    """The check can fail: a dropped q_scale, or another head's W_uk, gives a different q_lat."""
+    kv, q, w, cos, sin, lat, kr, pos = inputs(1, 2, 1, 6, 80, 8, 4, torch.float32)
+    w_uk = w_uk_of(2, 6, 10, 80, torch.float32)
+    _, ref = K.rope_cache_fold_reference(kv, q, w, 1e-6, cos, sin, lat.clone(), kr.clone(), pos, 6, w_uk,
+                                         q_scale=2.0)
+    _, unscaled = K.rope_cache_fold_write(kv, q, w, 1e-6, cos, sin, lat.clone(), kr.clone(), pos, 6, w_uk)
+    _, swapped = K.rope_cache_fold_write(kv, q, w, 1e-6, cos, sin, lat.clone(), kr.clone(), pos, 6, w_uk.flip(0),
+                                         q_scale=2.0)
+    assert not torch.allclose(unscaled, ref, atol=1e-3)
+    assert not torch.allclose(swapped, ref, atol=1e-3)
+
+
+def test_fold_bad_w_uk_is_refused():
+    kv, q, w, cos, sin, lat, kr, pos = inputs(1, 2, 1, 4, 16, 8, 4, torch.float32)
+    w_uk = w_uk_of(2, 4, 6, 16, torch.float32)
+    args = (kv, q, w, 1e-6, cos, sin, lat, kr, pos, 4)
+    with pytest.raises(ValueError, match=r"w_uk must be \(h=2, nope=4, r=16\)"):
+        K.rope_cache_fold_write(*args, w_uk[:, :3])
+    with pytest.raises(ValueError, match="w_uk must be torch.float32"):
+        K.rope_cache_fold_write(*args, w_uk.double())
+    with pytest.raises(ValueError, match="w_uk's last axis"):
+        K.rope_cache_fold_write(*args, w_uk.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(ValueError, match="shapes disagree"):  # and the rest is _check's
+        K.rope_cache_fold_write(kv[..., :-1], *args[1:], w_uk)
+
+
+# ------------------------------------------------------------------------------------------------ GPU: the fold
+@cuda
+@pytest.mark.parametrize("t", [1, 2])
+@pytest.mark.parametrize("model", ["glm", "longcat"])
+def test_gpu_fold_real_sizes(model, t):
+    h, nope, v, scales = (20, 192, 256, (1.0, 1.0)) if model == "glm" else (64, 128, 128, (3.4641, 2.0))
+    (q_rope, q_lat, lat, kr), (q_rope2, q_lat2, lat2, kr2) = run_fold(1, h, t, nope, v, 512, 64, 300,
+                                                                      torch.bfloat16, True, *scales)
+    torch.testing.assert_close(q_lat2.float(), q_lat.float(), atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(q_rope2.float(), q_rope.float(), atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(lat2.float(), lat.float(), atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(kr2.float(), kr.float(), atol=3e-2, rtol=1e-2)
+
+
+@cuda
+def test_gpu_fold_cuda_graph_replays():
+    """Captured once, replayed with new inputs copied into the captured buffers."""
+    kv, q, w, cos, sin, lat, kr, pos = inputs(1, 20, 1, 192, 512, 64, 64, torch.bfloat16)
+    w_uk = w_uk_of(20, 192, 256, 512, torch.bfloat16)
+    K.rope_cache_fold_write(kv, q, w, 1e-6, cos, sin, lat.clone(), kr.clone(), pos, 192, w_uk)  # warm (compiles)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, q_lat = K.rope_cache_fold_write(kv, q, w, 1e-6, cos, sin, lat, kr, pos, 192, w_uk)
+    kv2, q2, _, cos2, sin2, _, _, pos2 = inputs(1, 20, 1, 192, 512, 64, 64, torch.bfloat16, seed=5)
+    for dst, src in ((kv, kv2), (q, q2), (cos, cos2), (sin, sin2), (pos, pos2)):
+        dst.copy_(src)
+    lat_ref, kr_ref = lat.clone(), kr.clone()
+    ref, ref_lat = K.rope_cache_fold_reference(kv, q, w, 1e-6, cos, sin, lat_ref, kr_ref, pos, 192, w_uk)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(q_lat.float(), ref_lat.float(), atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(lat.float(), lat_ref.float(), atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(kr.float(), kr_ref.float(), atol=3e-2, rtol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------------ rope "fused_uk"
+@pytest.mark.parametrize("make", [tiny_glm, tiny_longcat])
+def test_model_fused_uk_equals_fused_and_plain(make):
+    """The whole model, prefill then two decode steps through a static cache: rope="fused_uk" (W_uk's product in
+    the rope kernel) gives rope="fused"'s and "plain"'s logits and caches (LongCat: both LoRA scales)."""
+    torch.manual_seed(0)
+    cfg = make()
+    model = CausalLM(cfg).eval().to(DEV)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), device=DEV)
+    logits, caches = {}, {}
+    for rope in ("plain", "fused", "fused_uk"):
+        cache = StaticCache.for_model(cfg, 2, 12, device=DEV)
+        with torch.no_grad():
+            out = [model(ids[:, :5], cache=cache, forms=Forms(attention="absorbed"))]  # prefill: plain
+            for i in (5, 6):  # decode steps: the asked form
+                out.append(model(ids[:, i:i + 1], cache=cache, forms=Forms(attention="absorbed", rope=rope)))
+        logits[rope], caches[rope] = torch.cat(out, 1), cache
+    for rope in ("fused", "plain"):
+        torch.testing.assert_close(logits["fused_uk"], logits[rope], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(caches["fused_uk"].latent, caches[rope].latent, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_uk_runs_the_fold_kernel_and_needs_an_absorbed_attention(monkeypatch):
+    """rope="fused_uk" calls rope_cache_fold_write once a layer (not rope_cache_write, nor W_uk's own product in
+    MLA.fold_query: the attention uses the kernel's q_lat); with an attention form
+    that does not fold W_uk it is a one-line error that says what to pass."""
+    from longcat_ref.model import mla as M
+
+    calls = {"fold": 0, "plain": 0, "fold_query": 0}
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(M, "rope_cache_fold_write", count("fold", M.rope_cache_fold_write))
+    monkeypatch.setattr(M, "rope_cache_write", count("plain", M.rope_cache_write))
+    monkeypatch.setattr(M.MLA, "fold_query", staticmethod(count("fold_query", M.MLA.fold_query)))  # the kernel's
+    #   q_lat is the one attended with: W_uk's own product never runs
+    cfg = tiny_glm()
+    model = CausalLM(cfg).eval().to(DEV)
+    ids = torch.randint(0, cfg.vocab_size, (1, 1), device=DEV)
+    with torch.no_grad():
+        model(ids, cache=StaticCache.for_model(cfg, 1, 4, device=DEV), forms=Forms(attention="absorbed",
+                                                                                   rope="fused_uk"))
+    assert calls == {"fold": cfg.num_attn_sublayers, "plain": 0, "fold_query": 0}
+    with pytest.raises(ValueError, match="rope='fused_uk' folds W_uk into the query .* pass rope='fused'"):
+        model(ids, cache=StaticCache.for_model(cfg, 1, 4, device=DEV), forms=Forms(attention="naive",
+                                                                                   rope="fused_uk"))
+    with pytest.raises(ValueError, match="StaticCache"):
+        model(ids, cache=DynamicCache.for_model(cfg), forms=Forms(attention="absorbed", rope="fused_uk"))
+
+
+def test_compiled_decode_step_with_fused_uk_equals_eager_plain():
+    """generate's fixed-shape decode step, torch.compiled with rope="fused_uk" (the W_uk fold an opaque op that
+    writes the caches in place), gives the eager plain step's logits."""
+    from longcat_ref.model.generate import decode_step
+
+    torch.manual_seed(0)
+    cfg = tiny_longcat()
+    model = CausalLM(cfg).eval().to(DEV)
+    b, S = 2, 16
+    ids = torch.randint(0, cfg.vocab_size, (b, 6), device=DEV)
+    got = {}
+    torch._dynamo.reset()
+    for name, forms, fn in (("plain", Forms(attention="absorbed"), decode_step),
+                            ("fused_uk", Forms(attention="absorbed", experts="gemv", linear="auto", rope="fused_uk"),
+                             torch.compile(decode_step, fullgraph=True, dynamic=False))):
+        cache = StaticCache.for_model(cfg, b, S, device=DEV)
+        mask = torch.zeros(b, S, dtype=torch.long, device=DEV)
+        pos = torch.tensor([0], device=DEV)
+        with torch.no_grad():
+            got[name] = torch.stack([fn(model, cache, ids[:, i], pos, mask, forms) for i in range(ids.shape[1])])
+    torch.testing.assert_close(got["fused_uk"], got["plain"], atol=1e-5, rtol=1e-5)
+
+
+@cuda
+@pytest.mark.parametrize("b, folds", [(1, True), (2, True), (8, False)])
+def test_gpu_auto_folds_up_to_the_limit(monkeypatch, b, folds):
+    """With FOLD_IN_ROPE_MAX_ROWS = 4, the decode forms' rope "auto" folds W_uk into the rope kernel for up to 4
+    query tokens of the batch and not past it; the logits equal the unfolded step's either way."""
+    from longcat_ref.model import mla as M
+    from longcat_ref.model.forms import DECODE
+
+    calls = []
+    fold = M.rope_cache_fold_write
+    monkeypatch.setattr(M, "rope_cache_fold_write", lambda *a, **k: calls.append(1) or fold(*a, **k))
+    torch.manual_seed(0)
+    cfg = tiny_glm()
+    model = CausalLM(cfg).eval().to("cuda")
+    ids = torch.randint(0, cfg.vocab_size, (b, 1), device="cuda")
+    out = {}
+    for limit in (0, 4):
+        monkeypatch.setattr(M, "FOLD_IN_ROPE_MAX_ROWS", limit)
+        with torch.no_grad():
+            out[limit] = model(ids, cache=StaticCache.for_model(cfg, b, 8, device="cuda"), forms=DECODE)
+    assert len(calls) == (cfg.num_attn_sublayers if folds else 0)
+    torch.testing.assert_close(out[4], out[0], atol=1e-5, rtol=1e-5)

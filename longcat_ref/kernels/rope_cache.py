@@ -36,10 +36,25 @@ rotation itself in fp32, rounded once at the store. The eager reference rounds x
 bf16 (torch.compile, like this kernel, does not), and the statistic's fp32 sum runs in another order, so in bf16
 the two agree to one rounding, in fp32 to ~1e-7.
 
+W_uk's product in the same launch (`rope_cache_fold_write`). The absorbed attention's next step folds W_uk into
+the query, q_lat[b, h, t] = W_uk[h]^T (q_scale * q[b, h, t, :nope]) (b, h, t, r), W_uk (h, nope, r) a strided view
+of kv_b_proj's weight (`w.view(h, nope + v, r)[:, :nope]`: head stride (nope + v) r). In GLM-4.7-Flash's compiled
+batch-1 step (one H200, docs/perf-run13/) the rope-cache kernel takes 3.0 us a layer and W_uk's cuBLAS bmm 3.8 us,
+both latency-bound; `rope_cache_fold_write` does both in one launch, and returns (q_rope, q_lat). It reads all of
+W_uk (h x nope x r: 3.9 MB for GLM) once per token, so it is meant for a few tokens (decode), not for a prefill.
+Its grid is (b * t, h, cdiv(r, FOLD_BLOCK_C = 64)): program (n, head, cb) loads its (BLOCK_NOPE, 64) tile of
+W_uk[head] (nope padded to a power of two, masked) before the programmatic-dependent-launch wait -- no kernel
+before it writes the weight, so that load's latency overlaps the previous kernel's tail -- then waits, loads token
+n's nope row of this head (scaled and rounded once as the reference), and stores its 64 channels of q_lat, the
+products and the sum over nope in fp32, rounded once. Program (n, 0, 0) also does token n's work above (one
+`@triton.jit` helper, `_token_work`, serves both kernels). `rope_cache_fold_reference` is rope_cache_reference and
+the model's einsum (model/mla.py's `_fold_bmm`), which the kernel is tested equal to.
+
 `rope_cache_write` is a `torch.library.custom_op` ("longcat_ref::rope_cache_write") that mutates the two cache
 tensors in place and returns q_rope; under torch.compile it is one opaque call and the caches stay in place. Runs
 on CUDA, or on the CPU in Triton's interpreter (TRITON_INTERPRET=1); without Triton the module still imports and
-the call raises a one-line error (support.require).
+the call raises a one-line error (support.require). `rope_cache_fold_write` is the same kind of op
+("longcat_ref::rope_cache_fold"), returning the pair.
 """
 
 from __future__ import annotations
@@ -53,6 +68,8 @@ try:
     import triton.language as tl
 except ImportError:  # the module imports without Triton; rope_cache_write then raises through support.require
     triton = None
+
+FOLD_BLOCK_C = 64  # q_lat's channels per program of the fold kernel (min(64, BLOCK_RANK) for a tiny r)
 
 
 # ------------------------------------------------------------------------------------------------ the reference
@@ -81,6 +98,21 @@ def rope_cache_reference(kv, q, norm_weight, eps, cos, sin, latent_cache, rope_c
     return _rotate(q_rope, cos[:, None], sin[:, None], interleaved)  # (b, h, t, d)
 
 
+def _q_nope(q, nope, q_scale):
+    """q's nope part (b, h, t, nope), times q_scale where it is not 1 (rounded once to the model dtype)."""
+    qn = q[..., :nope]  # (b, h, t, nope)
+    return qn * q_scale if q_scale != 1.0 else qn
+
+
+def rope_cache_fold_reference(kv, q, norm_weight, eps, cos, sin, latent_cache, rope_cache, cache_position, nope,
+                              w_uk, interleaved=True, kv_scale=1.0, q_scale=1.0):
+    """rope_cache_reference, and W_uk folded into the query: returns (q_rope (b, h, t, d), q_lat (b, h, t, r)),
+    q_lat = einsum(q_scale * q_nope, W_uk) as the model's `_fold_bmm` (model/mla.py)."""
+    q_rope = rope_cache_reference(kv, q, norm_weight, eps, cos, sin, latent_cache, rope_cache, cache_position,
+                                  nope, interleaved, kv_scale, q_scale)  # (b, h, t, d)
+    return q_rope, torch.einsum("bhtd,hdr->bhtr", _q_nope(q, nope, q_scale), w_uk)  # (b, h, t, r)
+
+
 # ------------------------------------------------------------------------------------------------ the kernel
 if triton is not None:
 
@@ -94,21 +126,17 @@ if triton is not None:
                 tl.load(base + offs + HALF, mask=ok, other=0.0).to(tl.float32))
 
     @triton.jit
-    def _rope_cache_kernel(
-        KV, Q, W, COS, SIN, POS, LAT, KR, Q_OUT,  # (b, t, r+d), (b, h, t, nope+d), (r,), (b, t, d) x2, (t,),
-        #                                           (b, S, r), (b, S, d) caches; Q_OUT (b, h, t, d) contiguous
-        T, H,  # tokens per sequence, heads
+    def _token_work(
+        KV, Q, W, COS, SIN, POS, LAT, KR, Q_OUT, n, T, H,
         stride_kvb, stride_kvt, stride_qb, stride_qh, stride_qt, stride_cb, stride_ct,
         stride_lb, stride_ls, stride_kb, stride_ks,
         eps, kv_scale, q_scale,
         RANK: tl.constexpr, ROPE: tl.constexpr, NOPE: tl.constexpr, BLOCK_RANK: tl.constexpr,
         BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
-        KV_SCALE: tl.constexpr, Q_SCALE: tl.constexpr, PDL: tl.constexpr = False,
+        KV_SCALE: tl.constexpr, Q_SCALE: tl.constexpr,
     ):
-        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        n = tl.program_id(0)
+        """Token n's work (of b * t): the latent's norm and cache write, the key's rope and cache write, every
+        head's q_rope. One home for both kernels (`_rope_cache_kernel`, `_rope_cache_fold_kernel`)."""
         bi, ti = (n // T).to(tl.int64), n % T  # this token's sequence (int64: cache offsets) and position in it
         pos = tl.load(POS + ti)  # its cache slot
         dtype = LAT.dtype.element_ty
@@ -151,6 +179,68 @@ if triton is not None:
         tl.store(qo, (q1 * c[None, :] - q2 * s[None, :]).to(dtype), mask=hi_ok)
         tl.store(qo + HALF, (q2 * c[None, :] + q1 * s[None, :]).to(dtype), mask=hi_ok)
 
+    @triton.jit
+    def _rope_cache_kernel(
+        KV, Q, W, COS, SIN, POS, LAT, KR, Q_OUT,  # (b, t, r+d), (b, h, t, nope+d), (r,), (b, t, d) x2, (t,),
+        #                                           (b, S, r), (b, S, d) caches; Q_OUT (b, h, t, d) contiguous
+        T, H,  # tokens per sequence, heads
+        stride_kvb, stride_kvt, stride_qb, stride_qh, stride_qt, stride_cb, stride_ct,
+        stride_lb, stride_ls, stride_kb, stride_ks,
+        eps, kv_scale, q_scale,
+        RANK: tl.constexpr, ROPE: tl.constexpr, NOPE: tl.constexpr, BLOCK_RANK: tl.constexpr,
+        BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
+        KV_SCALE: tl.constexpr, Q_SCALE: tl.constexpr, PDL: tl.constexpr = False,
+    ):
+        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        _token_work(KV, Q, W, COS, SIN, POS, LAT, KR, Q_OUT, tl.program_id(0), T, H,
+                    stride_kvb, stride_kvt, stride_qb, stride_qh, stride_qt, stride_cb, stride_ct,
+                    stride_lb, stride_ls, stride_kb, stride_ks, eps, kv_scale, q_scale,
+                    RANK, ROPE, NOPE, BLOCK_RANK, BLOCK_HALF, BLOCK_H, INTERLEAVED, KV_SCALE, Q_SCALE)
+
+
+    @triton.jit
+    def _rope_cache_fold_kernel(
+        KV, Q, W, COS, SIN, POS, LAT, KR, Q_OUT,  # as _rope_cache_kernel
+        W_UK, Q_LAT,  # (h, nope, r) a strided view, last axis contiguous; Q_LAT (b, h, t, r) contiguous
+        T, H,  # tokens per sequence, heads
+        stride_kvb, stride_kvt, stride_qb, stride_qh, stride_qt, stride_cb, stride_ct,
+        stride_lb, stride_ls, stride_kb, stride_ks, stride_wh, stride_wd,
+        eps, kv_scale, q_scale,
+        RANK: tl.constexpr, ROPE: tl.constexpr, NOPE: tl.constexpr, BLOCK_RANK: tl.constexpr,
+        BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_C: tl.constexpr,
+        INTERLEAVED: tl.constexpr, KV_SCALE: tl.constexpr, Q_SCALE: tl.constexpr, PDL: tl.constexpr = False,
+    ):
+        """Program (n, head, cb): q_lat's channels [cb * BLOCK_C, (cb + 1) * BLOCK_C) of token n, head `head`; and
+        program (n, 0, 0) also token n's work of `_rope_cache_kernel` (`_token_work`)."""
+        n = tl.program_id(0)
+        head = tl.program_id(1)
+        cb = tl.program_id(2)
+        offs_d = tl.arange(0, BLOCK_NOPE)  # (BLOCK_NOPE,) nope channels
+        d_ok = offs_d < NOPE
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) this program's latent channels
+        c_ok = offs_c < RANK
+        # W_uk is a weight: no kernel before this one writes it, so its tile is loaded before the dependent-launch
+        # wait and its memory latency overlaps the previous kernel's tail
+        w = tl.load(W_UK + head.to(tl.int64) * stride_wh + offs_d[:, None] * stride_wd + offs_c[None, :],
+                    mask=d_ok[:, None] & c_ok[None, :], other=0.0)  # (BLOCK_NOPE, BLOCK_C)
+        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        bi, ti = (n // T).to(tl.int64), n % T  # this token's sequence and position in it
+        dtype = Q_LAT.dtype.element_ty
+        qn = tl.load(Q + bi * stride_qb + head * stride_qh + ti * stride_qt + offs_d, mask=d_ok,
+                     other=0.0).to(tl.float32)  # (BLOCK_NOPE,) this (token, head)'s nope row
+        if Q_SCALE:  # the scale rounded once to the model dtype, as the reference
+            qn = (qn * q_scale).to(dtype).to(tl.float32)
+        q_lat = tl.sum(w.to(tl.float32) * qn[:, None], axis=0)  # (BLOCK_C,) products and sum in fp32
+        tl.store(Q_LAT + ((bi * H + head) * T + ti) * RANK + offs_c, q_lat.to(dtype), mask=c_ok)
+        if (head == 0) & (cb == 0):  # one program per token: the latent, the key, every head's q_rope
+            _token_work(KV, Q, W, COS, SIN, POS, LAT, KR, Q_OUT, n, T, H,
+                        stride_kvb, stride_kvt, stride_qb, stride_qh, stride_qt, stride_cb, stride_ct,
+                        stride_lb, stride_ls, stride_kb, stride_ks, eps, kv_scale, q_scale,
+                        RANK, ROPE, NOPE, BLOCK_RANK, BLOCK_HALF, BLOCK_H, INTERLEAVED, KV_SCALE, Q_SCALE)
 
 # ------------------------------------------------------------------------------------------------ the launcher
 def _next_pow2(n: int) -> int:
@@ -232,3 +322,75 @@ def rope_cache_write(kv, q, norm_weight, eps, cos, sin, latent_cache, rope_cache
     return torch.ops.longcat_ref.rope_cache_write(kv, q, norm_weight, float(eps), cos, sin, latent_cache,
                                                   rope_cache, cache_position, int(nope), bool(interleaved),
                                                   float(kv_scale), float(q_scale))
+
+
+def _check_w_uk(q, latent_cache, nope, w_uk):
+    h, r = q.shape[1], latent_cache.shape[-1]
+    if w_uk.dim() != 3 or tuple(w_uk.shape) != (h, nope, r):
+        raise ValueError(f"rope_cache_fold_write w_uk must be (h={h}, nope={nope}, r={r}), got {tuple(w_uk.shape)}")
+    if w_uk.dtype != q.dtype or w_uk.device != q.device:
+        raise ValueError(f"rope_cache_fold_write w_uk must be {q.dtype} on {q.device} like q, got {w_uk.dtype} on "
+                         f"{w_uk.device}")
+    if w_uk.stride(2) != 1:
+        raise ValueError(f"rope_cache_fold_write wants w_uk's last axis (r) contiguous, got strides {w_uk.stride()}")
+
+
+@torch.library.custom_op("longcat_ref::rope_cache_fold", mutates_args=("latent_cache", "rope_cache"))
+def _rope_cache_fold_op(kv: torch.Tensor, q: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                        cos: torch.Tensor, sin: torch.Tensor, latent_cache: torch.Tensor, rope_cache: torch.Tensor,
+                        cache_position: torch.Tensor, nope: int, w_uk: torch.Tensor, interleaved: bool,
+                        kv_scale: float, q_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    support.require(kv, "rope_cache_fold_write (the Triton norm + RoPE + cache-write + W_uk kernel)")
+    b, h, t, _ = q.shape
+    r, d = latent_cache.shape[-1], rope_cache.shape[-1]
+    out = torch.empty((b, h, t, d), dtype=q.dtype, device=q.device)  # (b, h, t, d)
+    q_lat = torch.empty((b, h, t, r), dtype=q.dtype, device=q.device)  # (b, h, t, r)
+    if b * t == 0:
+        return out, q_lat
+    for x, name in ((kv, "kv"), (q, "q"), (cos, "cos"), (sin, "sin"), (latent_cache, "latent_cache"),
+                    (rope_cache, "rope_cache"), (w_uk, "w_uk")):
+        if x.stride(-1) != 1:
+            raise ValueError(f"rope_cache_fold_write wants {name}'s last axis contiguous")
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    block_rank = max(16, _next_pow2(r))
+    block_c = min(FOLD_BLOCK_C, block_rank)
+    pdl = support.pdl(q)  # programmatic dependent launch (sm_90+ CUDA)
+    _rope_cache_fold_kernel[(b * t, h, triton.cdiv(r, block_c))](
+        kv, q, norm_weight, cos, sin, cache_position, latent_cache, rope_cache, out, w_uk, q_lat,
+        t, h,
+        kv.stride(0), kv.stride(1), q.stride(0), q.stride(1), q.stride(2),
+        0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1),
+        latent_cache.stride(0), latent_cache.stride(1), rope_cache.stride(0), rope_cache.stride(1),
+        w_uk.stride(0), w_uk.stride(1),
+        float(eps), float(kv_scale), float(q_scale),
+        RANK=r, ROPE=d, NOPE=nope, BLOCK_RANK=block_rank, BLOCK_HALF=max(16, _next_pow2(d // 2)),
+        BLOCK_H=max(2, _next_pow2(h)), BLOCK_NOPE=max(16, _next_pow2(nope)), BLOCK_C=block_c,
+        INTERLEAVED=bool(interleaved), KV_SCALE=kv_scale != 1.0, Q_SCALE=q_scale != 1.0, PDL=pdl, num_warps=4,
+        launch_pdl=pdl,
+    )
+    return out, q_lat
+
+
+@_rope_cache_fold_op.register_fake
+def _(kv, q, norm_weight, eps, cos, sin, latent_cache, rope_cache, cache_position, nope, w_uk, interleaved,
+      kv_scale, q_scale):
+    b, h, t = q.shape[:3]
+    return (q.new_empty((b, h, t, rope_cache.shape[-1])),  # (b, h, t, d)
+            q.new_empty((b, h, t, latent_cache.shape[-1])))  # (b, h, t, r)
+
+
+def rope_cache_fold_write(kv, q, norm_weight, eps, cos, sin, latent_cache, rope_cache, cache_position, nope, w_uk,
+                          interleaved=True, kv_scale=1.0, q_scale=1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_cache_write, and W_uk folded into the query in the same launch: returns (q_rope (b, h, t, d), q_lat
+    (b, h, t, r)), q_lat[b, h, t] = W_uk[h]^T (q_scale * q[b, h, t, :nope]) (the scaled query rounded once to the
+    model dtype; products and sum in fp32, rounded once), as `rope_cache_fold_reference`.
+
+    w_uk (h, nope, r) in q's dtype, read in place through its strides (the model's view of kv_b_proj's weight,
+    `w.view(h, nope + v, r)[:, :nope]`); its last axis must be contiguous. The rest as `rope_cache_write`.
+    """
+    _check(kv, q, norm_weight, cos, sin, latent_cache, rope_cache, cache_position, nope)
+    _check_w_uk(q, latent_cache, nope, w_uk)
+    return torch.ops.longcat_ref.rope_cache_fold(kv, q, norm_weight, float(eps), cos, sin, latent_cache,
+                                                 rope_cache, cache_position, int(nope), w_uk, bool(interleaved),
+                                                 float(kv_scale), float(q_scale))

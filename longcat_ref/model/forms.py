@@ -16,8 +16,9 @@ EXPERT_FORMS = ("loop", "grouped", "grouped_triton", "gather", "gemv", "fused", 
 ROUTER_FORMS = ("plain", "fused", "auto")  # router.py ("fused": kernels/router.py)
 LINEAR_FORMS = ("plain", "gemv", "triton", "skinny", "auto")  # linear.py (the dense projections; "gemv":
 #   inside torch.compile; "triton": kernels/gemv.py on CUDA; "skinny": kernels/skinny_gemm.py on CUDA)
-ROPE_FORMS = ("plain", "fused", "auto")  # mla.py, between the projections and the attention ("fused":
-#   kernels/rope_cache.py; with attention "sdpa" kernels/rope_qk.py)
+ROPE_FORMS = ("plain", "fused", "fused_uk", "auto")  # mla.py, between the projections and the attention
+#   ("fused": kernels/rope_cache.py; with attention "sdpa" kernels/rope_qk.py; "fused_uk": rope_cache.py with W_uk's
+#   product in the same launch)
 SHORTCUT_FORMS = ("inline", "stream", "auto")  # model.py, LongCat-Flash's layer: where its shortcut MoE runs
 NORM_FORMS = ("plain", "fused", "auto")  # norm.py, every RMSNorm of the layers and the final one ("fused":
 #   kernels/rmsnorm.py)
@@ -43,8 +44,10 @@ class Forms:
     #                        model: a 16-bit product with fp32 output)
     rope: str = "plain"  # MLA's latent norm, RoPE of q and k and the cache write: "plain" (norm.py, rope.py,
     #                      cache.py) | "fused" (one Triton kernel: a static cache; with attention "sdpa" RoPE and
-    #                      the query / key assembly in two, any cache) | "auto" (fused on CUDA for "sdpa" and for a
-    #                      few query tokens with a static cache, else plain)
+    #                      the query / key assembly in two, any cache) | "fused_uk" (fused, and W_uk's product for
+    #                      the absorbed forms in the same kernel) | "auto" (fused on CUDA for "sdpa" and for a few
+    #                      query tokens with a static cache, fused_uk for up to mla.FOLD_IN_ROPE_MAX_ROWS query
+    #                      tokens of the batch where the attention is absorbed, else plain)
     shortcut: str = "inline"  # LongCat-Flash's MoE on the shortcut (model.py, overlap.py): "inline" (on the
     #                           current stream, in the order the layer is written) | "stream" (on a side CUDA
     #                           stream, concurrent with mlp0, attn1 and mlp1) | "auto" (stream on CUDA outside

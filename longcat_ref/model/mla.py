@@ -37,7 +37,9 @@ Between the projections and the attention, `rope` picks how the latent is normal
 cache written: "plain" (norm.py, rope.py, cache.py: the lines of `project` and `StaticCache.update`), "fused"
 (Triton kernels: with attention "sdpa" the prefill's RoPE and its query and key assembly, kernels/rope_qk.py, no
 concatenation; otherwise the latent's norm, RoPE and the cache write in one kernel, kernels/rope_cache.py, which
-needs a static cache), "auto" (fused on a GPU for "sdpa", and for a few query tokens with a static cache).
+needs a static cache), "fused_uk" ("fused" with W_uk's product, the absorbed forms' query fold, in the same
+kernel: `rope_cache_fold_write`), "auto" (fused on a GPU for "sdpa", and for a few query tokens with a static cache;
+fused_uk for up to FOLD_IN_ROPE_MAX_ROWS query tokens of the batch where the attention is an absorbed form).
 tests/test_kernel_rope.py and tests/test_kernel_rope_qk.py prove them equal.
 
 The mask is additive, (b, 1, t, s), built once per forward by `attention_bias` (the package's only mask builder).
@@ -58,7 +60,7 @@ from ..kernels.gemv import batched_gemv
 from ..kernels.skinny_gemm import batched_skinny_gemm
 from ..kernels.mla_decode import chunks as mla_chunks
 from ..kernels.mla_decode import mla_decode
-from ..kernels.rope_cache import rope_cache_write
+from ..kernels.rope_cache import rope_cache_fold_write, rope_cache_write
 from ..kernels.rope_qk import assemble_keys, rope_query
 from .forms import ATTENTION_FORMS, ROPE_FORMS
 from .linear import linear as _linear
@@ -76,6 +78,12 @@ FUSED_UV_MAX_ROWS = 4
 # once per block of W_uv's output channels. Measured on one H200 (2026-12-03, docs/perf-run13/): GLM-4.7-Flash at
 # 128 slots (4 chunks) 3.611 -> 3.571 ms a step; a LongCat-Flash layer at 1,024 (32 chunks) 8.8 -> 12.7 us a merge
 FUSED_UV_MAX_CHUNKS = 8
+# rope "auto" folds W_uk into the query inside the rope-cache kernel ("fused_uk") for up to this many query tokens
+# of the whole batch: each of its programs reads a tile of W_uk per token, a GEMV's worth at batch 1, where it saves
+# the launch of W_uk's own product. Measured on one H100 (2026-12-07, docs/perf-run19/): GLM-4.7-Flash's compiled
+# batch-1 step 4.031 -> 3.933 ms, 670 -> 623 kernels (the fold kernel 6.38 us a layer against 3.18 + 4.15)
+FOLD_IN_ROPE_MAX_ROWS = 4
+ABSORBED_FORMS = ("absorbed", "fused", "fused_uv")  # the forms that attend over the latent with W_uk folded in
 
 
 def auto_form(batch: int, queries: int, kernels: bool, chunks: int = 1) -> str:
@@ -195,20 +203,27 @@ class MLA(nn.Module):
         q, k_rope = rope_query(q, k_raw, cos, sin, self.nope, self.interleaved, self.q_scale)  # (b,h,t,qk), (b,t,rope)
         return q[..., : self.nope], q[..., self.nope:], latent, k_rope, q
 
-    def project_into_cache(self, x, cos, sin, cache, cache_position, linear: str = "plain", norm: str = "plain"):
+    def project_into_cache(self, x, cos, sin, cache, cache_position, linear: str = "plain", norm: str = "plain",
+                           fold: bool = False):
         """`project` and the cache write in one kernel (kernels/rope_cache.py) after the projections: returns
-        q_nope (b, h, t, nope), q_rope (b, h, t, rope), the whole cache, latent (b, S, r), k_rope (b, S, rope), and
-        the whole query q (b, h, t, nope+rope) before any scale (what the kernel read)."""
+        q_nope (b, h, t, nope), q_rope (b, h, t, rope), the whole cache, latent (b, S, r), k_rope (b, S, rope), the
+        whole query q (b, h, t, nope+rope) before any scale (what the kernel read), and q_lat (b, h, t, r) = W_uk^T
+        q_nope per head from the same kernel where fold is set (rope "fused_uk"), else None."""
         q = self.queries(x, linear, norm)  # (b, h, t, nope+rope)
         kv = _linear(self.kv_a_proj_with_mqa, x, linear)  # (b, t, r+rope)
         latent, k_rope = cache.slots(self.cache_idx)  # (b, S, r), (b, S, rope): written in place
         norm = self.kv_a_layernorm
-        q_rope = rope_cache_write(kv, q, norm.weight, norm.eps, cos, sin, latent, k_rope, cache_position, self.nope,
-                                  self.interleaved, self.kv_scale, self.q_scale)  # (b, h, t, rope)
+        args = (kv, q, norm.weight, norm.eps, cos, sin, latent, k_rope, cache_position, self.nope)
+        q_lat = None
+        if fold:  # (b, h, t, rope), (b, h, t, r): W_uk's product in the same launch
+            q_rope, q_lat = rope_cache_fold_write(*args, self.kv_b_split()[0], self.interleaved, self.kv_scale,
+                                                  self.q_scale)
+        else:
+            q_rope = rope_cache_write(*args, self.interleaved, self.kv_scale, self.q_scale)  # (b, h, t, rope)
         q_nope = q[..., : self.nope]  # (b, h, t, nope)
         if self.q_scale != 1.0:
             q_nope = q_nope * self.q_scale
-        return q_nope, q_rope, latent, k_rope, q
+        return q_nope, q_rope, latent, k_rope, q, q_lat
 
     def forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, form: str = "naive",
                 linear: str = "plain", rope: str = "plain", norm: str = "plain"):
@@ -218,8 +233,8 @@ class MLA(nn.Module):
         attention reads every key slot the cache holds. form: "naive" | "absorbed" | "sdpa" | "fused" |
         "fused_uv" | "auto"
         (module docstring); linear: the form of the projections, and of the absorbed forms' per-head products with
-        W_uk and W_uv (linear.py); rope: "plain" | "fused" | "auto" (module docstring); norm: the form of the
-        q_a and latent RMSNorms (norm.py; with rope "fused" the latent's norm is the rope kernel's).
+        W_uk and W_uv (linear.py); rope: "plain" | "fused" | "fused_uk" | "auto" (module docstring); norm: the form
+        of the q_a and latent RMSNorms (norm.py; with rope "fused" the latent's norm is the rope kernel's).
         """
         if cache is not None and cache_position is None:
             cache_position = torch.arange(x.shape[1], device=x.device)  # (t,)
@@ -227,16 +242,24 @@ class MLA(nn.Module):
             kernels = support.can_run(x) and x.is_cuda
             few = hasattr(cache, "slots") and x.shape[1] <= FUSED_MAX_QUERIES
             rope = "fused" if kernels and (form == "sdpa" or few) else "plain"
+            if (rope == "fused" and form in ABSORBED_FORMS + ("auto",)
+                    and x.shape[0] * x.shape[1] <= FOLD_IN_ROPE_MAX_ROWS):  # "auto" here is an absorbed form
+                rope = "fused_uk"
         q_whole = None  # the whole query as the rope kernel read it (rope "fused")
+        q_lat = None  # W_uk's product, where the rope kernel made it (rope "fused_uk")
         if rope == "fused" and form == "sdpa":  # the prefill's kernels: q assembled for SDPA, the keys below
             q_nope, q_rope, latent, k_rope, q_whole = self.project_assembled(x, cos, sin, linear, norm)
             if cache is not None:  # (b, s, r), (b, s, rope)
                 latent, k_rope = cache.update(self.cache_idx, latent, k_rope, cache_position)
-        elif rope == "fused":
+        elif rope in ("fused", "fused_uk"):
             if not hasattr(cache, "slots"):
-                raise ValueError("rope='fused' writes a static cache in place: pass a StaticCache (or rope='plain')")
-            q_nope, q_rope, latent, k_rope, q_whole = self.project_into_cache(x, cos, sin, cache, cache_position,
-                                                                              linear, norm)
+                raise ValueError(f"rope={rope!r} writes a static cache in place: pass a StaticCache (or "
+                                 "rope='plain')")
+            if rope == "fused_uk" and form not in ABSORBED_FORMS + ("auto",):
+                raise ValueError(f"rope='fused_uk' folds W_uk into the query for the absorbed forms; attention "
+                                 f"{form!r} does not use it: pass rope='fused' (or attention='absorbed')")
+            q_nope, q_rope, latent, k_rope, q_whole, q_lat = self.project_into_cache(
+                x, cos, sin, cache, cache_position, linear, norm, fold=rope == "fused_uk")
         elif rope != "plain":
             raise ValueError(f"rope form {rope!r} is not one of {ROPE_FORMS}")
         else:
@@ -254,8 +277,7 @@ class MLA(nn.Module):
         if form in ("absorbed", "fused", "fused_uv"):
             per_head = resolve_linear(linear, x, self.kv_b_proj.weight.numel() // 2)  # W_uk / W_uv's form
             fold = fold_form(linear, per_head)  # W_uk's own
-            q_lat = None
-            if fold == "bmm" and q_whole is not None:  # W_uk's product from the buffer the rope kernel read: its
+            if q_lat is None and fold == "bmm" and q_whole is not None:  # W_uk's product from the buffer the rope kernel read: its
                 q_lat = _fold_bmm(q_whole, self.kv_b_split()[0], self.q_scale)  # nope slice, without a copy
             if form == "absorbed":
                 attend = functools.partial(self._absorbed, linear=per_head, fold=fold, q_lat=q_lat)
