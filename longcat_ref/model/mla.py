@@ -274,11 +274,11 @@ class MLA(nn.Module):
             n = (mla_chunks(x.shape[0], self.n_heads, x.shape[1], self.rank, self.rope_dim, latent.shape[1],
                             latent.element_size(), x.device) if kernels else 1)  # static shapes only
             form = auto_form(x.shape[0], x.shape[1], kernels, n)
-        if form in ("absorbed", "fused", "fused_uv"):
+        if form in ABSORBED_FORMS:
             per_head = resolve_linear(linear, x, self.kv_b_proj.weight.numel() // 2)  # W_uk / W_uv's form
             fold = fold_form(linear, per_head)  # W_uk's own
-            if q_lat is None and fold == "bmm" and q_whole is not None:  # W_uk's product from the buffer the rope kernel read: its
-                q_lat = _fold_bmm(q_whole, self.kv_b_split()[0], self.q_scale)  # nope slice, without a copy
+            if q_lat is None and fold == "bmm" and q_whole is not None:  # W_uk's product from the buffer the
+                q_lat = _fold_bmm(q_whole, self.kv_b_split()[0], self.q_scale)  # rope kernel read, without a copy
             if form == "absorbed":
                 attend = functools.partial(self._absorbed, linear=per_head, fold=fold, q_lat=q_lat)
             else:
