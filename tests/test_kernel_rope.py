@@ -295,7 +295,7 @@ def test_fold_kernel_equals_reference_bf16(q_scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fold_rest_is_rope_cache_write_bit_for_bit(dtype):
-    """q_rope and the caches of rope_cache_fold_write == rope_cache_write's (one helper, _token_work)."""
+    """q_rope and the caches of rope_cache_fold_write == rope_cache_write's (the same helpers, _latent_work, _key_work, _q_rope_work)."""
     kv, q, w, cos, sin, lat, kr, pos = inputs(2, 3, 2, 6, 80, 8, 6, dtype)
     w_uk = w_uk_of(3, 6, 10, 80, dtype)
     lat2, kr2 = lat.clone(), kr.clone()

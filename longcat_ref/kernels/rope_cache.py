@@ -46,9 +46,13 @@ Its grid is (b * t, h, cdiv(r, FOLD_BLOCK_C = 64)): program (n, head, cb) loads 
 W_uk[head] (nope padded to a power of two, masked) before the programmatic-dependent-launch wait -- no kernel
 before it writes the weight, so that load's latency overlaps the previous kernel's tail -- then waits, loads token
 n's nope row of this head (scaled and rounded once as the reference), and stores its 64 channels of q_lat, the
-products and the sum over nope in fp32, rounded once. Program (n, 0, 0) also does token n's work above (one
-`@triton.jit` helper, `_token_work`, serves both kernels). `rope_cache_fold_reference` is rope_cache_reference and
-the model's einsum (model/mla.py's `_fold_bmm`), which the kernel is tested equal to.
+products and the sum over nope in fp32, rounded once. The token's rope-cache work is spread over its programs, so
+that none does much more than its tile: program (n, head, 0) also rotates that head's q_rope, and program (n, h - 1,
+last column block) normalises and writes the latent and rotates and writes the key (the same @triton.jit helpers as
+`_rope_cache_kernel`: `_latent_work`, `_key_work`, `_q_rope_work`, one home each). The first version left all of
+it to program (n, 0, 0), after its own tile: 6.38 us a GLM layer (one H100, docs/perf-run19/), the likely critical
+path. `rope_cache_fold_reference` is rope_cache_reference and the model's einsum (model/mla.py's `_fold_bmm`),
+which the kernel is tested equal to.
 
 `rope_cache_write` is a `torch.library.custom_op` ("longcat_ref::rope_cache_write") that mutates the two cache
 tensors in place and returns q_rope; under torch.compile it is one opaque call and the caches stay in place. Runs
@@ -126,26 +130,33 @@ if triton is not None:
                 tl.load(base + offs + HALF, mask=ok, other=0.0).to(tl.float32))
 
     @triton.jit
-    def _token_work(
-        KV, Q, W, COS, SIN, POS, LAT, KR, Q_OUT, n, T, H,
-        stride_kvb, stride_kvt, stride_qb, stride_qh, stride_qt, stride_cb, stride_ct,
-        stride_lb, stride_ls, stride_kb, stride_ks,
-        eps, kv_scale, q_scale,
-        RANK: tl.constexpr, ROPE: tl.constexpr, NOPE: tl.constexpr, BLOCK_RANK: tl.constexpr,
-        BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
-        KV_SCALE: tl.constexpr, Q_SCALE: tl.constexpr,
-    ):
-        """Token n's work (of b * t): the latent's norm and cache write, the key's rope and cache write, every
-        head's q_rope. One home for both kernels (`_rope_cache_kernel`, `_rope_cache_fold_kernel`)."""
+    def _angles(COS, SIN, bi, ti, stride_cb, stride_ct, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """Token (bi, ti)'s d/2 angles, the first half of its cos/sin rows: (c, s, offs_i, i_ok), (BLOCK_HALF,)."""
+        offs_i = tl.arange(0, BLOCK_HALF)  # (BLOCK_HALF,) pair index
+        i_ok = offs_i < HALF
+        cs = bi * stride_cb + ti * stride_ct + offs_i
+        c = tl.load(COS + cs, mask=i_ok, other=0.0).to(tl.float32)  # (BLOCK_HALF,)
+        s = tl.load(SIN + cs, mask=i_ok, other=0.0).to(tl.float32)
+        return c, s, offs_i, i_ok
+
+    @triton.jit
+    def _rotate_store(out, x1, x2, c, s, ok, HALF: tl.constexpr):
+        """Store the rotated pairs de-interleaved: out[i] = x1 c - x2 s, out[HALF + i] = x2 c + x1 s (any shape)."""
+        dtype = out.dtype.element_ty
+        tl.store(out, (x1 * c - x2 * s).to(dtype), mask=ok)
+        tl.store(out + HALF, (x2 * c + x1 * s).to(dtype), mask=ok)
+
+    @triton.jit
+    def _latent_work(KV, W, POS, LAT, n, T, stride_kvb, stride_kvt, stride_lb, stride_ls, eps, kv_scale,
+                     RANK: tl.constexpr, BLOCK_RANK: tl.constexpr, KV_SCALE: tl.constexpr):
+        """Token n's latent: RMSNorm (fp32 statistic, cast, weight multiply rounded once), optional scale, cache
+        write."""
         bi, ti = (n // T).to(tl.int64), n % T  # this token's sequence (int64: cache offsets) and position in it
         pos = tl.load(POS + ti)  # its cache slot
         dtype = LAT.dtype.element_ty
-        kv = KV + bi * stride_kvb + ti * stride_kvt  # this token's kv row
-
-        # the latent: RMSNorm (fp32 statistic, cast, weight multiply rounded once), optional scale, cache write
         offs_c = tl.arange(0, BLOCK_RANK)  # (BLOCK_RANK,)
         c_ok = offs_c < RANK
-        x = tl.load(kv + offs_c, mask=c_ok, other=0.0).to(tl.float32)  # (BLOCK_RANK,)
+        x = tl.load(KV + bi * stride_kvb + ti * stride_kvt + offs_c, mask=c_ok, other=0.0).to(tl.float32)
         inv = tl.math.rsqrt(tl.sum(x * x, 0) / RANK + eps)  # () rsqrt(mean(x^2) + eps)
         y = (x * inv).to(dtype).to(tl.float32)  # (BLOCK_RANK,) normalised, rounded to the model dtype
         y = (tl.load(W + offs_c, mask=c_ok, other=0.0).to(tl.float32) * y).to(dtype)  # w * y, rounded once
@@ -153,31 +164,34 @@ if triton is not None:
             y = (y.to(tl.float32) * kv_scale).to(dtype)
         tl.store(LAT + bi * stride_lb + pos * stride_ls + offs_c, y, mask=c_ok)
 
-        # the angles of this token: d/2 of them, the first half of its cos/sin rows
+    @triton.jit
+    def _key_work(KV, COS, SIN, POS, KR, n, T, stride_kvb, stride_kvt, stride_cb, stride_ct, stride_kb, stride_ks,
+                  RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr):
+        """Token n's key rope part: rotated, de-interleaved, written to its cache slot."""
+        bi, ti = (n // T).to(tl.int64), n % T
+        pos = tl.load(POS + ti)
         HALF: tl.constexpr = ROPE // 2
-        offs_i = tl.arange(0, BLOCK_HALF)  # (BLOCK_HALF,) pair index
-        i_ok = offs_i < HALF
-        cs = bi * stride_cb + ti * stride_ct + offs_i
-        c = tl.load(COS + cs, mask=i_ok, other=0.0).to(tl.float32)  # (BLOCK_HALF,)
-        s = tl.load(SIN + cs, mask=i_ok, other=0.0).to(tl.float32)
+        c, s, offs_i, i_ok = _angles(COS, SIN, bi, ti, stride_cb, stride_ct, HALF, BLOCK_HALF)
+        x1, x2 = _pairs(KV + bi * stride_kvb + ti * stride_kvt + RANK, offs_i, i_ok, HALF, INTERLEAVED)
+        _rotate_store(KR + bi * stride_kb + pos * stride_ks + offs_i, x1, x2, c, s, i_ok, HALF)
 
-        # the key's rope part: rotated, de-interleaved, written to its cache slot
-        x1, x2 = _pairs(kv + RANK, offs_i, i_ok, HALF, INTERLEAVED)  # (BLOCK_HALF,) each
-        kr = KR + bi * stride_kb + pos * stride_ks
-        tl.store(kr + offs_i, (x1 * c - x2 * s).to(dtype), mask=i_ok)
-        tl.store(kr + HALF + offs_i, (x2 * c + x1 * s).to(dtype), mask=i_ok)
-
-        # the query's rope parts, every head at once: (BLOCK_H, BLOCK_HALF) tiles
-        offs_h = tl.arange(0, BLOCK_H)  # (BLOCK_H,)
-        hi_ok = (offs_h < H)[:, None] & i_ok[None, :]  # (BLOCK_H, BLOCK_HALF)
-        qb = Q + bi * stride_qb + ti * stride_qt + offs_h[:, None] * stride_qh + NOPE  # (BLOCK_H, 1) pointers
-        q1, q2 = _pairs(qb, offs_i[None, :], hi_ok, HALF, INTERLEAVED)  # (BLOCK_H, BLOCK_HALF) each
+    @triton.jit
+    def _q_rope_work(Q, COS, SIN, Q_OUT, n, T, H, heads, h_ok, stride_qb, stride_qh, stride_qt, stride_cb,
+                     stride_ct, q_scale, ROPE: tl.constexpr, NOPE: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                     INTERLEAVED: tl.constexpr, Q_SCALE: tl.constexpr):
+        """Token n's query rope parts of `heads`: one head ((1,) index and h_ok) or a block of them ((BLOCK_H, 1)
+        indices, h_ok (BLOCK_H, 1)); all rotated by the token's angles."""
+        bi, ti = (n // T).to(tl.int64), n % T
+        HALF: tl.constexpr = ROPE // 2
+        c, s, offs_i, i_ok = _angles(COS, SIN, bi, ti, stride_cb, stride_ct, HALF, BLOCK_HALF)
+        ok = h_ok & i_ok  # (BLOCK_HALF,) or (BLOCK_H, BLOCK_HALF)
+        qb = Q + bi * stride_qb + ti * stride_qt + heads * stride_qh + NOPE  # pointers to the rope parts
+        q1, q2 = _pairs(qb, offs_i, ok, HALF, INTERLEAVED)  # each the shape of ok
         if Q_SCALE:  # the scale rounded once before the rotation, as the reference
+            dtype = Q_OUT.dtype.element_ty
             q1 = (q1 * q_scale).to(dtype).to(tl.float32)
             q2 = (q2 * q_scale).to(dtype).to(tl.float32)
-        qo = Q_OUT + ((bi * H + offs_h[:, None]) * T + ti) * ROPE + offs_i[None, :]  # (BLOCK_H, BLOCK_HALF)
-        tl.store(qo, (q1 * c[None, :] - q2 * s[None, :]).to(dtype), mask=hi_ok)
-        tl.store(qo + HALF, (q2 * c[None, :] + q1 * s[None, :]).to(dtype), mask=hi_ok)
+        _rotate_store(Q_OUT + ((bi * H + heads) * T + ti) * ROPE + offs_i, q1, q2, c, s, ok, HALF)
 
     @triton.jit
     def _rope_cache_kernel(
@@ -194,11 +208,14 @@ if triton is not None:
         if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        _token_work(KV, Q, W, COS, SIN, POS, LAT, KR, Q_OUT, tl.program_id(0), T, H,
-                    stride_kvb, stride_kvt, stride_qb, stride_qh, stride_qt, stride_cb, stride_ct,
-                    stride_lb, stride_ls, stride_kb, stride_ks, eps, kv_scale, q_scale,
-                    RANK, ROPE, NOPE, BLOCK_RANK, BLOCK_HALF, BLOCK_H, INTERLEAVED, KV_SCALE, Q_SCALE)
-
+        n = tl.program_id(0)  # one program per token: the latent, the key, every head's q_rope
+        _latent_work(KV, W, POS, LAT, n, T, stride_kvb, stride_kvt, stride_lb, stride_ls, eps, kv_scale,
+                     RANK, BLOCK_RANK, KV_SCALE)
+        _key_work(KV, COS, SIN, POS, KR, n, T, stride_kvb, stride_kvt, stride_cb, stride_ct, stride_kb, stride_ks,
+                  RANK, ROPE, BLOCK_HALF, INTERLEAVED)
+        offs_h = tl.arange(0, BLOCK_H)[:, None]  # (BLOCK_H, 1) every head at once
+        _q_rope_work(Q, COS, SIN, Q_OUT, n, T, H, offs_h, offs_h < H, stride_qb, stride_qh, stride_qt, stride_cb,
+                     stride_ct, q_scale, ROPE, NOPE, BLOCK_HALF, INTERLEAVED, Q_SCALE)
 
     @triton.jit
     def _rope_cache_fold_kernel(
@@ -209,11 +226,11 @@ if triton is not None:
         stride_lb, stride_ls, stride_kb, stride_ks, stride_wh, stride_wd,
         eps, kv_scale, q_scale,
         RANK: tl.constexpr, ROPE: tl.constexpr, NOPE: tl.constexpr, BLOCK_RANK: tl.constexpr,
-        BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_HALF: tl.constexpr, BLOCK_NOPE: tl.constexpr, BLOCK_C: tl.constexpr,
         INTERLEAVED: tl.constexpr, KV_SCALE: tl.constexpr, Q_SCALE: tl.constexpr, PDL: tl.constexpr = False,
     ):
-        """Program (n, head, cb): q_lat's channels [cb * BLOCK_C, (cb + 1) * BLOCK_C) of token n, head `head`; and
-        program (n, 0, 0) also token n's work of `_rope_cache_kernel` (`_token_work`)."""
+        """Program (n, head, cb): q_lat's channels [cb * BLOCK_C, (cb + 1) * BLOCK_C) of token n, head `head`; the
+        programs (n, head, 0) also that head's q_rope, and (n, H - 1, last cb) the token's latent and key."""
         n = tl.program_id(0)
         head = tl.program_id(1)
         cb = tl.program_id(2)
@@ -236,11 +253,17 @@ if triton is not None:
             qn = (qn * q_scale).to(dtype).to(tl.float32)
         q_lat = tl.sum(w.to(tl.float32) * qn[:, None], axis=0)  # (BLOCK_C,) products and sum in fp32
         tl.store(Q_LAT + ((bi * H + head) * T + ti) * RANK + offs_c, q_lat.to(dtype), mask=c_ok)
-        if (head == 0) & (cb == 0):  # one program per token: the latent, the key, every head's q_rope
-            _token_work(KV, Q, W, COS, SIN, POS, LAT, KR, Q_OUT, n, T, H,
-                        stride_kvb, stride_kvt, stride_qb, stride_qh, stride_qt, stride_cb, stride_ct,
-                        stride_lb, stride_ls, stride_kb, stride_ks, eps, kv_scale, q_scale,
-                        RANK, ROPE, NOPE, BLOCK_RANK, BLOCK_HALF, BLOCK_H, INTERLEAVED, KV_SCALE, Q_SCALE)
+        # token n's other work, spread so that no program does much more than its tile: every (n, head, 0) rotates
+        # its head's q_rope, and the last program of the token (n, H - 1, last column block) the latent and the key
+        if cb == 0:
+            one = head + tl.zeros([1], dtype=tl.int32)  # (1,) this head (a vector: masks must be tensors)
+            _q_rope_work(Q, COS, SIN, Q_OUT, n, T, H, one, one < H, stride_qb, stride_qh, stride_qt, stride_cb,
+                         stride_ct, q_scale, ROPE, NOPE, BLOCK_HALF, INTERLEAVED, Q_SCALE)
+        if (head == H - 1) & (cb == tl.num_programs(2) - 1):
+            _latent_work(KV, W, POS, LAT, n, T, stride_kvb, stride_kvt, stride_lb, stride_ls, eps, kv_scale,
+                         RANK, BLOCK_RANK, KV_SCALE)
+            _key_work(KV, COS, SIN, POS, KR, n, T, stride_kvb, stride_kvt, stride_cb, stride_ct, stride_kb,
+                      stride_ks, RANK, ROPE, BLOCK_HALF, INTERLEAVED)
 
 # ------------------------------------------------------------------------------------------------ the launcher
 def _next_pow2(n: int) -> int:
@@ -365,7 +388,7 @@ def _rope_cache_fold_op(kv: torch.Tensor, q: torch.Tensor, norm_weight: torch.Te
         w_uk.stride(0), w_uk.stride(1),
         float(eps), float(kv_scale), float(q_scale),
         RANK=r, ROPE=d, NOPE=nope, BLOCK_RANK=block_rank, BLOCK_HALF=max(16, _next_pow2(d // 2)),
-        BLOCK_H=max(2, _next_pow2(h)), BLOCK_NOPE=max(16, _next_pow2(nope)), BLOCK_C=block_c,
+        BLOCK_NOPE=max(16, _next_pow2(nope)), BLOCK_C=block_c,
         INTERLEAVED=bool(interleaved), KV_SCALE=kv_scale != 1.0, Q_SCALE=q_scale != 1.0, PDL=pdl, num_warps=4,
         launch_pdl=pdl,
     )
