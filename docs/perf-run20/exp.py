@@ -62,11 +62,26 @@ if cmd == "ab":
     del layer
     torch.cuda.empty_cache()
     glm = glm_model(device, dtype)
+    ids = torch.randint(4, glm.config.vocab_size, (1,), device=device, generator=torch.Generator(device).manual_seed(1))
+    logits, kernel_stats = {}, bench.kernel_stats
+
+    def stats_and_logits(dec):  # b1_rows' profile of the step, then that step's logits for a fixed context and token
+        out = kernel_stats(dec)
+        bench.fill_context(dec, 128)
+        logits[name] = dec.step(ids).float()
+        return out
+
+    bench.kernel_stats = stats_and_logits
     for pdl, fold in ((0, 4), (1, 4), (0, 0)):
         set_pdl(pdl)
         mla.FOLD_IN_ROPE_MAX_ROWS = fold
-        bench.b1_rows(glm, f"glm pdl={pdl} fold={fold}", 128, device, ceil, res["rows"], ["compiled_decode"])
+        name = f"glm pdl={pdl} fold={fold}"
+        bench.b1_rows(glm, name, 128, device, ceil, res["rows"], ["compiled_decode"])
         json.dump(res, open(sys.argv[2], "w"), indent=1)
+    base = logits["glm pdl=0 fold=4"]
+    res["logits_max_abs_diff_vs_pdl0_fold4"] = {k: float((v - base).abs().max()) for k, v in logits.items()}
+    print(f"perf-run20 ab: logits max |diff| vs pdl=0 fold=4: {res['logits_max_abs_diff_vs_pdl0_fold4']}", flush=True)
+    json.dump(res, open(sys.argv[2], "w"), indent=1)
     sys.exit(0)
 out = sys.argv[2]
 os.makedirs(out, exist_ok=True)
