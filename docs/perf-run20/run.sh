@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # perf-run20's device command (docs/perf-run20/README.md), from the repository root on the device:
-#   bash docs/perf-run20/run.sh          (writes under $OUT)
+#   bash docs/perf-run20/run.sh [LIMIT_S]          (writes under $OUT; LIMIT_S default 580)
 # ~9 minutes on one H100 / H200: (1) the GPU tests of the decode-step capture and of the rope kernels, and the
 # compiled-generate tests again with inductor's PDL on (TORCHINDUCTOR_ENABLE_PDL=1); (2) exp.py ab: the compiled
 # batch-1 step with inductor's PDL off / on (the LongCat layer, GLM-4.7-Flash) and GLM with W_uk's own bmm; (3)
@@ -12,7 +12,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 pip list 2>/dev/null | grep -iE "^(einops|torch|triton|transformers) "
 python -c "import torch._inductor.config as c; print('inductor enable_pdl option:', hasattr(c.triton, 'enable_pdl'))"
 t() { echo "t=$(( $(date +%s) - S )) s"; }
-left() { echo $(( 580 - ($(date +%s) - S) )); }
+LIMIT=${1:-580}  # seconds this command may run (the device call's limit less a margin)
+left() { echo $(( LIMIT - ($(date +%s) - S) )); }
 timeout 150 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_kernel_rope.py tests/test_fast.py \
     -k "gpu or capture or compiled_generate_on_cuda" > "$OUT/tests.log" 2>&1; echo "tests rc=$?"
 grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -8 | cut -c1-300; t
