@@ -415,6 +415,42 @@ def test_programmatic_dependent_launch_changes_no_bit(kind, monkeypatch):
     assert torch.equal(outs[1], outs[0])
 
 
+@CUDA
+@pytest.mark.parametrize("kind", KINDS)
+def test_inductor_pdl_in_the_compiled_step_changes_no_bit(kind, monkeypatch):
+    """The compiled decode step with inductor's own kernels launched with PDL (DECODE_INDUCTOR_OPTIONS'
+    triton.enable_pdl, where torch has it) gives bit for bit the logits of the step compiled without it, in a
+    captured CUDA graph, over several steps: a generated kernel that loaded its input before its gdc_wait would read
+    it half written."""
+    import longcat_ref.model.generate as G
+
+    if "triton.enable_pdl" not in G.DECODE_INDUCTOR_OPTIONS:
+        pytest.skip("this torch's inductor has no triton.enable_pdl")
+    m = tiny(kind, dtype=torch.bfloat16).cuda()
+    ids, mask = (t.cuda() for t in padded_batch(6))
+    outs = []
+    for use in (False, True):
+        monkeypatch.setitem(G.DECODE_INDUCTOR_OPTIONS, "triton.enable_pdl", use)
+        monkeypatch.setattr(G, "_COMPILED", {})  # a fresh torch.compile with these options
+        torch._dynamo.reset()
+        dec = Decoder(m, batch=3, max_len=16, compile=True)
+        with torch.no_grad():
+            dec.prefill(ids, mask)
+            outs.append(torch.stack([dec.step(torch.full((3,), 9 + i, device="cuda")) for i in range(5)]))
+    assert torch.equal(outs[1], outs[0])
+
+
+def test_decode_step_options_turn_on_inductor_pdl_where_torch_has_it():
+    """DECODE_INDUCTOR_OPTIONS asks for inductor's PDL exactly when this torch knows the option (an unknown option
+    would make torch.compile raise); on the CPU inductor generates no PDL code either way."""
+    import torch._inductor.config as inductor_config
+
+    from longcat_ref.model.generate import DECODE_INDUCTOR_OPTIONS
+
+    assert DECODE_INDUCTOR_OPTIONS.get("triton.enable_pdl", False) == hasattr(inductor_config.triton, "enable_pdl")
+    assert DECODE_INDUCTOR_OPTIONS["combo_kernels"] is True
+
+
 def test_programmatic_dependent_launch_is_for_cuda_only():
     from longcat_ref.kernels import support
 

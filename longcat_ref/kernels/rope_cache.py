@@ -50,8 +50,8 @@ products and the sum over nope in fp32, rounded once. The token's rope-cache wor
 that none does much more than its tile: program (n, head, 0) also rotates that head's q_rope, and program (n, h - 1,
 last column block) normalises and writes the latent and rotates and writes the key (the same @triton.jit helpers as
 `_rope_cache_kernel`: `_latent_work`, `_key_work`, `_q_rope_work`, one home each). The first version left all of
-it to program (n, 0, 0), after its own tile: 6.38 us a GLM layer (one H100, docs/perf-run19/), the likely critical
-path. `rope_cache_fold_reference` is rope_cache_reference and the model's einsum (model/mla.py's `_fold_bmm`),
+it to program (n, 0, 0), after its own tile: 6.38 us a GLM layer (one H100, docs/perf-run19/); spread, 5.27 us
+(one H100, docs/perf-run20/: GLM-4.7-Flash's compiled batch-1 step 3.998 ms without the fold, 3.872 with it). `rope_cache_fold_reference` is rope_cache_reference and the model's einsum (model/mla.py's `_fold_bmm`),
 which the kernel is tested equal to.
 
 `rope_cache_write` is a `torch.library.custom_op` ("longcat_ref::rope_cache_write") that mutates the two cache

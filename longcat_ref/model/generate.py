@@ -33,6 +33,7 @@ import time
 import warnings
 
 import torch
+import torch._inductor.config  # noqa: F401 -- DECODE_INDUCTOR_OPTIONS asks it for triton.enable_pdl
 
 from .cache import DynamicCache, StaticCache
 from .forms import DECODE, PREFILL
@@ -363,6 +364,13 @@ _COMPILED = {}  # torch.compile options -> torch.compile(decode_step): one compi
 # one (horizontal fusion). Measured on one H200 (2026-12-03, docs/perf-run13/): GLM-4.7-Flash's compiled batch-1
 # step 3.571 -> 3.472 ms, 743 -> 670 kernels.
 DECODE_INDUCTOR_OPTIONS = {"combo_kernels": True}
+# ... and programmatic dependent launch in inductor's own kernels (`triton.enable_pdl`, off in torch by default; on
+# CUDA sm_90+ only): each generated kernel loads what the kernel before it did not write -- the weights -- before its
+# gdc_wait, as our Triton kernels do (kernels/support.py), so the step's weight reads overlap the previous kernel's
+# tail. Measured on one H100 (2026-12-07, docs/perf-run20/): GLM-4.7-Flash's compiled batch-1 step 3.872 -> 3.737 ms,
+# the logits bit for bit the same; the LongCat layer's step within its run-to-run spread (three pairs).
+if hasattr(torch._inductor.config.triton, "enable_pdl"):  # torch 2.11 and 2.13 have it
+    DECODE_INDUCTOR_OPTIONS["triton.enable_pdl"] = True
 
 
 def compiled_decode_step(compile: bool | str = True):
