@@ -121,7 +121,10 @@ with open(os.path.join(out, "trace.txt"), "w") as f:
             "# index, start (us), duration (us), gap before (us), name\n")
     f.write("\n".join(lines) + "\n")
 print(f"perf-run20 trace: {len(ev)} kernels, span {span:.1f} us, busy {busy:.1f} us", flush=True)
-from torch._inductor.utils import cache_dir  # noqa: E402
+try:  # where inductor writes its generated code (moved between torch versions)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+except ImportError:
+    from torch._inductor.utils import cache_dir
 
 best = None
 for root, _, files in os.walk(cache_dir()):
