@@ -375,6 +375,19 @@ def test_compiled_decode_step_equals_eager_and_compiles_once():
     assert m._decoders[(3, 256, True, False, m.dtype, m.device)].setup_s > 0  # the one-time compile was timed
 
 
+def test_critical_path_counts_each_moment_once():
+    """bench.critical_path: a kernel costs its end minus the latest end before it. Launched early (PDL), b's
+    duration overlaps a's, yet it costs only what it runs past a's end; c, inside b's window, costs nothing; the
+    gap before d is d's. The costs sum to the span; durations would count the overlap twice."""
+    from longcat_ref.tools.bench import critical_path
+
+    ev = [("d", 9.0, 1.0), ("a", 0.0, 2.0), ("b", 1.0, 4.0), ("c", 2.5, 1.0), ("a", 10.0, 0.5)]  # (name, start, dur)
+    got = {n: (calls, cost) for n, calls, cost in critical_path(ev)}
+    assert got == {"a": (2, 2.5), "b": (1, 3.0), "c": (1, 0.0), "d": (1, 5.0)}
+    assert sum(c for _, c in got.values()) == 10.5 == max(s + d for _, s, d in ev) - min(s for _, s, _ in ev)
+    assert [n for n, _, _ in critical_path(ev)] == ["d", "b", "a", "c"] and critical_path([]) == []
+
+
 def test_bench_cli_rejects_unknown_section():
     r = subprocess.run([sys.executable, "-m", "longcat_ref.tools.bench", "--only", "nope", "--device", "cpu"],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -364,6 +364,40 @@ def kernel_stats(dec) -> dict:
                 kernel_all=[(n[:160], c, t) for n, (c, t) in ranked])  # every kernel of the step: where time goes
 
 
+def critical_path(events) -> list:
+    """events: (name, start, duration) of the kernels of one step on one stream, any order and unit -> [(name,
+    calls, cost)] ranked by cost, where a kernel's cost is what it adds to the step's critical path: its end minus
+    the latest end before it (0 if it ends earlier). With programmatic dependent launch a kernel is launched early
+    and waits in gdc_wait(), so its duration includes that wait and overlaps its predecessor's; this attribution
+    counts each moment of the step once: the costs sum to the span, first start to last end."""
+    ev = sorted(events, key=lambda e: e[1])
+    if not ev:
+        return []
+    costs, last = {}, ev[0][1]
+    for name, start, dur in ev:
+        end = start + dur
+        n, c = costs.get(name, (0, 0.0))
+        costs[name] = (n + 1, c + max(0.0, end - last))
+        last = max(last, end)
+    return sorted(((n, c, t) for n, (c, t) in costs.items()), key=lambda r: -r[2])
+
+
+def critical_stats(dec) -> dict:
+    """One replay of the decode step's CUDA graph, profiled: its span and each kernel's cost on the critical path
+    (`critical_path`), the table behind "where the time goes"."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.graph.replay()
+        torch.cuda.synchronize()
+    ev = [(e.name, e.time_range.start / 1e6, (e.time_range.end - e.time_range.start) / 1e6)
+          for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]  # seconds
+    if not ev:
+        return {}
+    span = max(s + d for _, s, d in ev) - min(s for _, s, _ in ev)
+    return dict(graph_span_s=span, kernel_critical=[(n[:90], c, t) for n, c, t in critical_path(ev)[:20]])
+
+
 def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20, attention="absorbed",
                 router="plain", linear="plain", rope="plain", shortcut="inline"):
     """Seconds per decode step (a replayed CUDA graph on GPU) at context ctx, and the roofline inputs."""
@@ -709,8 +743,9 @@ def bench_fp8(args, ceil, res) -> dict:
 
 def bench_b1(args, ceil, res) -> dict:
     """Batch-1 decode, ours only (no transformers): the LongCat layer at context 1k and the full GLM at context
-    128, CUDA graph vs torch.compile + graph; kernels per step and the roofline of each run (it depends on how
-    many distinct experts that run's tokens touched)."""
+    128, CUDA graph vs torch.compile + graph; kernels per step, each kernel's cost on the critical path of one graph
+    replay (`kernel_critical`, `critical_path`) and the roofline of each run (it depends on how many distinct
+    experts that run's tokens touched)."""
     from ..model.config import tiny_glm
 
     device, dtype = args.device, torch.bfloat16
@@ -745,12 +780,16 @@ def b1_rows(model, name, ctx, device, ceil, rows, variants=("graph", "compiled")
         row["over_roofline"] = t / row["roofline_s"]
         if dec.graphs:
             row.update(kernel_stats(dec))
+            row.update(critical_stats(dec))
         rows.append(row)
         del dec
         checkpoint()
         print(f"  b1 {name} b={batch} ctx={ctx} {variant}: {t * 1e3:.3f} ms = {batch / t:,.0f} tok/s, roofline "
               f"{row['roofline_s'] * 1e3:.3f} ms ({row['over_roofline']:.2f}x), "
               f"{row.get('kernels_per_step', '?')} kernels (setup {row['setup_wall_s']:.0f} s)", flush=True)
+        if row.get("kernel_critical"):  # where the step's time goes: each kernel's cost on the critical path
+            top = ", ".join(f"{n[:40]} {c}x {cost * 1e6:.0f} us" for n, c, cost in row["kernel_critical"][:6])
+            print(f"    critical path of one replay ({row['graph_span_s'] * 1e3:.3f} ms): {top}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ gpu: end to end
