@@ -13,6 +13,8 @@ Each file holds one kernel family:
     router.py       the router's scores, biased top-k and weights for a few decode tokens, one program per token
     gemv.py         a split-K GEMV for the projections of a few tokens (opt-in: measured slower than inductor's)
     skinny_gemm.py  a split-K tensor-core GEMM for the projections of a decode batch of 5-64 tokens (opt-in)
+    prefetch_gemv.py  a whole-row GEMV whose weight is loaded before the PDL wait, optionally with RMSNorm first
+                    (opt-in, not yet measured)
     rope_cache.py   MLA's latent RMSNorm, RoPE of q and k and the cache write of a decode step, one program a token
     rmsnorm.py      RMSNorm, one program a row (a prefill's norms; inside torch.compile inductor fuses them)
 

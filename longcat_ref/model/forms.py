@@ -14,8 +14,9 @@ ATTENTION_FORMS = ("naive", "absorbed", "sdpa", "fused", "fused_uv", "auto")  # 
 EXPERT_FORMS = ("loop", "grouped", "grouped_triton", "gather", "gemv", "fused", "auto")  # experts.py ("fused":
 #   kernels/moe_decode.py; "grouped_triton": the grouped form's GEMMs in kernels/grouped_gemm.py)
 ROUTER_FORMS = ("plain", "fused", "auto")  # router.py ("fused": kernels/router.py)
-LINEAR_FORMS = ("plain", "gemv", "triton", "skinny", "auto")  # linear.py (the dense projections; "gemv":
-#   inside torch.compile; "triton": kernels/gemv.py on CUDA; "skinny": kernels/skinny_gemm.py on CUDA)
+LINEAR_FORMS = ("plain", "gemv", "triton", "skinny", "prefetch", "auto")  # linear.py (the dense projections:
+#   "gemv" inside torch.compile; "triton": kernels/gemv.py on CUDA; "skinny": kernels/skinny_gemm.py on CUDA;
+#   "prefetch": "auto", with kernels/prefetch_gemv.py for the projections it fits on CUDA)
 ROPE_FORMS = ("plain", "fused", "fused_uk", "auto")  # mla.py, between the projections and the attention
 #   ("fused": kernels/rope_cache.py; with attention "sdpa" kernels/rope_qk.py; "fused_uk": rope_cache.py with W_uk's
 #   product in the same launch)
@@ -39,7 +40,9 @@ class Forms:
     #                        kernel) | "auto" (fused for a few tokens and up to 256 experts on CUDA, else plain)
     linear: str = "plain"  # "plain" (cuBLAS) | "gemv" (multiply-and-sum, for torch.compile to fuse) | "triton"
     #                        (the split-K GEMV kernel for up to 16 tokens: CUDA) | "skinny" (the split-K tensor-core
-    #                        kernel for up to 64 tokens: CUDA) | "auto" (gemv for a few tokens and weights up to
+    #                        kernel for up to 64 tokens: CUDA) | "prefetch" ("auto", and the whole-row GEMV
+    #                        kernel, its weight loaded before the PDL wait, where it fits: CUDA; opt-in,
+    #                        unmeasured) | "auto" (gemv for a few tokens and weights up to
     #                        16M elements while compiling, else plain; the router's logits on CUDA in a 16-bit
     #                        model: a 16-bit product with fp32 output)
     rope: str = "plain"  # MLA's latent norm, RoPE of q and k and the cache write: "plain" (norm.py, rope.py,

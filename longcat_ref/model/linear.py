@@ -24,6 +24,11 @@ Two forms of the same product, chosen per call (`CausalLM.forward(..., forms=For
   H200, 2026-12-04, docs/perf-run16/: q_a 3.8 vs 5.8 us, kv_a 3.4 vs 5.6, o_proj 10.1 vs 11.4, the router's fp32
   logits 2.65 vs 13.4). In the compiled batch-32 step the sums of the partials run as separate reductions where
   the consumer is an opaque op, and the step was not measurably faster: 16.93 vs 17.01 ms, in the same run.
+* "prefetch": "auto", except that a projection of up to 4 tokens whose rows fit one tile (K <= 8192, the weight
+  in x's dtype) runs in kernels/prefetch_gemv.py on CUDA: each program loads its whole rows of W before its
+  programmatic-dependent-launch wait, so the weight read overlaps the previous kernel; MLA's q_b takes q_a's
+  RMSNorm into the same kernel (model/mla.py). Opt-in: not measured on a GPU yet (written 2026-12-07 with no
+  device time left; docs/perf-run20/ measured q_b with q_a's norm at 6.7 us of the step's critical path).
 * "auto": gemv for up to GEMV_MAX_TOKENS tokens while torch.compile traces and for weights of at most
   GEMV_MAX_WEIGHT elements, plain otherwise. Why the size cap (one H200, 2026-12-02, docs/perf-run7/): every
   GLM-4.7-Flash projection is below it (at most 10.5M elements), and gemv made its compiled batch-1 step 6.47 ->
@@ -43,6 +48,7 @@ import torch
 from torch import nn
 
 from ..kernels import support
+from ..kernels import prefetch_gemv as _prefetch
 from ..kernels.gemv import gemv as triton_gemv
 from ..kernels.skinny_gemm import MAX_TOKENS as SKINNY_MAX_TOKENS
 from ..kernels.skinny_gemm import skinny_gemm
@@ -55,7 +61,10 @@ TRITON_MAX_TOKENS = 16  # "triton": the kernel for up to this many tokens (its t
 def resolve(form: str, x: torch.Tensor, weight_numel: int) -> str:
     """The form one product runs in, for input x (..., K) and a weight of weight_numel elements: "auto" -> "gemv"
     or "plain"; "triton" / "skinny" -> themselves where the kernel can run (kernels/support.py) for up to
-    TRITON_MAX_TOKENS / SKINNY_MAX_TOKENS tokens, else "plain"; the others unchanged."""
+    TRITON_MAX_TOKENS / SKINNY_MAX_TOKENS tokens, else "plain"; "prefetch" as "auto" (its kernel is taken by
+    `linear` itself, for an nn.Linear it fits); the others unchanged."""
+    if form == "prefetch":
+        form = "auto"
     if form not in ("auto", "triton", "skinny"):
         return form  # "plain", "gemv": no look at x (the plain path dispatches no extra op)
     tokens = x[..., 0].numel()
@@ -78,6 +87,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
 def linear(m: nn.Module, x: torch.Tensor, form: str = "plain") -> torch.Tensor:
     """m(x) in the given form: x (..., K) -> (..., N)."""
     if type(m) is nn.Linear:
+        if form == "prefetch" and _prefetch.fits(x, m.weight) and (m.bias is None or m.bias.dtype == x.dtype):
+            return _prefetch.prefetch_gemv(x, m.weight, m.bias)  # (..., N)
         f = resolve(form, x, m.weight.numel())
         if f == "gemv":
             return gemv(x, m.weight, m.bias)  # (..., N)

@@ -62,6 +62,8 @@ from ..kernels.mla_decode import chunks as mla_chunks
 from ..kernels.mla_decode import mla_decode
 from ..kernels.rope_cache import rope_cache_fold_write, rope_cache_write
 from ..kernels.rope_qk import assemble_keys, rope_query
+from ..kernels.prefetch_gemv import fits as prefetch_fits
+from ..kernels.prefetch_gemv import prefetch_gemv
 from .forms import ATTENTION_FORMS, ROPE_FORMS
 from .linear import linear as _linear
 from .linear import resolve as resolve_linear
@@ -103,7 +105,7 @@ def fold_form(linear: str, per_head: str) -> str:
     GLM-4.7-Flash; the compiled batch-1 step 4.322 -> 4.146 ms). Inside torch.compile that is "bmm", the same
     einsum as an opaque op: inductor otherwise copies W_uk, a strided slice of kv_b_proj's weight (3.9 MB a layer
     for GLM), before calling cuBLAS on it (docs/perf-run12/: 4.033 -> 3.949 ms). Explicit forms are kept."""
-    if linear != "auto":
+    if linear not in ("auto", "prefetch"):  # "prefetch" is "auto" for the per-head products
         return per_head
     return "bmm" if torch.compiler.is_compiling() else "plain"
 
@@ -171,8 +173,13 @@ class MLA(nn.Module):
         if hasattr(self, "q_proj"):
             q = _linear(self.q_proj, x, linear)  # (b, t, h*qk)
         else:
-            q_a = self.q_a_layernorm(_linear(self.q_a_proj, x, linear), norm)  # (b, t, q_lora_rank)
-            q = _linear(self.q_b_proj, q_a, linear)  # (b, t, h*qk)
+            q_a = _linear(self.q_a_proj, x, linear)  # (b, t, q_lora_rank)
+            ln, w = self.q_a_layernorm, self.q_b_proj.weight
+            if (linear == "prefetch" and type(self.q_b_proj) is nn.Linear and self.q_b_proj.bias is None
+                    and prefetch_fits(q_a, w) and ln.weight.dtype == q_a.dtype):  # q_a's norm in q_b's kernel
+                q = prefetch_gemv(q_a, w, None, ln.weight, ln.eps)  # (b, t, h*qk)
+            else:
+                q = _linear(self.q_b_proj, ln(q_a, norm), linear)  # (b, t, h*qk)
         return rearrange(q, "b t (h d) -> b h t d", h=self.n_heads)  # (b, h, t, nope+rope)
 
     def project(self, x, cos, sin, linear: str = "plain", norm: str = "plain"):

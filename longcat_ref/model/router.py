@@ -59,8 +59,8 @@ class Router(nn.Module):
         "gemv" is one reduction kernel that reads W in its own dtype, where "plain" first copies W to fp32; "auto"
         where it resolves to "plain", on CUDA with 16-bit x and W: the 16-bit product with fp32 output, above)."""
         f = resolve(linear, x, self.weight.numel())
-        if (f == "plain" and linear == "auto" and x.is_cuda and HAVE_MM_OUT_DTYPE and x.dtype == self.weight.dtype
-                and x.dtype in (torch.bfloat16, torch.float16)):
+        if (f == "plain" and linear in ("auto", "prefetch") and x.is_cuda and HAVE_MM_OUT_DTYPE
+                and x.dtype == self.weight.dtype and x.dtype in (torch.bfloat16, torch.float16)):
             return torch.mm(x, self.weight.t(), out_dtype=torch.float32)  # (n, E) fp32: exact products, fp32 sum
         if f in ("gemv", "triton"):  # "triton" too: tiny fp32 logits
             return gemv(x.float(), self.weight)  # (n, E) fp32
