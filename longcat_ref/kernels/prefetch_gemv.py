@@ -27,7 +27,8 @@ BLOCK_N is chosen so that the tile is 8,192 values (64 a thread at 4 warps): 8 r
 programs), 4 of 2048 (q_a, kv_a), 1 of 5120 -> 8192 (o_proj: 2,048 programs of 16 KB). No split over K: one program
 holds a row whole, so nothing is summed outside the kernel and it writes y in the model dtype, ready for the next
 kernel. How much of W is in flight before the wait is bounded by how many programs are resident (an H100 holds
-132 x 16 four-warp programs, ~2,100: all of o_proj's); the rest load as programs finish.
+at most 132 x 16 four-warp programs, ~2,100, fewer where registers run out; not measured); the rest load as
+programs finish.
 
 Inference only, fixed launch shapes, no host sync: the op is opaque to torch.compile and can be captured in a CUDA
 graph. `prefetch_gemv_reference` is the definition it is tested equal to (tests/test_kernel_prefetch_gemv.py); the
