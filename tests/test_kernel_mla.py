@@ -7,6 +7,10 @@ GLM-4.7-Flash's 20, up to a 32k-slot cache, inside a CUDA graph and under torch.
 """
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,6 +237,39 @@ def test_split_plan():
                 assert 1 <= n <= tiles and (n - 1) * per < tiles <= n * per  # no empty chunk, every tile covered
 
 
+def test_prefetch_plan():
+    """The cache prefetch's constexprs: 128-byte lines per slot (bf16 r = 512: 8, d = 64: 1), none without PDL."""
+    assert K.prefetch_plan(512, 64, 2, True) == dict(PF_TILES=K.PREFETCH_TILES, LAT_LINES=8, KR_LINES=1, LINE=64)
+    assert K.prefetch_plan(512, 64, 4, True) == dict(PF_TILES=K.PREFETCH_TILES, LAT_LINES=16, KR_LINES=2, LINE=32)
+    assert K.prefetch_plan(16, 4, 2, True)["LAT_LINES"] == 1  # a tiny config: one line per slot
+    assert K.prefetch_plan(512, 64, 2, False)["PF_TILES"] == 0
+
+
+def split_kernel_ptx(pf_tiles: int, block_s: int = 32) -> str:
+    """The split kernel compiled ahead of time for sm_90 at GLM's bf16 sizes with PDL (tests/ptx.py, in a process
+    without the interpreter): its PTX."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
+    run = subprocess.run([sys.executable, str(root / "tests" / "ptx.py"), "mla_split", str(pf_tiles), str(block_s)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    if run.returncode and "ptxas" in run.stderr.lower():  # a Triton install without its CUDA tool chain
+        pytest.skip("Triton cannot compile for sm_90 here: " + run.stderr.strip().splitlines()[-1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
+
+
+def test_cache_prefetch_is_issued_before_the_dependent_launch_wait():
+    """With PDL the split program asks L2 for its first tiles (one `prefetch.global.L2` per 128-byte line) before
+    `griddepcontrol.wait`, and reads nothing else there; with PF_TILES = 0 no prefetch is emitted."""
+    lines = split_kernel_ptx(2).splitlines()
+    wait = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
+    pre = [i for i, line in enumerate(lines) if "prefetch.global.L2" in line]
+    assert len(wait) == 1 and pre and max(pre) < wait[0]
+    assert not any("ld.global" in line for line in lines[:wait[0]])  # nothing loaded before the wait
+    assert not any("prefetch" in line for line in split_kernel_ptx(0).splitlines())
+
+
 def test_custom_op_compiles_and_passes_opcheck():
     b, h, t, r, d, S = 1, 2, 1, 16, 16, 40
     x = inputs(b, h, t, r, d, S, seed=4)
@@ -356,3 +393,67 @@ def test_gpu_compile_fullgraph_equals_eager(h):
 
     compiled = torch.compile(step, fullgraph=True)
     assert torch.equal(compiled(*x, bias), step(*x, bias))
+
+
+if torch.cuda.is_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _late_writer(SRC, DST, n, spin, PDL: tl.constexpr):
+        """Copies SRC into DST late: it lets the next kernel start at once (PDL), spins, then writes."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        offs = tl.program_id(0) * 1024 + tl.arange(0, 1024)
+        x = tl.load(SRC + offs, mask=offs < n, other=0.0).to(tl.float32)
+        for _ in range(spin):  # a few microseconds of dependent arithmetic that changes nothing
+            x = x * 1.0 + 0.0 * tl.sin(x)
+        tl.store(DST + offs, x.to(DST.dtype.element_ty), mask=offs < n)
+
+
+@cuda
+@pytest.mark.parametrize("pf_tiles", [0, 2])
+def test_gpu_cache_written_by_the_previous_kernel_is_read_fresh(monkeypatch, pf_tiles):
+    """The hazard of the prefetch: in one CUDA graph a PDL kernel rewrites the whole latent cache late, after it
+    has let the split kernel start; the split programs prefetch the old lines before their wait. The replay must
+    equal the eager result on the new cache, bit for bit, for GLM's 20 heads over 128 slots (4 chunks of one
+    tile: every tile prefetched)."""
+    monkeypatch.setattr(K, "PREFETCH_TILES", pf_tiles)
+    x, bias, scale = gpu_inputs(20, 1, 128, 1, seed=3)
+    q_lat, q_rope, latent, k_rope = x
+    new = torch.randn_like(latent)  # the producer's data: every slot changes
+    old = latent.clone()
+    pdl = support.pdl(latent)
+
+    def chain():
+        _late_writer[(triton.cdiv(latent.numel(), 1024),)](new, latent, latent.numel(), 2000, PDL=pdl,
+                                                             launch_pdl=pdl)
+        return K.mla_decode(q_lat, q_rope, latent, k_rope, bias, scale)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # compile both kernels outside the capture
+        chain()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain()
+    for _ in range(3):
+        latent.copy_(old)  # the stale cache, then the replay rewrites it
+        torch.cuda.synchronize()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(latent, new)
+        assert torch.equal(captured, K.mla_decode(q_lat, q_rope, new, k_rope, bias, scale))
+
+
+@cuda
+def test_gpu_cache_prefetch_changes_no_bit(monkeypatch):
+    """The prefetch is a hint: the kernel with it (PREFETCH_TILES = 2) equals the kernel without, bit for bit, at
+    real sizes with several tiles per chunk."""
+    x, bias, scale = gpu_inputs(64, 1, 32768, 1, seed=4)
+    monkeypatch.setattr(K, "PREFETCH_TILES", 0)
+    off = K.mla_decode(*x, bias, scale)
+    monkeypatch.setattr(K, "PREFETCH_TILES", 2)
+    assert torch.equal(K.mla_decode(*x, bias, scale), off)

@@ -70,6 +70,19 @@ chunk count: `mla.auto_form` uses it for up to FUSED_UV_MAX_ROWS query rows in t
 chunks (one H200, docs/perf-run13/: GLM-4.7-Flash's step 3.611 -> 3.571 ms at 4 chunks; LongCat-Flash's merge
 8.8 -> 12.7 us at 32 chunks); a batch keeps one batched product.
 
+The cache prefetch (PREFETCH_TILES, with PDL only). The split kernel cannot load anything before its dependent-launch
+wait: the query is the previous kernel's output, and so is this step's slot of the cache (the rope kernel writes
+it). But the addresses of its chunk are known at launch, and most of those lines were written steps ago. So before
+the wait each program issues `prefetch.global.L2` for the first PREFETCH_TILES tiles of its chunk, one per 128-byte
+line (`_prefetch_l2`): a hint, which reads nothing into registers and makes nothing wait. After the wait the tiles
+are loaded as always, from L2 instead of DRAM. L2 is where every SM's loads meet, so a line the previous kernel
+was still writing (this step's slot) is read with its new value after the wait: the prefetch changes no value,
+only when the bytes arrive. At batch 1 each chunk is one or two tiles up to ~17k slots (about 2 programs per SM),
+so the whole cache read overlaps the previous kernel's tail. Triton's CPU interpreter cannot run PTX: there (and
+without PDL) the kernel is built without it. Tested: the PTX has the prefetches and nothing else before the wait
+(tests/ptx.py compiles for sm_90 without a GPU); on a GPU a kernel that rewrites the whole cache late, after letting
+the split kernel start, is read fresh, and the result with the prefetch is bit-identical to without.
+
 Masking. S is the whole static cache; slots not written yet and padding are masked by the caller's additive bias,
 0 where allowed and finfo(dtype).min where not (as `attention_bias` builds it; -inf is not supported: a fully
 masked row would be NaN, as in the reference). exp(finfo.min - m) underflows to exactly 0, as in the reference. A
@@ -118,6 +131,11 @@ BLOCK_R = 16  # query rows (head, query) per program: tl.dot's minimum M
 TILE_BYTES = 32 * 1024  # one latent tile (BLOCK_S x r) at most this big: bf16 r=512 -> BLOCK_S = 32
 NUM_WARPS, NUM_STAGES = 4, 2  # sglang's MLA decode kernel runs (16 rows x 512) x 32-slot tiles at these on Hopper
 PROGRAMS_PER_SM = 2
+# The cache prefetch (with PDL only): before its dependent-launch wait each split program asks L2 for the first
+# PREFETCH_TILES tiles of its chunk (`prefetch.global.L2`, one instruction per 128-byte line), so their DRAM latency
+# overlaps the previous kernel's tail; 0 turns it off (read at launch, like support.USE_PDL; the A/B of a benchmark)
+PREFETCH_TILES = 2
+LINE_BYTES = 128  # the cache line a prefetch brings in
 COMBINE_BLOCK_C, COMBINE_BLOCK_SP = 64, 32  # kernel 2: channels per program, chunks read per step (one tile)
 # kernel 2 with W_uv (w_uv given): output channels v per program (one W_uv tile of 32 x 512), chunks read per step
 UV_BLOCK_V, UV_BLOCK_SP = 32, 8
@@ -174,6 +192,15 @@ def split_plan(b: int, rows: int, S: int, block_s: int, n_sm: int = 132, splits:
     return math.ceil(tiles / per), per
 
 
+def prefetch_plan(r: int, d: int, element_size: int, pdl: bool) -> dict:
+    """The split kernel's cache-prefetch constexprs: PF_TILES tiles of its chunk (PREFETCH_TILES with PDL, else 0:
+    without the early launch there is nothing to overlap), LAT_LINES / KR_LINES 128-byte lines per slot of the
+    latent / k_rope (powers of two, for tl.arange), LINE elements per line."""
+    line = max(1, LINE_BYTES // element_size)
+    return dict(PF_TILES=PREFETCH_TILES if pdl else 0, LAT_LINES=_next_pow2(math.ceil(r / line)),
+                KR_LINES=_next_pow2(math.ceil(d / line)), LINE=line)
+
+
 def chunks(b: int, h: int, t: int, r: int, d: int, S: int, element_size: int, device) -> int:
     """How many context chunks `mla_decode` splits b sequences of h heads x t queries over S slots into (its
     `split_plan` on this device); 1 means no split."""
@@ -194,6 +221,14 @@ if triton is not None:
         return tl.dot(a, b, acc, input_precision="ieee")
 
     @triton.jit
+    def _prefetch_l2(ptrs):
+        """Ask L2 for the 128-byte line holding each pointer of the block (PTX `prefetch.global.L2`, a hint: no
+        value is read into registers, nothing waits for it, and L2 is where every SM's later loads look, so a line
+        the previous kernel is still writing is read correctly after the wait). Not in Triton's CPU interpreter."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+    @triton.jit
     def _mla_split_kernel(
         Q_LAT, Q_ROPE, LATENT, K_ROPE, BIAS,  # (b, R, r), (b, R, d), (b, S, r), (b, S, d), (b, 1, t, S) strided
         M_PART, L_PART, ACC_PART, OUT,  # (b, SPLITS, R) x2, (b, SPLITS, R, r) fp32; OUT (b, R, r)
@@ -203,13 +238,25 @@ if triton is not None:
         scale,
         RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_ROPE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, PF_TILES: tl.constexpr = 0, LAT_LINES: tl.constexpr = 1,
+        KR_LINES: tl.constexpr = 1, LINE: tl.constexpr = 64,
     ):
+        pid_r, pid_sp = tl.program_id(0), tl.program_id(1)
+        pid_b = tl.program_id(2).to(tl.int64)  # int64: b * S * r can pass 2^31
+        lat_base = LATENT + pid_b * stride_lb  # this sequence's cache
+        kr_base = K_ROPE + pid_b * stride_kb
+        start = pid_sp * tiles_per_split * BLOCK_S  # this chunk's first slot (< S: no chunk is empty)
+        end = tl.minimum(start + tiles_per_split * BLOCK_S, S)
+        if PF_TILES > 0:  # the cache prefetch: only the addresses, which depend on no earlier kernel's output
+            for i in tl.static_range(PF_TILES):  # slots past the chunk are clamped to its last one (a repeat)
+                s = tl.minimum(start + i * BLOCK_S + tl.arange(0, BLOCK_S), end - 1)  # (BLOCK_S,) slots
+                lines = tl.minimum(tl.arange(0, LAT_LINES), (RANK - 1) // LINE) * LINE  # (LAT_LINES,) line starts
+                _prefetch_l2(lat_base + s[:, None] * stride_ls + lines[None, :])  # (BLOCK_S, LAT_LINES) lines
+                lines = tl.minimum(tl.arange(0, KR_LINES), (ROPE - 1) // LINE) * LINE  # (KR_LINES,)
+                _prefetch_l2(kr_base + s[:, None] * stride_ks + lines[None, :])  # (BLOCK_S, KR_LINES)
         if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        pid_r, pid_sp = tl.program_id(0), tl.program_id(1)
-        pid_b = tl.program_id(2).to(tl.int64)  # int64: b * S * r can pass 2^31
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) row = head * t + query
         row_ok = rows < R  # (BLOCK_R,) padding rows past h*t
         qry = rows % T  # (BLOCK_R,) which bias row each query row uses
@@ -222,15 +269,11 @@ if triton is not None:
                         mask=row_ok[:, None] & c_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_RANK)
         q_rope = tl.load(Q_ROPE + pid_b * R * ROPE + rows[:, None] * ROPE + offs_d[None, :],
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_ROPE)
-        lat_base = LATENT + pid_b * stride_lb  # this sequence's cache
-        kr_base = K_ROPE + pid_b * stride_kb
         bias_base = BIAS + pid_b * stride_bb + qry[:, None] * stride_bt  # (BLOCK_R, 1) pointers
 
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)  # (BLOCK_R,) running max
         l = tl.zeros([BLOCK_R], tl.float32)  # (BLOCK_R,) running sum of exp
         acc = tl.zeros([BLOCK_R, BLOCK_RANK], tl.float32)  # (BLOCK_R, BLOCK_RANK) running sum of p * latent
-        start = pid_sp * tiles_per_split * BLOCK_S  # this chunk's first slot (< S: no chunk is empty)
-        end = tl.minimum(start + tiles_per_split * BLOCK_S, S)
         for s0 in range(start, end, BLOCK_S):
             offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,) slots of this tile
             s_ok = offs_s < end  # (BLOCK_S,) only the cache's last tile has slots past S
@@ -404,6 +447,7 @@ def _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits, w_uv=Non
     n_splits, per = split_plan(b, R, S, block_s, _sm_count(q_lat.device), splits)
     row_blocks = math.ceil(R / BLOCK_R)
     pdl = support.pdl(q_lat)  # programmatic dependent launch (sm_90+ CUDA)
+    pf = prefetch_plan(r, d, q_lat.element_size(), pdl)  # the cache prefetch before the wait (PDL only)
     lim = 2**31
     if ((S - 1) * max(latent.stride(1), k_rope.stride(1)) + r >= lim or (t - 1) * bias.stride(2)
             + (S - 1) * bias.stride(3) >= lim):
@@ -426,7 +470,7 @@ def _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits, w_uv=Non
         float(softmax_scale),
         RANK=r, ROPE=d, BLOCK_RANK=block_rank, BLOCK_ROPE=block_rope, BLOCK_R=BLOCK_R, BLOCK_S=block_s,
         DIRECT=direct, UPCAST=support.interpreting() and q_lat.dtype == torch.bfloat16,
-        PDL=pdl, num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl,
+        PDL=pdl, **pf, num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl,
     )
     if w_uv is not None:
         if w_uv.stride(-1) != 1:
