@@ -7,11 +7,14 @@ the package.
                  critical path of one replay) in one process, the same weights, dynamo reset between rows:
                  cache prefetch off / on, on + 16-slot tiles, on + linear="prefetch"; and the step's logits for one
                  fixed context and token in each, against the first row's
+  lc OUT.json [ROUNDS]   the LongCat-Flash layer's compiled batch-1 step (ctx 1k), the cache prefetch off / on,
+                 alternated for ROUNDS rounds (default 2): its run-to-run spread hides small effects
   bench [--pf N] [--tile BYTES] [--uvmax N] [--linear NAME] -- ARGS...
                  `python -m longcat_ref.tools.bench ARGS...` with the split kernel's PREFETCH_TILES, TILE_BYTES,
                  mla.FUSED_UV_MAX_CHUNKS and the linear form of generate()'s decode forms set so
 
 usage: PYTHONPATH=. python docs/perf-run21/exp.py ab OUT.json
+       PYTHONPATH=. python docs/perf-run21/exp.py lc OUT.json 2
        PYTHONPATH=. python docs/perf-run21/exp.py bench --pf 2 --linear prefetch -- --only e2e --batches 1
 """
 import dataclasses
@@ -70,6 +73,16 @@ if cmd == "bench":
     kw, rest = flags(sys.argv[2:])
     print(f"perf-run21: {settings(**kw)}", flush=True)
     sys.exit(bench.main(rest))
+if cmd == "lc":  # the LongCat-Flash layer (ctx 1k): the cache prefetch off / on, alternated over rounds
+    ceil, rows = bench.machine_ceilings(device), []
+    _, _, layer = bench.longcat_layer(device, dtype, 4096, False)
+    for r in range(int(sys.argv[3]) if len(sys.argv) > 3 else 2):
+        for pf in (0, 2):
+            settings(pf=pf)
+            bench.b1_rows(layer.requires_grad_(False), f"longcat_layer pf={pf} round={r}", 1024, device, ceil, rows,
+                          ["compiled_decode"])
+            json.dump(rows, open(sys.argv[2], "w"), indent=1)
+    sys.exit(0)
 if cmd != "ab":
     sys.exit(__doc__)
 ceil = bench.machine_ceilings(device)
