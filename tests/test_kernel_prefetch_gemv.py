@@ -49,6 +49,23 @@ def test_kernel_equals_the_definition_fp32(M_, N, K, bias, norm):
     torch.testing.assert_close(P.prefetch_gemv_reference(x, w, b, nw, 1e-6).double(), want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("M_,N1,N2,K", [(1, 40, 9, 300), (3, 7, 70, 24), (2, 1, 1, 5), (4, 768, 576, 64)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_two_weights_in_one_launch_equal_the_definition(M_, N1, N2, K, norm):
+    """weight2: x' W^T and x' W2^T side by side (q_a and kv_a), the bias over both, the norm once for both; the
+    rows of each weight in their own programs (ragged tiles at the seam)."""
+    g = torch.Generator().manual_seed(M_ + N1 * 7 + N2 * 11 + K)
+    x, w, w2 = torch.randn(M_, K, generator=g), torch.randn(N1, K, generator=g), torch.randn(N2, K, generator=g)
+    b = torch.randn(N1 + N2, generator=g)
+    nw = torch.rand(K, generator=g) + 0.5 if norm else None
+    to = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    got = P.prefetch_gemv(x.to(DEV), w.to(DEV), b.to(DEV), to(nw), 1e-6, weight2=w2.to(DEV)).cpu()
+    want = written_out(x, torch.cat([w, w2]), b, nw, 1e-6)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(P.prefetch_gemv_reference(x, w, b, nw, 1e-6, weight2=w2).double(), want,
+                               atol=1e-4, rtol=1e-5)
+
+
 def test_kernel_in_bf16_is_the_reference_to_one_rounding():
     """bf16: the norm rounds as norm.py (cast, then the weight's product rounded once); the sum in fp32."""
     g = torch.Generator().manual_seed(7)
@@ -93,6 +110,11 @@ def test_bad_inputs_are_one_line_errors():
         P.prefetch_gemv(torch.randn(1, 8200, device=DEV), torch.randn(2, 8200, device=DEV))
     with pytest.raises(ValueError, match="norm_weight must be"):
         P.prefetch_gemv(x, torch.randn(4, 8, device=DEV), None, torch.ones(7, device=DEV))
+    with pytest.raises(ValueError, match=r"weight2 must be \(N, 8\)"):
+        P.prefetch_gemv(x, torch.randn(4, 8, device=DEV), weight2=torch.randn(3, 9, device=DEV))
+    with pytest.raises(ValueError, match=r"bias must be \(7,\)"):  # with two weights the bias covers both
+        P.prefetch_gemv(x, torch.randn(4, 8, device=DEV), torch.ones(4, device=DEV),
+                        weight2=torch.randn(3, 8, device=DEV))
 
 
 def test_fits_and_the_forms_fall_back_to_auto():
@@ -124,21 +146,22 @@ def test_opcheck():
     x, w, nw = (torch.randn(2, 40, generator=g).to(DEV), torch.randn(12, 40, generator=g).to(DEV),
                 torch.rand(40, generator=g).to(DEV))
     torch.library.opcheck(P._prefetch_gemv_op, (x, w, None, nw, 1e-6))
+    torch.library.opcheck(P._prefetch_gemv_op, (x, w, None, None, 0.0, torch.randn(5, 40, generator=g).to(DEV)))
 
 
 @pytest.mark.parametrize("kind", ["longcat", "glm"])
 def test_model_with_prefetch_projections_equals_reference(kind, monkeypatch):
     """The whole forward with linear="prefetch" (decode-sized chunks, fp32) == the reference forward; MLA's q_b
-    took q_a's norm into its kernel in every attention sublayer (counted), and every projection that fits ran the
-    kernel."""
+    took q_a's norm into its kernel and q_a with kv_a ran as one launch in every attention sublayer (counted), and
+    every projection that fits ran the kernel."""
     cfg = L.tiny_longcat() if kind == "longcat" else L.tiny_glm()
     m = L.init_weights(L.CausalLM(cfg), seed=1, std=0.08, bias_std=0.05).eval().to(DEV)
-    calls = {"with_norm": 0, "plain": 0}
+    calls = {"with_norm": 0, "two": 0, "plain": 0}
     kernel = P.prefetch_gemv
 
-    def count(x, w, b=None, nw=None, eps=0.0):
-        calls["with_norm" if nw is not None else "plain"] += 1
-        return kernel(x, w, b, nw, eps)
+    def count(x, w, b=None, nw=None, eps=0.0, weight2=None):
+        calls["with_norm" if nw is not None else "two" if weight2 is not None else "plain"] += 1
+        return kernel(x, w, b, nw, eps, weight2=weight2)
 
     monkeypatch.setattr(M, "prefetch_gemv", count)
     monkeypatch.setattr(P, "prefetch_gemv", count)
@@ -147,7 +170,8 @@ def test_model_with_prefetch_projections_equals_reference(kind, monkeypatch):
         ref = m(ids)
         got = m(ids, forms=L.Forms("absorbed", "gather", linear="prefetch"))
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
-    assert calls["with_norm"] == cfg.num_attn_sublayers and calls["plain"] > 0, calls
+    n = cfg.num_attn_sublayers
+    assert calls["with_norm"] == n and calls["two"] == n and calls["plain"] > 0, calls
 
 
 def test_compiled_decode_step_with_prefetch_projections_equals_eager_plain():
@@ -179,6 +203,19 @@ def test_glm_shapes_in_bf16_on_cuda(N, K, norm):
     want = P.prefetch_gemv_reference(x, w, None, nw, 1e-6).float()
     got = P.prefetch_gemv(x, w, None, nw, 1e-6).float()
     assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_glm_q_a_and_kv_a_in_one_launch_on_cuda():
+    """GLM-4.7-Flash's q_a (768 x 2048) and kv_a (576 x 2048) as one launch, bf16: each half equals its weight's
+    own kernel bit for bit (the same rows, the same sums), and the fp32 definition to bf16 rounding."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(1, 2048, device="cuda", generator=g).bfloat16()
+    w, w2 = ((torch.randn(n, 2048, device="cuda", generator=g) / 45).bfloat16() for n in (768, 576))
+    both = P.prefetch_gemv(x, w, weight2=w2)
+    assert torch.equal(both[:, :768], P.prefetch_gemv(x, w)) and torch.equal(both[:, 768:], P.prefetch_gemv(x, w2))
+    want = P.prefetch_gemv_reference(x, w, weight2=w2).float()
+    assert float((both.float() - want).norm() / want.norm()) < 1e-2
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

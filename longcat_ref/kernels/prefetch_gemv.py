@@ -30,9 +30,14 @@ kernel. How much of W is in flight before the wait is bounded by how many progra
 at most 132 x 16 four-warp programs, ~2,100, fewer where registers run out; not measured); the rest load as
 programs finish.
 
+Two weights of one input in one launch (`weight2`): MLA's q_a and kv_a both read the sublayer's input, so one
+kernel does both, y = [x W^T | x W2^T]: programs [0, P1) take W's rows and the rest W2's (P1 = cdiv(N1, BLOCK_N),
+one tile shape for both), each writing its columns of the one output; the callers take the two halves as views.
+
 Inference only, fixed launch shapes, no host sync: the op is opaque to torch.compile and can be captured in a CUDA
 graph. `prefetch_gemv_reference` is the definition it is tested equal to (tests/test_kernel_prefetch_gemv.py); the
-model uses it through `Forms(linear="prefetch")` (model/linear.py, and MLA's q_b with q_a's norm in model/mla.py).
+model uses it through `Forms(linear="prefetch")` (model/linear.py; in model/mla.py q_a with kv_a, and q_b with q_a's
+norm).
 Opt-in: not measured yet on a GPU (no device time was left in the session that wrote it, 2026-12-07).
 """
 
@@ -56,20 +61,26 @@ if support.have_triton():
 
     @triton.jit
     def _prefetch_gemv_kernel(
-        X, W, B, NW, Y,  # x (M, K) rows strided, W (N, K) rows strided, bias (N,), norm weight (K,), y (M, N)
-        M, N, K, stride_xm, stride_wn, stride_ym, eps,
+        X, W, W2, B, NW, Y,  # x (M, K) rows strided, W (N1, K) and W2 (N - N1, K) rows strided, bias (N,), norm
+        M, N, N1, P1, K, stride_xm, stride_wn, stride_wn2, stride_ym, eps,  # weight (K,), y (M, N)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-        NORM: tl.constexpr, PDL: tl.constexpr = False,
+        NORM: tl.constexpr, TWO: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) this program's rows of W
-        n_ok = rows < N
+        pid = tl.program_id(0)
+        w_ptr, stride_w, first, limit, col0 = W, stride_wn, pid * BLOCK_N, N1, 0  # one weight: N1 = N
+        if TWO:  # programs [0, P1) take W's N1 rows, the others W2's N - N1 rows, written after them in y
+            if pid >= P1:
+                w_ptr, stride_w, first, limit, col0 = W2, stride_wn2, (pid - P1) * BLOCK_N, N - N1, N1
+        rows = first + tl.arange(0, BLOCK_N)  # (BLOCK_N,) this program's rows of its weight
+        n_ok = rows < limit
+        cols = col0 + rows  # (BLOCK_N,) their columns of y (and of the bias)
         k = tl.arange(0, BLOCK_K)  # (BLOCK_K,) a whole row
         k_ok = k < K
         # the weight (and the bias, the norm weight) does not depend on the previous kernel: loaded before the wait
-        w = tl.load(W + rows.to(tl.int64)[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                     other=0.0)  # (BLOCK_N, BLOCK_K)
         if HAS_BIAS:
-            b = tl.load(B + rows, mask=n_ok, other=0.0).to(tl.float32)  # (BLOCK_N,)
+            b = tl.load(B + cols, mask=n_ok, other=0.0).to(tl.float32)  # (BLOCK_N,)
         if NORM:
             nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
         if PDL:  # programmatic dependent launch (support.pdl): now wait for the previous kernel's writes
@@ -86,7 +97,7 @@ if support.have_triton():
                 y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # (BLOCK_N,) fp32 products and sum
                 if HAS_BIAS:
                     y += b
-                tl.store(Y + m * stride_ym + rows, y.to(dtype), mask=n_ok)
+                tl.store(Y + m * stride_ym + cols, y.to(dtype), mask=n_ok)
 
 
 def _next_pow2(v: int) -> int:
@@ -110,41 +121,57 @@ def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 @torch.library.custom_op("longcat_ref::prefetch_gemv", mutates_args=())
 def _prefetch_gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      norm_weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+                      norm_weight: Optional[torch.Tensor], eps: float,
+                      weight2: Optional[torch.Tensor] = None) -> torch.Tensor:
     support.require(x, WHAT)
     M, K = x.shape
-    N = weight.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # (M, N)
+    N1 = weight.shape[0]
+    N = N1 + (0 if weight2 is None else weight2.shape[0])
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # (M, N) = [x W^T | x W2^T]
     if M == 0 or N == 0:
         return y
-    block_n, block_k = tiles(N, K)
+    block_n, block_k = tiles(max(N1, N - N1), K)  # one tile shape for both weights (the same K)
+    p1 = triton.cdiv(N1, block_n)  # programs of W; those of W2 follow
     pdl = support.pdl(x)  # programmatic dependent launch (sm_90+ CUDA)
-    _prefetch_gemv_kernel[(triton.cdiv(N, block_n),)](
-        x, weight, bias if bias is not None else y, norm_weight if norm_weight is not None else y, y,
-        M, N, K, x.stride(0), weight.stride(0), y.stride(0), float(eps),
+    w2 = weight if weight2 is None else weight2
+    _prefetch_gemv_kernel[(p1 + triton.cdiv(N - N1, block_n),)](
+        x, weight, w2, bias if bias is not None else y, norm_weight if norm_weight is not None else y, y,
+        M, N, N1, p1, K, x.stride(0), weight.stride(0), w2.stride(0), y.stride(0), float(eps),
         BLOCK_M=_next_pow2(M), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        NORM=norm_weight is not None, PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl)
+        NORM=norm_weight is not None, TWO=weight2 is not None, PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl)
     return y
 
 
 @_prefetch_gemv_op.register_fake
-def _(x, weight, bias, norm_weight, eps):
-    return x.new_empty(x.shape[0], weight.shape[0])  # (M, N)
+def _(x, weight, bias, norm_weight, eps, weight2=None):
+    return x.new_empty(x.shape[0], weight.shape[0] + (0 if weight2 is None else weight2.shape[0]))  # (M, N)
 
 
-def prefetch_gemv(x: torch.Tensor, weight: torch.Tensor, bias=None, norm_weight=None, eps: float = 0.0):
-    """x (..., K) -> (..., N) = x' W^T (+ bias) in x.dtype, x' = x or RMSNorm(x) with norm_weight (K,) and eps
-    (norm.py's formula). For up to MAX_TOKENS tokens and K up to MAX_K; see `fits`. Raises a one-line error
-    naming the problem for anything else."""
-    support.require(x, WHAT)
+def _check_weight(x, weight, name):
     K = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != K or weight.dtype != x.dtype or weight.stride(-1) != 1:
-        raise ValueError(f"prefetch_gemv: weight must be (N, {K}) in {x.dtype} with contiguous rows, got "
+        raise ValueError(f"prefetch_gemv: {name} must be (N, {K}) in {x.dtype} with contiguous rows, got "
                          f"{tuple(weight.shape)} {weight.dtype} strides {weight.stride()}")
+
+
+def prefetch_gemv(x: torch.Tensor, weight: torch.Tensor, bias=None, norm_weight=None, eps: float = 0.0,
+                  weight2: torch.Tensor | None = None):
+    """x (..., K) -> (..., N) = x' W^T (+ bias) in x.dtype, x' = x or RMSNorm(x) with norm_weight (K,) and eps
+    (norm.py's formula). With weight2 (N2, K): two projections of the same input in one launch, y = [x' W^T |
+    x' W2^T] (..., N + N2) (MLA's q_a and kv_a; the bias then covers both, (N + N2,)). For up to MAX_TOKENS tokens
+    and K up to MAX_K; see `fits`. Raises a one-line error naming the problem for anything else."""
+    support.require(x, WHAT)
+    K = x.shape[-1]
+    _check_weight(x, weight, "weight")
+    if weight2 is not None:
+        _check_weight(x, weight2, "weight2")
+        if weight2.device != weight.device:
+            raise ValueError("prefetch_gemv: weight and weight2 must be on one device")
     if K > MAX_K or x[..., 0].numel() > MAX_TOKENS:
         raise ValueError(f"prefetch_gemv: at most {MAX_TOKENS} tokens of K <= {MAX_K} (a row is one tile), got "
                          f"{x[..., 0].numel()} tokens of K = {K}: use linear='auto'")
-    for t, name, n in ((bias, "bias", weight.shape[0]), (norm_weight, "norm_weight", K)):
+    N = weight.shape[0] + (0 if weight2 is None else weight2.shape[0])
+    for t, name, n in ((bias, "bias", N), (norm_weight, "norm_weight", K)):
         if t is not None and (t.shape != (n,) or t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"prefetch_gemv: {name} must be ({n},) {x.dtype} on {x.device}, got "
                              f"{tuple(t.shape)} {t.dtype} on {t.device}")
@@ -152,13 +179,15 @@ def prefetch_gemv(x: torch.Tensor, weight: torch.Tensor, bias=None, norm_weight=
     x2 = x.reshape(-1, K)  # (M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    y = torch.ops.longcat_ref.prefetch_gemv(x2, weight, bias, norm_weight, float(eps))  # (M, N)
-    return y.reshape(*lead, weight.shape[0])
+    y = torch.ops.longcat_ref.prefetch_gemv(x2, weight, bias, norm_weight, float(eps), weight2)  # (M, N)
+    return y.reshape(*lead, N)
 
 
-def prefetch_gemv_reference(x, weight, bias=None, norm_weight=None, eps: float = 0.0):
+def prefetch_gemv_reference(x, weight, bias=None, norm_weight=None, eps: float = 0.0, weight2=None):
     """The definition in PyTorch: norm.py's RMSNorm where norm_weight is given, then fp32 products and sum (and the
-    bias), rounded once to x.dtype."""
+    bias), rounded once to x.dtype; with weight2, the two weights' outputs side by side."""
+    if weight2 is not None:
+        weight = torch.cat([weight, weight2])  # (N + N2, K): the definition, not how the kernel reads them
     if norm_weight is not None:
         x32 = x.float()
         x = norm_weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)  # (..., K)

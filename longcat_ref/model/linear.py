@@ -26,8 +26,8 @@ Two forms of the same product, chosen per call (`CausalLM.forward(..., forms=For
   the consumer is an opaque op, and the step was not measurably faster: 16.93 vs 17.01 ms, in the same run.
 * "prefetch": "auto", except that a projection of up to 4 tokens whose rows fit one tile (K <= 8192, the weight
   in x's dtype) runs in kernels/prefetch_gemv.py on CUDA: each program loads its whole rows of W before its
-  programmatic-dependent-launch wait, so the weight read overlaps the previous kernel; MLA's q_b takes q_a's
-  RMSNorm into the same kernel (model/mla.py). Opt-in: not measured on a GPU yet (written 2026-12-07 with no
+  programmatic-dependent-launch wait, so the weight read overlaps the previous kernel; in MLA (model/mla.py)
+  q_a and kv_a run as one launch, and q_b takes q_a's RMSNorm into its kernel. Opt-in: not measured on a GPU yet (written 2026-12-07 with no
   device time left; docs/perf-run20/ measured q_b with q_a's norm at 6.7 us of the step's critical path).
 * "auto": gemv for up to GEMV_MAX_TOKENS tokens while torch.compile traces and for weights of at most
   GEMV_MAX_WEIGHT elements, plain otherwise. Why the size cap (one H200, 2026-12-02, docs/perf-run7/): every

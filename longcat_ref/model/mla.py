@@ -167,13 +167,26 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, H, bias=cfg.attention_bias)
 
     # ----------------------------------------------------------------------------------------------------------
-    def queries(self, x, linear: str = "plain", norm: str = "plain"):
+    def down(self, x, linear: str = "plain"):
+        """x (b, t, H) -> (q_a (b, t, q_lora_rank) or None, kv (b, t, r+rope)): the projections that read the
+        sublayer's input. With linear "prefetch" both in one launch where they fit (kernels/prefetch_gemv.py, its
+        two-weight form: q_a's rows then kv_a's, views of one output); else each by itself, q_a left to `queries`."""
+        q_a, kv_a = getattr(self, "q_a_proj", None), self.kv_a_proj_with_mqa
+        if (linear == "prefetch" and q_a is not None and type(q_a) is nn.Linear and type(kv_a) is nn.Linear
+                and q_a.bias is None and kv_a.bias is None and prefetch_fits(x, q_a.weight)
+                and prefetch_fits(x, kv_a.weight)):
+            both = prefetch_gemv(x, q_a.weight, weight2=kv_a.weight)  # (b, t, q_lora_rank + r+rope)
+            return both[..., : q_a.out_features], both[..., q_a.out_features:]
+        return None, _linear(kv_a, x, linear)  # (b, t, r+rope)
+
+    def queries(self, x, linear: str = "plain", norm: str = "plain", q_a=None):
         """x (b, t, H) -> q (b, h, t, nope+rope), before any scale or RoPE. linear: the projections' form; norm:
-        the RMSNorm's (norm.py)."""
+        the RMSNorm's (norm.py); q_a: q_a's output where `down` made it already."""
         if hasattr(self, "q_proj"):
             q = _linear(self.q_proj, x, linear)  # (b, t, h*qk)
         else:
-            q_a = _linear(self.q_a_proj, x, linear)  # (b, t, q_lora_rank)
+            if q_a is None:
+                q_a = _linear(self.q_a_proj, x, linear)  # (b, t, q_lora_rank)
             ln, w = self.q_a_layernorm, self.q_b_proj.weight
             if (linear == "prefetch" and type(self.q_b_proj) is nn.Linear and self.q_b_proj.bias is None
                     and prefetch_fits(q_a, w) and ln.weight.dtype == q_a.dtype):  # q_a's norm in q_b's kernel
@@ -185,8 +198,8 @@ class MLA(nn.Module):
     def project(self, x, cos, sin, linear: str = "plain", norm: str = "plain"):
         """x (b, t, H) -> q_nope (b, h, t, nope), q_rope (b, h, t, rope), latent (b, t, r), k_rope (b, t, rope).
         linear: the form of the projections (linear.py); norm: the RMSNorms' (norm.py)."""
-        q_nope, q_rope = self.queries(x, linear, norm).split([self.nope, self.rope_dim], dim=-1)
-        kv = _linear(self.kv_a_proj_with_mqa, x, linear)  # (b, t, r+rope)
+        q_a, kv = self.down(x, linear)  # (b, t, q_lora_rank) or None, (b, t, r+rope)
+        q_nope, q_rope = self.queries(x, linear, norm, q_a).split([self.nope, self.rope_dim], dim=-1)
         latent, k_rope = kv.split([self.rank, self.rope_dim], dim=-1)  # (b, t, r), (b, t, rope)
         latent = self.kv_a_layernorm(latent, norm)  # (b, t, r)
         if self.q_scale != 1.0:  # LongCat's LoRA scales: after the norms, before kv_b and RoPE
@@ -201,8 +214,8 @@ class MLA(nn.Module):
         """`project` with RoPE and the query's [nope | rope] assembly in one kernel (kernels/rope_qk.py), for SDPA:
         returns q_nope (b, h, t, nope) and q_rope (b, h, t, rope) as views of q, latent (b, t, r), k_rope (b, t,
         rope), and q (b, h, t, nope+rope) = [q_nope | q_rope] contiguous, what SDPA reads (no concatenation)."""
-        q = self.queries(x, linear, norm)  # (b, h, t, nope+rope) before any scale or RoPE
-        kv = _linear(self.kv_a_proj_with_mqa, x, linear)  # (b, t, r+rope)
+        q_a, kv = self.down(x, linear)  # (b, t, q_lora_rank) or None, (b, t, r+rope)
+        q = self.queries(x, linear, norm, q_a)  # (b, h, t, nope+rope) before any scale or RoPE
         latent, k_raw = kv.split([self.rank, self.rope_dim], dim=-1)  # (b, t, r), (b, t, rope)
         latent = self.kv_a_layernorm(latent, norm)  # (b, t, r)
         if self.kv_scale != 1.0:
@@ -216,8 +229,8 @@ class MLA(nn.Module):
         q_nope (b, h, t, nope), q_rope (b, h, t, rope), the whole cache, latent (b, S, r), k_rope (b, S, rope), the
         whole query q (b, h, t, nope+rope) before any scale (what the kernel read), and q_lat (b, h, t, r) = W_uk^T
         q_nope per head from the same kernel where fold is set (rope "fused_uk"), else None."""
-        q = self.queries(x, linear, norm)  # (b, h, t, nope+rope)
-        kv = _linear(self.kv_a_proj_with_mqa, x, linear)  # (b, t, r+rope)
+        q_a, kv = self.down(x, linear)  # (b, t, q_lora_rank) or None, (b, t, r+rope)
+        q = self.queries(x, linear, norm, q_a)  # (b, h, t, nope+rope)
         latent, k_rope = cache.slots(self.cache_idx)  # (b, S, r), (b, S, rope): written in place
         norm = self.kv_a_layernorm
         args = (kv, q, norm.weight, norm.eps, cos, sin, latent, k_rope, cache_position, self.nope)
