@@ -133,6 +133,24 @@ def test_fits_and_the_forms_fall_back_to_auto():
         torch.testing.assert_close(linear(m, x, "prefetch"), m(x), atol=1e-5, rtol=1e-5)
 
 
+def test_auto_takes_the_kernel_only_where_measured(monkeypatch):
+    """"auto" takes the kernel where it would be the gemv form (torch.compile tracing, few tokens, a weight under
+    the cap) on a GPU with PDL, and nowhere else; "prefetch" wherever the kernel fits."""
+    import longcat_ref.model.linear as LIN
+
+    w, x = torch.randn(4, 8, device=DEV), torch.randn(1, 8, device=DEV)
+    assert LIN.takes_prefetch("prefetch", x, w) and not LIN.takes_prefetch("plain", x, w)
+    assert not LIN.takes_prefetch("auto", x, w)  # not tracing (and no PDL in the interpreter)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert LIN.takes_prefetch("auto", x, w) == LIN.support.pdl(x)  # tracing: exactly where PDL is
+    monkeypatch.setattr(LIN.support, "pdl", lambda x: True)  # as on an H100
+    assert LIN.takes_prefetch("auto", x, w)
+    assert not LIN.takes_prefetch("auto", torch.randn(5, 8, device=DEV), w)  # past GEMV_MAX_TOKENS
+    monkeypatch.setattr(LIN, "GEMV_MAX_WEIGHT", 31)  # a weight over the cap: cuBLAS, as for gemv
+    assert not LIN.takes_prefetch("auto", x, w) and LIN.takes_prefetch("prefetch", x, w)
+    assert not LIN.takes_prefetch("triton", x, w)
+
+
 def test_compiled_with_the_op_inside_equals_eager():
     m = L.init_weights(torch.nn.Linear(40, 24, bias=True), seed=6, std=0.2).to(DEV)
     x = torch.randn(1, 40, generator=torch.Generator().manual_seed(6)).to(DEV)

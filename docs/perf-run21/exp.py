@@ -9,6 +9,8 @@ the package.
                  fixed context and token in each, against the first row's
   lc OUT.json [ROUNDS]   the LongCat-Flash layer's compiled batch-1 step (ctx 1k), the cache prefetch off / on,
                  alternated for ROUNDS rounds (default 2): its run-to-run spread hides small effects
+  auto OUT.json  linear "auto" taking the prefetch kernel where linear.takes_prefetch says, off / on: the LongCat
+                 layer (ctx 1k, two rounds) and GLM-4.7-Flash (ctx 128), compiled batch-1 step
   bench [--pf N] [--tile BYTES] [--uvmax N] [--linear NAME] -- ARGS...
                  `python -m longcat_ref.tools.bench ARGS...` with the split kernel's PREFETCH_TILES, TILE_BYTES,
                  mla.FUSED_UV_MAX_CHUNKS and the linear form of generate()'s decode forms set so
@@ -73,6 +75,32 @@ if cmd == "bench":
     kw, rest = flags(sys.argv[2:])
     print(f"perf-run21: {settings(**kw)}", flush=True)
     sys.exit(bench.main(rest))
+if cmd == "auto":  # "auto" linear taking the prefetch kernel (linear.takes_prefetch) off / on: LongCat, GLM
+    from longcat_ref.model import linear as LIN
+
+    real = LIN.takes_prefetch
+
+    def auto_prefetch(on: bool):  # off: "auto" as before perf-run21 ("prefetch" itself unchanged)
+        f = real if on else (lambda form, x, w: form == "prefetch" and real(form, x, w))
+        LIN.takes_prefetch = mla.takes_prefetch = f
+        settings()
+
+    ceil, rows = bench.machine_ceilings(device), []
+    _, _, layer = bench.longcat_layer(device, dtype, 4096, False)
+    for r in range(2):
+        for on in (0, 1):
+            auto_prefetch(on)
+            bench.b1_rows(layer.requires_grad_(False), f"longcat_layer auto_prefetch={on} round={r}", 1024, device,
+                          ceil, rows, ["compiled_decode"])
+            json.dump(rows, open(sys.argv[2], "w"), indent=1)
+    del layer
+    torch.cuda.empty_cache()
+    glm = glm_model(device, dtype)
+    for on in (0, 1):
+        auto_prefetch(on)
+        bench.b1_rows(glm, f"glm auto_prefetch={on}", 128, device, ceil, rows, ["compiled_decode"])
+        json.dump(rows, open(sys.argv[2], "w"), indent=1)
+    sys.exit(0)
 if cmd == "lc":  # the LongCat-Flash layer (ctx 1k): the cache prefetch off / on, alternated over rounds
     ceil, rows = bench.machine_ceilings(device), []
     _, _, layer = bench.longcat_layer(device, dtype, 4096, False)

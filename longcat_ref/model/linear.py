@@ -27,10 +27,13 @@ Two forms of the same product, chosen per call (`CausalLM.forward(..., forms=For
 * "prefetch": "auto", except that a projection of up to 4 tokens whose rows fit one tile (K <= 8192, the weight
   in x's dtype) runs in kernels/prefetch_gemv.py on CUDA: each program loads its whole rows of W before its
   programmatic-dependent-launch wait, so the weight read overlaps the previous kernel; in MLA (model/mla.py)
-  q_a and kv_a run as one launch, and q_b takes q_a's RMSNorm into its kernel. Opt-in: not measured on a GPU yet (written 2026-12-07 with no
-  device time left; docs/perf-run20/ measured q_b with q_a's norm at 6.7 us of the step's critical path).
+  q_a and kv_a run as one launch, and q_b takes q_a's RMSNorm into its kernel. Everywhere the kernel fits (also
+  eagerly, and in Triton's CPU interpreter); "auto" takes it in the compiled decode step on sm_90+ GPUs.
 * "auto": gemv for up to GEMV_MAX_TOKENS tokens while torch.compile traces and for weights of at most
-  GEMV_MAX_WEIGHT elements, plain otherwise. Why the size cap (one H200, 2026-12-02, docs/perf-run7/): every
+  GEMV_MAX_WEIGHT elements, plain otherwise; where it would be gemv on a GPU with programmatic dependent launch
+  (sm_90+), "prefetch"'s kernel instead, for the weights it fits (`takes_prefetch`). Why (one H100, 2026-12-07,
+  docs/perf-run21/): GLM-4.7-Flash's compiled batch-1 step 3.744 -> 3.453 ms (577 kernels, was 623), its
+  generate() 128 + 128 tokens 273 tok/s end to end. Why the size cap (one H200, 2026-12-02, docs/perf-run7/): every
   GLM-4.7-Flash projection is below it (at most 10.5M elements), and gemv made its compiled batch-1 step 6.47 ->
   5.46 ms; a LongCat-Flash layer with *every* projection as gemv got slower (0.807 -> 0.836 ms), its 12288 x 6144
   dense down projection taking 72 us as a reduction against ~31 us in cuBLAS, which is near the bandwidth for a
@@ -76,6 +79,17 @@ def resolve(form: str, x: torch.Tensor, weight_numel: int) -> str:
     return "skinny" if support.can_run(x) and tokens <= SKINNY_MAX_TOKENS else "plain"
 
 
+def takes_prefetch(form: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Does the product of x (..., K) by weight run in kernels/prefetch_gemv.py? "prefetch": wherever the kernel
+    fits (`fits`: CUDA or Triton's interpreter, <= 4 tokens, K <= 8192, the weight in x's dtype); "auto": where
+    it fits and "auto" would be the gemv form (torch.compile tracing, <= GEMV_MAX_TOKENS tokens, <= GEMV_MAX_WEIGHT
+    elements), on a GPU with programmatic dependent launch (sm_90+: the kernel's point is loading its weight
+    before the wait). Static facts only, so a compiled step never changes form."""
+    if form not in ("prefetch", "auto") or not _prefetch.fits(x, weight):
+        return False
+    return form == "prefetch" or (resolve("auto", x, weight.numel()) == "gemv" and support.pdl(x))
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
     """The "gemv" form of x W^T (+ b): x (..., K), W (N, K) -> (..., N) in x.dtype, products and sum in fp32."""
     y = (x.float()[..., None, :] * weight.float()).sum(-1)  # (..., N): fp32 products and sum
@@ -87,7 +101,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
 def linear(m: nn.Module, x: torch.Tensor, form: str = "plain") -> torch.Tensor:
     """m(x) in the given form: x (..., K) -> (..., N)."""
     if type(m) is nn.Linear:
-        if form == "prefetch" and _prefetch.fits(x, m.weight) and (m.bias is None or m.bias.dtype == x.dtype):
+        if takes_prefetch(form, x, m.weight) and (m.bias is None or m.bias.dtype == x.dtype):
             return _prefetch.prefetch_gemv(x, m.weight, m.bias)  # (..., N)
         f = resolve(form, x, m.weight.numel())
         if f == "gemv":

@@ -62,11 +62,11 @@ from ..kernels.mla_decode import chunks as mla_chunks
 from ..kernels.mla_decode import mla_decode
 from ..kernels.rope_cache import rope_cache_fold_write, rope_cache_write
 from ..kernels.rope_qk import assemble_keys, rope_query
-from ..kernels.prefetch_gemv import fits as prefetch_fits
 from ..kernels.prefetch_gemv import prefetch_gemv
 from .forms import ATTENTION_FORMS, ROPE_FORMS
 from .linear import linear as _linear
 from .linear import resolve as resolve_linear
+from .linear import takes_prefetch
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -169,12 +169,13 @@ class MLA(nn.Module):
     # ----------------------------------------------------------------------------------------------------------
     def down(self, x, linear: str = "plain"):
         """x (b, t, H) -> (q_a (b, t, q_lora_rank) or None, kv (b, t, r+rope)): the projections that read the
-        sublayer's input. With linear "prefetch" both in one launch where they fit (kernels/prefetch_gemv.py, its
-        two-weight form: q_a's rows then kv_a's, views of one output); else each by itself, q_a left to `queries`."""
+        sublayer's input. Where linear takes the prefetch kernel (linear.takes_prefetch), both in one launch
+        (kernels/prefetch_gemv.py's two-weight form: q_a's rows then kv_a's, views of one output); else kv_a by
+        itself, q_a left to `queries`."""
         q_a, kv_a = getattr(self, "q_a_proj", None), self.kv_a_proj_with_mqa
-        if (linear == "prefetch" and q_a is not None and type(q_a) is nn.Linear and type(kv_a) is nn.Linear
-                and q_a.bias is None and kv_a.bias is None and prefetch_fits(x, q_a.weight)
-                and prefetch_fits(x, kv_a.weight)):
+        if (q_a is not None and type(q_a) is nn.Linear and type(kv_a) is nn.Linear and q_a.bias is None
+                and kv_a.bias is None and takes_prefetch(linear, x, q_a.weight)
+                and takes_prefetch(linear, x, kv_a.weight)):
             both = prefetch_gemv(x, q_a.weight, weight2=kv_a.weight)  # (b, t, q_lora_rank + r+rope)
             return both[..., : q_a.out_features], both[..., q_a.out_features:]
         return None, _linear(kv_a, x, linear)  # (b, t, r+rope)
@@ -188,8 +189,8 @@ class MLA(nn.Module):
             if q_a is None:
                 q_a = _linear(self.q_a_proj, x, linear)  # (b, t, q_lora_rank)
             ln, w = self.q_a_layernorm, self.q_b_proj.weight
-            if (linear == "prefetch" and type(self.q_b_proj) is nn.Linear and self.q_b_proj.bias is None
-                    and prefetch_fits(q_a, w) and ln.weight.dtype == q_a.dtype):  # q_a's norm in q_b's kernel
+            if (type(self.q_b_proj) is nn.Linear and self.q_b_proj.bias is None and takes_prefetch(linear, q_a, w)
+                    and ln.weight.dtype == q_a.dtype):  # q_a's norm in q_b's kernel
                 q = prefetch_gemv(q_a, w, None, ln.weight, ln.eps)  # (b, t, h*qk)
             else:
                 q = _linear(self.q_b_proj, ln(q_a, norm), linear)  # (b, t, h*qk)
