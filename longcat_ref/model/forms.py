@@ -84,5 +84,5 @@ PREFILL = Forms(attention="sdpa", experts="auto", linear="auto", rope="auto", no
 DECODE = Forms(attention="auto", experts="auto", router="auto", linear="auto", rope="auto")  # a few tokens:
 #   attend over the latent, gathered experts, on CUDA each of the four in its Triton kernel (kernels/mla_decode.py,
 #   moe_decode.py, router.py, rope_cache.py: for up to 4 query tokens with W_uk's query fold in the same launch);
-#   inside torch.compile the projections as multiply-and-sum, which
-#   inductor fuses (linear.py)
+#   inside torch.compile the projections as multiply-and-sum, which inductor fuses, or on sm_90+ GPUs in
+#   kernels/prefetch_gemv.py, the weight loaded before the dependent-launch wait (linear.py, `takes_prefetch`)

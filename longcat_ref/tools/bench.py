@@ -436,8 +436,9 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     # ... with the projections (and MLA's W_uk / W_uv products) in kernels/gemv.py's split-K GEMV kernel
     "compiled_decode_prefetch": dict(experts="auto", attention="auto", router="auto", linear="prefetch",
                                      rope="auto", compile=True),
-    # ... with the projections that fit (and q_b with q_a's norm) in kernels/prefetch_gemv.py, each program's
-    # weight rows loaded before its PDL wait (opt-in, to be measured)
+    # ... with every projection that fits (q_a with kv_a, q_b with q_a's norm) in kernels/prefetch_gemv.py, each
+    # program's weight rows loaded before its PDL wait; "auto" takes it on sm_90+ for the weights under linear's
+    # gemv cap (docs/perf-run21/)
     "compiled_decode_skinny": dict(experts="auto", attention="auto", router="auto", linear="skinny", rope="auto",
                                    compile=True),  # ... with the projections, MLA's per-head products and the
     # router's logits in kernels/skinny_gemm.py's split-K tensor-core kernel (opt-in: a decode batch of 5-64)
