@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -52,9 +51,14 @@ def require(x: torch.Tensor, what: str) -> None:
 USE_PDL = True  # a constant, read at launch: False launches every kernel plainly (the A/B of a benchmark)
 
 
-@functools.lru_cache(maxsize=None)
+_SM90: dict = {}  # device index -> sm_90 or later (a plain dict, not lru_cache: torch.compile traces `pdl` when
+# linear.takes_prefetch asks it at trace time, and dynamo warns on lru_cache-wrapped functions)
+
+
 def _sm90(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+    if index not in _SM90:
+        _SM90[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _SM90[index]
 
 
 def pdl(x: torch.Tensor) -> bool:
