@@ -388,6 +388,37 @@ def test_critical_path_counts_each_moment_once():
     assert [n for n, _, _ in critical_path(ev)] == ["d", "b", "a", "c"] and critical_path([]) == []
 
 
+def test_bench_b1_rows_replay_one_token_and_count_its_own_experts(monkeypatch):
+    """bench's batch-1 rows: every variant replays the same token over the same context, and each row's roofline
+    counts the experts *its* step touched (recorded from that step, not left over from an earlier call or from
+    the token without its context). Tiny LongCat (zero experts: the count of real experts varies by token)."""
+    from longcat_ref.tools import bench
+
+    m = tiny("longcat").eval().requires_grad_(False)
+    ceil = dict(bandwidth_Bps=1e12, bf16_flops=1e15)
+    run_step = bench.Decoder.run_step
+
+    def replay(dec):  # as a CUDA graph replay or a compiled step: the timed steps record no routing
+        kept = [blk.last_idx for blk in dec.model.moe_blocks()]
+        out = run_step(dec)
+        for blk, idx in zip(dec.model.moe_blocks(), kept):
+            blk.last_idx = idx
+        return out
+
+    monkeypatch.setattr(bench.Decoder, "run_step", replay)
+    rows = []
+    with torch.no_grad():
+        bench.b1_rows(m, "tiny", 6, "cpu", ceil, rows, ["graph", "graph_gather"])
+        _, dec = bench.ours_decode(m, 1, 6, "cpu", experts="grouped", steps=1)
+        bench.record_routing(dec)
+        want = bench.active_experts(m)[0]  # the replayed token's experts, in its context
+        assert [r["experts_touched"] for r in rows] == [want, want]
+        for blk in m.moe_blocks():  # a stale routing (another token) must not survive into a row
+            blk.last_idx = torch.zeros_like(blk.last_idx)
+        bench.b1_rows(m, "tiny", 6, "cpu", ceil, rows, ["graph"])
+        assert rows[-1]["experts_touched"] == want
+
+
 def test_bench_cli_rejects_unknown_section():
     r = subprocess.run([sys.executable, "-m", "longcat_ref.tools.bench", "--only", "nope", "--device", "cpu"],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))

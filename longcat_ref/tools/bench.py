@@ -399,12 +399,15 @@ def critical_stats(dec) -> dict:
 
 
 def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=20, attention="absorbed",
-                router="plain", linear="plain", rope="plain", shortcut="inline"):
-    """Seconds per decode step (a replayed CUDA graph on GPU) at context ctx, and the roofline inputs."""
+                router="plain", linear="plain", rope="plain", shortcut="inline", seed: int = 1):
+    """Seconds per decode step (a replayed CUDA graph on GPU) at context ctx, and the Decoder. Every call replays
+    the same tokens (seed) over the same context (fill_context), so two variants' steps route to the same experts
+    and compare."""
     forms = Forms(attention, experts, router, linear, rope, shortcut)
     dec = Decoder(model, batch, ctx + 4 * steps + 16, compile=compile, forms=forms)
     fill_context(dec, ctx)
-    ids = torch.randint(4, model.config.vocab_size, (batch,), device=device)
+    ids = torch.randint(4, model.config.vocab_size, (batch,), device=device,
+                        generator=torch.Generator(device).manual_seed(seed))
     dec.step(ids)  # captures the graph on GPU
     if dec.graphs:
         run = dec.graph.replay
@@ -413,6 +416,15 @@ def ours_decode(model, batch, ctx, device, experts="auto", compile=False, steps=
             dec.run_step()
     t = timed(run, device, reps=3, inner=steps, warmup=0)
     return t, dec
+
+
+def record_routing(dec) -> None:
+    """The decoder's own step once more, eagerly, on its inputs (the token it replays, in its context, with its
+    forms), so that each MoE block's last_idx holds the experts *that* step touches: the roofline's expert bytes.
+    (A replayed graph or a compiled step records no routing. It writes the token's cache slot again, with the same
+    values.)"""
+    with torch.no_grad():
+        decode_step(dec.model, dec.cache, dec.ids, dec.cache_position, dec.attention_mask, dec.forms)
 
 
 VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CUDA graph per step on GPU)
@@ -467,6 +479,7 @@ def decode_variants(model, batch, ctx, device, names, row, ceil):
             if name == "compiled":
                 row["compile_wall_s"] = time.perf_counter() - t0
             if "roofline_s" not in row:
+                record_routing(dec)  # the experts the replayed step touches
                 row.update(decode_roofline(model, batch, ctx, ceil))
                 if dec.graphs and batch == 1:
                     row.update(kernel_stats(dec))
@@ -777,9 +790,7 @@ def b1_rows(model, name, ctx, device, ceil, rows, variants=("graph", "compiled")
         torch._dynamo.reset()
         t0 = time.perf_counter()
         t, dec = ours_decode(model, batch, ctx, device, **VARIANTS[variant])
-        if any(m.last_idx is None for m in model.moe_blocks()):  # a compiled step records no routing: one eager
-            with torch.no_grad():  # step on the same token gives the experts it touches (for the roofline)
-                model(dec.ids[:, None], forms=DECODE)
+        record_routing(dec)  # the experts this row's replayed step touches (for its roofline)
         row = dict(model=name, ctx=ctx, batch=batch, variant=variant, ours_s=t, tok_s=batch / t,
                    setup_wall_s=time.perf_counter() - t0, **decode_roofline(model, batch, ctx, ceil))
         row["over_roofline"] = t / row["roofline_s"]
