@@ -73,9 +73,9 @@ chunks (one H200, docs/perf-run13/: GLM-4.7-Flash's step 3.611 -> 3.571 ms at 4 
 The cache prefetch (PREFETCH_TILES, with PDL only). The split kernel cannot load anything before its dependent-launch
 wait: the query is the previous kernel's output, and so is this step's slot of the cache (the rope kernel writes
 it). But the addresses of its chunk are known at launch, and most of those lines were written steps ago. So before
-the wait each program issues `prefetch.global.L2` for the first PREFETCH_TILES tiles of its chunk, one per 128-byte
-line (`_prefetch_l2`): a hint, which reads nothing into registers and makes nothing wait. After the wait the tiles
-are loaded as always, from L2 instead of DRAM. L2 is where every SM's loads meet, so a line the previous kernel
+the wait each program issues `prefetch.global.L2` for the first PREFETCH_TILES tiles of its chunk, one per
+128-byte line (`support.prefetch_l2`): a hint, which reads nothing into registers and makes nothing wait. After the
+wait the tiles are loaded as always, from L2 instead of DRAM. L2 is where every SM's loads meet, so a line the previous kernel
 was still writing (this step's slot) is read with its new value after the wait: the prefetch changes no value,
 only when the bytes arrive. At batch 1 each chunk is one or two tiles up to ~17k slots (about 2 programs per SM),
 so the whole cache read overlaps the previous kernel's tail. Triton's CPU interpreter cannot run PTX: there (and
@@ -124,6 +124,8 @@ from . import support
 try:
     import triton
     import triton.language as tl
+
+    from .support import prefetch_l2
 except ImportError:  # the module imports without Triton; mla_decode then raises through support.require
     triton = None
 
@@ -135,7 +137,6 @@ PROGRAMS_PER_SM = 2
 # PREFETCH_TILES tiles of its chunk (`prefetch.global.L2`, one instruction per 128-byte line), so their DRAM latency
 # overlaps the previous kernel's tail; 0 turns it off (read at launch, like support.USE_PDL; the A/B of a benchmark)
 PREFETCH_TILES = 2
-LINE_BYTES = 128  # the cache line a prefetch brings in
 COMBINE_BLOCK_C, COMBINE_BLOCK_SP = 64, 32  # kernel 2: channels per program, chunks read per step (one tile)
 # kernel 2 with W_uv (w_uv given): output channels v per program (one W_uv tile of 32 x 512), chunks read per step
 UV_BLOCK_V, UV_BLOCK_SP = 32, 8
@@ -196,7 +197,7 @@ def prefetch_plan(r: int, d: int, element_size: int, pdl: bool) -> dict:
     """The split kernel's cache-prefetch constexprs: PF_TILES tiles of its chunk (PREFETCH_TILES with PDL, else 0:
     without the early launch there is nothing to overlap), LAT_LINES / KR_LINES 128-byte lines per slot of the
     latent / k_rope (powers of two, for tl.arange), LINE elements per line."""
-    line = max(1, LINE_BYTES // element_size)
+    line = max(1, support.LINE_BYTES // element_size)
     return dict(PF_TILES=PREFETCH_TILES if pdl else 0, LAT_LINES=_next_pow2(math.ceil(r / line)),
                 KR_LINES=_next_pow2(math.ceil(d / line)), LINE=line)
 
@@ -221,14 +222,6 @@ if triton is not None:
         return tl.dot(a, b, acc, input_precision="ieee")
 
     @triton.jit
-    def _prefetch_l2(ptrs):
-        """Ask L2 for the 128-byte line holding each pointer of the block (PTX `prefetch.global.L2`, a hint: no
-        value is read into registers, nothing waits for it, and L2 is where every SM's later loads look, so a line
-        the previous kernel is still writing is read correctly after the wait). Not in Triton's CPU interpreter."""
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-    @triton.jit
     def _mla_split_kernel(
         Q_LAT, Q_ROPE, LATENT, K_ROPE, BIAS,  # (b, R, r), (b, R, d), (b, S, r), (b, S, d), (b, 1, t, S) strided
         M_PART, L_PART, ACC_PART, OUT,  # (b, SPLITS, R) x2, (b, SPLITS, R, r) fp32; OUT (b, R, r)
@@ -251,9 +244,9 @@ if triton is not None:
             for i in tl.static_range(PF_TILES):  # slots past the chunk are clamped to its last one (a repeat)
                 s = tl.minimum(start + i * BLOCK_S + tl.arange(0, BLOCK_S), end - 1)  # (BLOCK_S,) slots
                 lines = tl.minimum(tl.arange(0, LAT_LINES), (RANK - 1) // LINE) * LINE  # (LAT_LINES,) line starts
-                _prefetch_l2(lat_base + s[:, None] * stride_ls + lines[None, :])  # (BLOCK_S, LAT_LINES) lines
+                prefetch_l2(lat_base + s[:, None] * stride_ls + lines[None, :])  # (BLOCK_S, LAT_LINES) lines
                 lines = tl.minimum(tl.arange(0, KR_LINES), (ROPE - 1) // LINE) * LINE  # (KR_LINES,)
-                _prefetch_l2(kr_base + s[:, None] * stride_ks + lines[None, :])  # (BLOCK_S, KR_LINES)
+                prefetch_l2(kr_base + s[:, None] * stride_ks + lines[None, :])  # (BLOCK_S, KR_LINES)
         if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()

@@ -64,3 +64,20 @@ def _sm90(index: int) -> bool:
 def pdl(x: torch.Tensor) -> bool:
     """Launch with programmatic dependent launch? CUDA (not the interpreter) on sm_90 or later, and USE_PDL."""
     return USE_PDL and x.is_cuda and not interpreting() and _sm90(x.device.index or 0)
+
+
+LINE_BYTES = 128  # the cache line one `prefetch_l2` address brings in
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def prefetch_l2(ptrs):
+        """Ask L2 for the 128-byte line holding each pointer of the block (PTX `prefetch.global.L2`), before a
+        kernel's dependent-launch wait: a hint, which reads no value into registers and makes nothing wait. L2 is
+        where every SM's later loads look, so a line another kernel is still writing is read correctly after the
+        wait: a prefetch can change when bytes arrive, never which. PTX only: not in Triton's CPU interpreter (the
+        kernels compile it only with PDL, which the interpreter never has)."""
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
