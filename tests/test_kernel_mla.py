@@ -7,10 +7,6 @@ GLM-4.7-Flash's 20, up to a 32k-slot cache, inside a CUDA graph and under torch.
 """
 
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +17,7 @@ from longcat_ref.kernels import mla_decode as K  # noqa: E402
 from longcat_ref.kernels import support  # noqa: E402
 from longcat_ref.model.config import tiny_glm, tiny_longcat  # noqa: E402
 from longcat_ref.model.mla import MLA, attention_bias  # noqa: E402
+from ptx import before_wait, kernel_ptx  # noqa: E402
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the small tests run natively on a GPU
@@ -245,29 +242,13 @@ def test_prefetch_plan():
     assert K.prefetch_plan(512, 64, 2, False)["PF_TILES"] == 0
 
 
-def split_kernel_ptx(pf_tiles: int, block_s: int = 32) -> str:
-    """The split kernel compiled ahead of time for sm_90 at GLM's bf16 sizes with PDL (tests/ptx.py, in a process
-    without the interpreter): its PTX."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in [env.get("PYTHONPATH")] if p])
-    run = subprocess.run([sys.executable, str(root / "tests" / "ptx.py"), "mla_split", str(pf_tiles), str(block_s)],
-                         capture_output=True, text=True, env=env, timeout=300)
-    if run.returncode and "ptxas" in run.stderr.lower():  # a Triton install without its CUDA tool chain
-        pytest.skip("Triton cannot compile for sm_90 here: " + run.stderr.strip().splitlines()[-1])
-    assert run.returncode == 0, run.stderr[-2000:]
-    return run.stdout
-
-
 def test_cache_prefetch_is_issued_before_the_dependent_launch_wait():
     """With PDL the split program asks L2 for its first tiles (one `prefetch.global.L2` per 128-byte line) before
     `griddepcontrol.wait`, and reads nothing else there; with PF_TILES = 0 no prefetch is emitted."""
-    lines = split_kernel_ptx(2).splitlines()
-    wait = [i for i, line in enumerate(lines) if "griddepcontrol.wait" in line]
-    pre = [i for i, line in enumerate(lines) if "prefetch.global.L2" in line]
-    assert len(wait) == 1 and pre and max(pre) < wait[0]
-    assert not any("ld.global" in line for line in lines[:wait[0]])  # nothing loaded before the wait
-    assert not any("prefetch" in line for line in split_kernel_ptx(0).splitlines())
+    pre = before_wait(kernel_ptx("mla_split", 2))
+    assert any("prefetch.global.L2" in line for line in pre)
+    assert not any("ld.global" in line for line in pre)  # nothing loaded before the wait
+    assert "prefetch" not in kernel_ptx("mla_split", 0)
 
 
 def test_custom_op_compiles_and_passes_opcheck():

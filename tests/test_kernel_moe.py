@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from longcat_ref.io import fp8 as io_fp8  # noqa: E402
 from longcat_ref.kernels import moe_decode  # noqa: E402
 from longcat_ref.kernels.moe_decode import choose_tiles, fused_moe, fused_moe_reference  # noqa: E402
+from ptx import before_wait, kernel_ptx  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -333,6 +334,33 @@ def test_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ GPU only
+def test_weight_prefetch_plan(monkeypatch):
+    """PREFETCH_WEIGHTS (opt-in) with PDL only; kernel 1 only with a shared expert; kernel 2 not for fp8 banks;
+    lines per row of H (kernel 1) and of I (kernel 2), 64 bf16 values a line."""
+    x, gu, d = torch.zeros(1, 2048).bfloat16(), torch.zeros(2, 3072, 2048).bfloat16(), torch.zeros(2, 2048, 1536)
+    d = d.bfloat16()
+    shared = (gu[0, :1536], gu[0, 1536:], d[0])
+    assert [p["PF"] for p in moe_decode.prefetch_plan(x, gu, d, shared, True)] == [False, False]  # off by default
+    monkeypatch.setattr(moe_decode, "PREFETCH_WEIGHTS", True)
+    one, two = moe_decode.prefetch_plan(x, gu, d, shared, True)
+    assert one == dict(PF=True, PF_LINES=32, LINE=64) and two == dict(PF=True, PF_LINES=32, LINE=64)  # 2048, 1536
+    assert [p["PF"] for p in moe_decode.prefetch_plan(x, gu, d, shared, False)] == [False, False]  # no PDL
+    assert [p["PF"] for p in moe_decode.prefetch_plan(x, gu, d, None, True)] == [False, True]  # no shared expert
+    assert not moe_decode.prefetch_plan(x, gu, d.to(FP8), shared, True)[1]["PF"]  # an fp8 down bank
+
+
+@pytest.mark.parametrize("kernel", ["moe_gate_up", "moe_down"])
+def test_weight_prefetch_is_issued_before_the_dependent_launch_wait(kernel):
+    """Compiled for sm_90 with PF (tests/ptx.py): `prefetch.global.L2` before `griddepcontrol.wait`; kernel 1
+    loads nothing there, kernel 2 only the router's id through L2 (ld.global.cg: an address, read again after the
+    wait); without PF neither kernel prefetches."""
+    pre = before_wait(kernel_ptx(kernel, 1))
+    assert any("prefetch.global.L2" in line for line in pre)
+    loads = [line.strip() for line in pre if "ld.global" in line]
+    assert loads == [] if kernel == "moe_gate_up" else (len(loads) == 1 and "ld.global.cg" in loads[0]), loads
+    assert "prefetch" not in kernel_ptx(kernel, 0)
+
+
 GLM = dict(E=64, H=2048, I=1536, k=4)
 LONGCAT = dict(E=32, H=6144, I=2048, k=12)  # 32 of the 512 experts, to save memory
 
@@ -408,3 +436,39 @@ def test_glm_moe_block_folds_its_shared_expert_into_the_kernels():
     assert not moe.experts.can_fold(None)
     with pytest.raises(ValueError, match="only in the 'fused' form"):
         moe.experts(x[0], *moe.router(x[0]), torch.zeros_like(x[0]), impl="gather", shared=moe.shared_experts)
+
+
+@cuda
+@pytest.mark.parametrize("n", [1, 4])
+def test_gpu_weight_prefetch_changes_no_bit(monkeypatch, n):
+    """PREFETCH_WEIGHTS is a hint: GLM's shapes with the shared expert as a slot, the kernels with and without it,
+    eagerly and replayed in a CUDA graph after a producer of x and idx, bit for bit."""
+    E, h, i, k = GLM["E"], GLM["H"], GLM["I"], GLM["k"]
+    x, w, idx, gu, d = make(E, h, i, n, k, torch.bfloat16, seed=21, scale=0.02)
+    g = torch.Generator(device="cuda").manual_seed(22)
+    shared = tuple((torch.randn(*shape, device="cuda", generator=g) * 0.02).bfloat16()
+                   for shape in ((i, h), (i, h), (h, i)))
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(moe_decode, "PREFETCH_WEIGHTS", on)
+        x_in, idx_in = x.clone(), idx.clone()
+
+        def step():
+            x_in.copy_(x)  # the producer: the kernels' inputs written just before them
+            idx_in.copy_(idx)
+            return fused_moe(x_in, w, idx_in, gu, d, shared=shared)
+
+        eager = step()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
+        outs[on] = eager
+    assert torch.equal(outs[True], outs[False])

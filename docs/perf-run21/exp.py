@@ -7,6 +7,8 @@ the package.
                  critical path of one replay) in one process, the same weights, dynamo reset between rows:
                  cache prefetch off / on, on + 16-slot tiles, on + linear="prefetch"; and the step's logits for one
                  fixed context and token in each, against the first row's
+  moe OUT.json   GLM-4.7-Flash's compiled batch-1 step with the MoE kernels' weight prefetch
+                 (moe_decode.PREFETCH_WEIGHTS) off / on, two rounds
   lc OUT.json [ROUNDS]   the LongCat-Flash layer's compiled batch-1 step (ctx 1k), the cache prefetch off / on,
                  alternated for ROUNDS rounds (default 2): its run-to-run spread hides small effects
   auto OUT.json  linear "auto" taking the prefetch kernel where linear.takes_prefetch says, off / on: the LongCat
@@ -26,18 +28,20 @@ import time
 
 import torch
 
-from longcat_ref.kernels import mla_decode
+from longcat_ref.kernels import mla_decode, moe_decode
 from longcat_ref.model import generate, mla
 from longcat_ref.tools import bench
 
 
-def settings(pf=None, tile=None, linear=None, uvmax=None):
+def settings(pf=None, tile=None, linear=None, uvmax=None, moepf=None):
     """The knobs of this run, for the process: the split kernel's prefetch and tile size (read at launch, so at
     trace time of a compiled step: reset dynamo after), and the linear form of generate()'s decode step."""
     if pf is not None:
         mla_decode.PREFETCH_TILES = int(pf)
     if tile is not None:
         mla_decode.TILE_BYTES = int(tile)
+    if moepf is not None:  # the MoE kernels' weight prefetch before their wait (opt-in, written after call 9)
+        moe_decode.PREFETCH_WEIGHTS = moepf in (True, 1, "1")
     if uvmax is not None:  # W_uv in the merge kernel for up to this many chunks (16-slot tiles make more)
         mla.FUSED_UV_MAX_CHUNKS = int(uvmax)
     if linear is not None:  # Decoder's default forms (generate(fast=True) builds its Decoder with them)
@@ -48,7 +52,7 @@ def settings(pf=None, tile=None, linear=None, uvmax=None):
     generate._COMPILED.clear()
     torch._dynamo.reset()
     return dict(prefetch_tiles=mla_decode.PREFETCH_TILES, tile_bytes=mla_decode.TILE_BYTES,
-                fused_uv_max_chunks=mla.FUSED_UV_MAX_CHUNKS,
+                fused_uv_max_chunks=mla.FUSED_UV_MAX_CHUNKS, moe_prefetch=moe_decode.PREFETCH_WEIGHTS,
                 decode_linear=[v for v in generate.Decoder.__init__.__defaults__
                                if isinstance(v, type(generate.DECODE))][0].linear)
 
@@ -100,6 +104,15 @@ if cmd == "auto":  # "auto" linear taking the prefetch kernel (linear.takes_pref
         auto_prefetch(on)
         bench.b1_rows(glm, f"glm auto_prefetch={on}", 128, device, ceil, rows, ["compiled_decode"])
         json.dump(rows, open(sys.argv[2], "w"), indent=1)
+    sys.exit(0)
+if cmd == "moe":  # the MoE kernels' weight prefetch off / on, GLM (ctx 128) then the LongCat layer, two rounds
+    ceil, rows = bench.machine_ceilings(device), []
+    glm = glm_model(device, dtype)
+    for r in range(2):
+        for on in (0, 1):
+            settings(moepf=on)
+            bench.b1_rows(glm, f"glm moe_prefetch={on} round={r}", 128, device, ceil, rows, ["compiled_decode"])
+            json.dump(rows, open(sys.argv[2], "w"), indent=1)
     sys.exit(0)
 if cmd == "lc":  # the LongCat-Flash layer (ctx 1k): the cache prefetch off / on, alternated over rounds
     ceil, rows = bench.machine_ceilings(device), []

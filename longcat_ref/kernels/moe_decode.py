@@ -106,6 +106,12 @@ TARGET_PROGRAMS = 512  # enough programs in flight to keep an H200's memory busy
 ROW_CAP_16BIT = 16
 DOWN_TARGET_PROGRAMS = 8192
 NUM_WARPS = 4
+# The weight prefetch (with PDL only; opt-in, not yet measured on a GPU): before its dependent-launch wait kernel 1's
+# shared-expert programs ask L2 for their gate / up rows (no kernel writes them; the routed slots' rows depend on
+# the router's output, still being written), and kernel 2's programs for their down rows, the expert read from the
+# router's ids of two kernels back (complete by then in practice; a stale id would only prefetch the wrong lines:
+# the ids are read again after the wait for the real loads). support.prefetch_l2: a hint, the same bits.
+PREFETCH_WEIGHTS = False
 # One decode token, 16-bit banks: one warp per program and rows of 1 (kernel 1, 2048 columns a load) or 2 (kernel
 # 2), measured (one H200, 2026-12-03, `tune_moe --narrow` and docs/perf-run12/moe_pair.py): the pair for one
 # GLM-4.7-Flash token (5 slots with its shared expert) 30.5 -> 25.5 us, for one LongCat-Flash token (12 slots)
@@ -117,6 +123,8 @@ NARROW_TOKENS = 1  # n at most this -> (1 row, up to 2048 columns, 1 warp) and (
 if support.have_triton():
     import triton
     import triton.language as tl
+
+    from .support import prefetch_l2
 
     @triton.jit
     def _gate_up_act_kernel(
@@ -130,8 +138,14 @@ if support.have_triton():
         s_gu_e, s_gu_r, s_gu_c, s_gus_e, s_gus_r, s_gus_c, s_sh_r, s_sh_c,
         K: tl.constexpr, KS: tl.constexpr, SHARED: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
         FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, PF: tl.constexpr = False, PF_LINES: tl.constexpr = 1, LINE: tl.constexpr = 64,
     ):
+        if PF:  # the shared expert's rows of this program, asked of L2 before the wait (PREFETCH_WEIGHTS)
+            if tl.program_id(0) % KS == K:  # (PF implies SHARED, 16-bit matrices with contiguous rows)
+                ri = tl.minimum(tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I), I - 1).to(tl.int64)  # (BLOCK_I,)
+                cols = tl.minimum(tl.arange(0, PF_LINES), (H - 1) // LINE) * LINE  # (PF_LINES,) line starts
+                prefetch_l2(sg_ptr + ri[:, None] * s_sh_r + cols[None, :])  # (BLOCK_I, PF_LINES) gate's lines
+                prefetch_l2(su_ptr + ri[:, None] * s_sh_r + cols[None, :])  # up's
         if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -197,8 +211,20 @@ if support.have_triton():
         s_d_e, s_d_r, s_d_c, s_ds_e, s_ds_r, s_ds_c, s_sd_r, s_sd_c,
         K: tl.constexpr, KS: tl.constexpr, SHARED: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
         FP8: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, PF: tl.constexpr = False, PF_LINES: tl.constexpr = 1, LINE: tl.constexpr = 64,
     ):
+        if PF:  # this program's rows of down, asked of L2 before the wait (PREFETCH_WEIGHTS; 16-bit, contiguous rows)
+            p0 = tl.program_id(0)
+            j0 = (p0 // KS) * K + tl.minimum(p0 % KS, K - 1)
+            e0 = tl.load(idx_ptr + j0, cache_modifier=".cg").to(tl.int64) - first_expert  # the router's id (L2):
+            e0 = tl.minimum(tl.maximum(e0, 0), n_local - 1)  # only an address, kept inside the bank
+            base, s_row = d_ptr + e0 * s_d_e, s_d_r
+            if SHARED:
+                if p0 % KS == K:
+                    base, s_row = sd_ptr, s_sd_r
+            ro = tl.minimum(tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O), H - 1).to(tl.int64)  # (BLOCK_O,)
+            cols = tl.minimum(tl.arange(0, PF_LINES), (I - 1) // LINE) * LINE  # (PF_LINES,) line starts
+            prefetch_l2(base + ro[:, None] * s_row + cols[None, :])  # (BLOCK_O, PF_LINES)
         if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -338,6 +364,22 @@ def _check(x, w, idx, gate_up, down, gate_up_scale, down_scale, bo, bi):
             raise ValueError(f"fused_moe: all tensors must be on x's device ({x.device}); got one on {t.device}")
 
 
+def prefetch_plan(x, gate_up, down, shared, pdl: bool) -> tuple[dict, dict]:
+    """The weight prefetch's constexprs of kernel 1 and kernel 2 (PREFETCH_WEIGHTS, with PDL only): PF on where
+    the rows it would prefetch are 16-bit with contiguous columns (kernel 1: the shared expert's gate and up;
+    kernel 2: the down bank, and the shared down where there is one); PF_LINES 128-byte lines per row (a power of
+    two), LINE elements per line."""
+    line = max(1, support.LINE_BYTES // x.element_size())
+    E, I2, H = gate_up.shape
+    I = I2 // 2
+    on = PREFETCH_WEIGHTS and pdl
+    k1 = on and shared is not None and all(t.stride(-1) == 1 for t in shared[:2])
+    k2 = (on and down.dtype != torch.float8_e4m3fn and down.stride(-1) == 1
+          and (shared is None or shared[2].stride(-1) == 1))
+    return (dict(PF=k1, PF_LINES=_next_pow2(_cdiv(H, line)), LINE=line),
+            dict(PF=k2, PF_LINES=_next_pow2(_cdiv(I, line)), LINE=line))
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b) if b else 0
 
@@ -381,19 +423,20 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
     sg, su, sd = shared if shared is not None else (gate_up, gate_up, down)  # unused pointers without SHARED
     sh_st = sg.stride() if shared is not None else (0, 0)
     sd_st = sd.stride() if shared is not None else (0, 0)
+    pf1, pf2 = prefetch_plan(x, gate_up, down, shared, pdl)
     _gate_up_act_kernel[(n * ks, triton.cdiv(I, block_i))](
         x, idx, gate_up, gus, act, sg, su,
         first_expert, E, H, I, _cdiv(I, bo_),
         *gate_up.stride(), *gus_st, *sh_st,
         K=k, KS=ks, SHARED=shared is not None, BO=bo_, BI=bi_, FP8=fp8[0], BLOCK_I=block_i, BLOCK_H=block_h,
-        PDL=pdl, num_warps=warps_1, launch_pdl=pdl)
+        PDL=pdl, **pf1, num_warps=warps_1, launch_pdl=pdl)
     part = torch.empty(n * ks, H, dtype=torch.float32, device=x.device)  # (n*ks, H) weighted, fp32
     _down_kernel[(n * ks, triton.cdiv(H, block_o))](
         act, w, idx, down, ds, part, sd,
         first_expert, E, H, I,
         *down.stride(), *ds_st, *sd_st,
         K=k, KS=ks, SHARED=shared is not None, BO=bo_, BI=bi_, FP8=fp8[1], BLOCK_O=block_o, BLOCK_K=block_k,
-        PDL=pdl, num_warps=warps_2, launch_pdl=pdl)
+        PDL=pdl, **pf2, num_warps=warps_2, launch_pdl=pdl)
     return part.view(n, ks, H)  # (n, ks, H) fp32: summed over the slots by `fused_moe`
 
 
