@@ -6,6 +6,8 @@ session runs Triton's CPU interpreter (TRITON_INTERPRET=1), whose kernels cannot
                                                          sizes, with PDL -> its PTX on stdout
     python tests/ptx.py moe_gate_up PF | moe_down PF    kernels/moe_decode.py's two kernels at GLM's sizes (4
                                                          routed slots + the shared one, bf16), with PDL
+    python tests/ptx.py route_logits                     kernels/router.py's logits-and-selection kernel at
+                                                         GLM's sizes (64 experts, H = 2048, bf16, one token)
 """
 
 import os
@@ -87,11 +89,21 @@ def moe(which: str, pf: int) -> str:
     return _compile(K._down_kernel, ptrs, dict(common, BLOCK_O=2, BLOCK_K=512, PF_LINES=2048 // line))
 
 
+def route_logits() -> str:
+    from longcat_ref.kernels import router as K
+
+    block_r, block_h = K.logits_tiles(64, 2048)
+    ptrs = dict(X="*bf16", W="*bf16", L="*fp32", T="*i32", bias_ptr="*fp32", w_ptr="*fp32", idx_ptr="*i64")
+    consts = dict(SOFTMAX=False, NORM=True, K=4, KP=4, BLOCK_E=64, BLOCK_M=1, BLOCK_R=block_r, BLOCK_H=block_h,
+                  PDL=True)
+    return _compile(K._route_logits_kernel, ptrs, consts, floats=("scaling",))
+
+
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("tests/ptx.py compiles kernels: run it without TRITON_INTERPRET=1")
     kernels = {"mla_split": mla_split, "moe_gate_up": lambda pf: moe("gate_up", pf),
-               "moe_down": lambda pf: moe("down", pf)}
+               "moe_down": lambda pf: moe("down", pf), "route_logits": route_logits}
     if len(sys.argv) < 2 or sys.argv[1] not in kernels:
         sys.exit(f"usage: python tests/ptx.py {{{','.join(kernels)}}} ARGS...")
     print(kernels[sys.argv[1]](*(int(a) for a in sys.argv[2:])))

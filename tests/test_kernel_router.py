@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import longcat_ref as L
+from longcat_ref.kernels import router as R
 from longcat_ref.kernels.router import route, route_reference
 from longcat_ref.kernels.support import can_run
 from longcat_ref.model.moe import MoE
@@ -145,3 +146,145 @@ def test_logits_auto_is_the_fp32_product(dtype):
         else:
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
             assert not torch.equal(got.to(dtype).float(), got)  # fp32 output, not rounded to the model dtype
+
+
+# ------------------------------------------------------------------------------ the logits in the kernel too
+LOGIT_CASES = [  # M tokens, E experts, H, k, softmax, norm, scaling: GLM (64 of 2048, top-4), odd sizes, LongCat-like
+    (1, 64, 2048, 4, False, True, 1.8), (3, 40, 100, 3, True, False, 2.0), (4, 24, 33, 2, False, True, 1.0),
+    (2, 768, 96, 12, True, False, 6.0), (1, 16, 16, 16, False, True, 1.0)]
+
+
+@pytest.mark.parametrize("M,E,H,k,softmax,norm,scaling", LOGIT_CASES)
+def test_route_logits_equals_the_selection_of_the_exact_logits(M, E, H, k, softmax, norm, scaling):
+    """route_logits(x, W) == the selection (written out token by token) of the fp64 logits x W^T: the same experts
+    best first, the weights to fp32 rounding; and the ticket counter is back at 0 after each call."""
+    g = torch.Generator().manual_seed(E + H)
+    x, W = torch.randn(M, H, generator=g), torch.randn(E, H, generator=g) / H ** 0.5
+    bias = 0.1 * torch.randn(E, generator=g)
+    for _ in range(2):  # a second call: the counter was reset by the first
+        w, idx = R.route_logits(x.to(DEV), W.to(DEV), bias.to(DEV), k, softmax, norm, scaling)
+        wi, ii = independent(x.double() @ W.double().T, bias, k, softmax, norm, scaling)
+        assert idx.dtype == torch.int64 and w.dtype == torch.float32 and w.shape == (M, k)
+        assert torch.equal(idx.cpu(), ii)
+        torch.testing.assert_close(w.cpu(), wi, atol=1e-5, rtol=1e-5)
+        assert int(R._ticket(idx.device)) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_route_logits_in_16_bit_are_the_fp32_products(dtype):
+    """16-bit x and W (GLM's bf16 model): the logits are fp32 sums of the exact products, so the selection is the
+    one of x.float() @ W.float().T."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 2048, generator=g).to(dtype)
+    W = (torch.randn(64, 2048, generator=g) / 45).to(dtype)
+    bias = (0.05 * torch.randn(64, generator=g)).to(dtype)
+    w, idx = R.route_logits(x.to(DEV), W.to(DEV), bias.to(DEV), 4, False, True, 1.8)
+    wi, ii = independent(x.double() @ W.double().T, bias.float(), 4, False, True, 1.8)
+    assert torch.equal(idx.cpu(), ii)
+    torch.testing.assert_close(w.cpu(), wi, atol=1e-5, rtol=1e-5)
+
+
+def test_route_logits_refuses_what_it_cannot_take():
+    x, W, b = torch.randn(5, 32, device=DEV), torch.randn(8, 32, device=DEV), torch.zeros(8, device=DEV)
+    with pytest.raises(ValueError, match="at most 4 tokens"):
+        R.route_logits(x, W, b, 2, True, False, 1.0)
+    with pytest.raises(ValueError, match="weight in x's dtype"):
+        R.route_logits(x[:2], W.double(), b, 2, True, False, 1.0)
+    with pytest.raises(ValueError, match="0 < k <= E"):
+        R.route_logits(x[:2], W, b, 9, True, False, 1.0)
+    with pytest.raises(ValueError, match=r"weight \(E, H\)"):
+        R.route_logits(x[:2], W[:, :16], b, 2, True, False, 1.0)
+
+
+def test_route_logits_op_traces_and_passes_opcheck():
+    g = torch.Generator().manual_seed(2)
+    x, W, b = (torch.randn(1, 64, generator=g).to(DEV), torch.randn(16, 64, generator=g).to(DEV),
+               torch.zeros(16).to(DEV))
+    f = torch.compile(lambda x, W, b: R.route_logits(x, W, b, 4, False, True, 1.8), fullgraph=True,
+                      backend="aot_eager" if not CUDA else "inductor")
+    w, idx = f(x, W, b)
+    wr, ir = R.route_reference((x.double() @ W.double().T).float(), b, 4, False, True, 1.8)
+    assert torch.equal(idx, ir.to(DEV))
+    torch.testing.assert_close(w, wr.to(DEV), atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(R._route_logits_op, (x, W, b, 4, False, True, 1.8))
+
+
+@pytest.mark.parametrize("linear,taken", [("prefetch", True), ("plain", False)])
+def test_router_takes_the_logits_kernel_where_linear_takes_the_prefetch_kernel(linear, taken, monkeypatch):
+    """Router(x, "fused", linear): the logits in the router's kernel exactly where linear.takes_prefetch says
+    (here "prefetch"; "auto" only in a compiled step on sm_90+), else the logits' own product then `route`; the
+    same experts and weights as the plain router either way."""
+    from longcat_ref.model import router as MR
+
+    calls = []
+    real = MR.route_logits
+    monkeypatch.setattr(MR, "route_logits", lambda *a: calls.append(1) or real(*a))
+    cfg = L.tiny_glm()
+    moe = L.init_weights(MoE(cfg), seed=2, std=0.2, bias_std=0.05).to(DEV)
+    x = torch.randn(3, cfg.hidden_size, generator=torch.Generator().manual_seed(3)).to(DEV)
+    with torch.no_grad():
+        w, idx = moe.router(x, "fused", linear)
+        wp, ip = moe.router(x)
+    assert bool(calls) == taken
+    order = ip.argsort(-1)
+    assert torch.equal(idx.sort(-1).values, ip.gather(1, order))
+    torch.testing.assert_close(w.gather(1, idx.argsort(-1)), wp.gather(1, order), atol=1e-6, rtol=1e-6)
+
+
+def test_compiled_decode_step_with_the_logits_kernel_equals_eager_plain(monkeypatch):
+    """generate's fixed-shape decode step, torch.compiled with the router's logits in its kernel (router "fused",
+    linear "prefetch"; tiny GLM, fp32) == the eager plain step's logits, and every MoE layer took the kernel."""
+    from longcat_ref.model import router as MR
+    from longcat_ref.model.generate import decode_step
+    from test_kernel_prefetch_gemv import decode_logits
+
+    calls = []
+    real = MR.route_logits
+    monkeypatch.setattr(MR, "route_logits", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    cfg = L.tiny_glm()
+    model = L.init_weights(L.CausalLM(cfg), seed=3, std=0.2, bias_std=0.05).eval().to(DEV)
+    ids = torch.randint(0, cfg.vocab_size, (1, 5), device=DEV)
+    torch._dynamo.reset()
+    plain = decode_logits(decode_step, model, L.Forms(attention="absorbed"), ids)
+    got = decode_logits(torch.compile(decode_step, fullgraph=True, dynamic=False), model,
+                        L.Forms(attention="absorbed", experts="gemv", router="fused", linear="prefetch",
+                                rope="fused_uk"), ids)
+    torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+    assert len(calls) >= sum(cfg.layer_is_moe), calls  # traced once per MoE layer (at least)
+
+
+def test_route_logits_ptx_loads_the_weight_before_the_wait_and_picks_after_the_ticket():
+    """The kernel compiled for sm_90 with PDL (tests/ptx.py, no GPU needed): the weight's loads come before the
+    dependent-launch wait and nothing else does (no atomic, no store); after it, the acquire-release ticket, then
+    the logits read back from L2 (.cg) and the counter's reset."""
+    from ptx import before_wait, kernel_ptx
+
+    ptx = kernel_ptx("route_logits")
+    pre = "\n".join(before_wait(ptx))
+    assert "ld.global" in pre and "atom." not in pre and "st.global" not in pre
+    post = ptx[ptx.index("griddepcontrol.wait"):]
+    ticket = post.index("atom.global.gpu.acq_rel.add")
+    assert post.index("ld.global.cg") > ticket and post.rindex("atom.global.gpu.relaxed.exch") > ticket
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_route_logits_in_a_cuda_graph_replays_the_eager_result():
+    """GLM's router (64 x 2048, bf16, one token) in a CUDA graph after a producer kernel, replayed 3 times with new
+    inputs: each replay picks what the eager call picks for those inputs, bit for bit, and the counter ends at 0."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    W = (torch.randn(64, 2048, device="cuda", generator=g) / 45).bfloat16()
+    bias = (0.05 * torch.randn(64, device="cuda", generator=g)).float()
+    src = torch.randn(1, 2048, device="cuda", generator=g).bfloat16()
+    x = torch.empty_like(src)
+    R.route_logits(x.copy_(src), W, bias, 4, False, True, 2.5)  # warm-up: compiles, makes the counter
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = R.route_logits(torch.mul(src, 1.0, out=x), W, bias, 4, False, True, 2.5)  # a producer, then it
+    for i in range(3):
+        src.copy_(torch.randn(1, 2048, device="cuda", generator=g).bfloat16())
+        graph.replay()
+        want = R.route_logits(src.clone(), W, bias, 4, False, True, 2.5)
+        assert torch.equal(out[1], want[1]) and torch.equal(out[0], want[0]), i
+    torch.cuda.synchronize()
+    assert int(R._ticket(W.device)) == 0

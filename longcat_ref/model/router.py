@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import support
-from ..kernels.router import route
+from ..kernels.router import logits_fit, route, route_logits
 from ..kernels.skinny_gemm import skinny_gemm
-from .linear import gemv, resolve
+from .linear import gemv, resolve, takes_prefetch
 
 FUSED_MAX_TOKENS = 64  # "auto" routes up to this many tokens in the kernel (one program per token)
 # ... and only for up to this many router experts. Measured on one H200 (2026-12-02, docs/perf-run7/), compiled
@@ -92,11 +92,17 @@ class Router(nn.Module):
 
         form: "plain" (below) | "fused": the selection after the matmul in one Triton kernel (kernels/router.py),
         where it can run and for ungrouped routing; the same experts and weights, listed best first | "auto": fused
-        for up to FUSED_MAX_TOKENS tokens and FUSED_MAX_EXPERTS experts on CUDA (GLM's decode), else plain."""
+        for up to FUSED_MAX_TOKENS tokens and FUSED_MAX_EXPERTS experts on CUDA (GLM's decode), else plain.
+        Fused, where `linear` takes the prefetch kernel for this weight (linear.takes_prefetch: "prefetch", or
+        "auto" in the compiled decode step on sm_90+), the logits are computed in the same kernel
+        (`route_logits`: the weight loaded before the dependent-launch wait, one launch instead of two)."""
         if form == "auto":
             few = x.shape[0] <= FUSED_MAX_TOKENS and self.n_experts <= FUSED_MAX_EXPERTS
             form = "fused" if x.is_cuda and few else "plain"
         if form == "fused" and self.n_group == 1 and support.can_run(x):
+            if takes_prefetch(linear, x, self.weight) and logits_fit(x, self.weight):  # the logits in the kernel
+                return route_logits(x, self.weight, self.e_score_correction_bias, self.top_k, self.kind == "softmax",
+                                    self.norm_topk_prob, self.scaling)
             logits = self.logits(x, linear)  # (n, E) fp32
             return route(logits, self.e_score_correction_bias, self.top_k, self.kind == "softmax",
                          self.norm_topk_prob, self.scaling)
