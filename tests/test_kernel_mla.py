@@ -394,15 +394,18 @@ if torch.cuda.is_available():
 
 
 @cuda
+@pytest.mark.parametrize("uv", [False, True], ids=["split", "one_pass"])
 @pytest.mark.parametrize("pf_tiles", [0, 2])
-def test_gpu_cache_written_by_the_previous_kernel_is_read_fresh(monkeypatch, pf_tiles):
+def test_gpu_cache_written_by_the_previous_kernel_is_read_fresh(monkeypatch, pf_tiles, uv):
     """The hazard of the prefetch: in one CUDA graph a PDL kernel rewrites the whole latent cache late, after it
-    has let the split kernel start; the split programs prefetch the old lines before their wait. The replay must
-    equal the eager result on the new cache, bit for bit, for GLM's 20 heads over 128 slots (4 chunks of one
-    tile: every tile prefetched)."""
+    has let the attention kernel start; its programs prefetch the old lines before their wait. The replay must
+    equal the eager result on the new cache, bit for bit, for GLM's 20 heads over 128 slots (the split kernel: 4
+    chunks of one tile, every tile prefetched; with W_uv, the one-pass kernel, whose programs prefetch the cache's
+    tiles in turn)."""
     monkeypatch.setattr(K, "PREFETCH_TILES", pf_tiles)
     x, bias, scale = gpu_inputs(20, 1, 128, 1, seed=3)
     q_lat, q_rope, latent, k_rope = x
+    w_uv = (torch.randn(20, 256, 512, device="cuda") * 0.05).bfloat16() if uv else None
     new = torch.randn_like(latent)  # the producer's data: every slot changes
     old = latent.clone()
     pdl = support.pdl(latent)
@@ -410,7 +413,7 @@ def test_gpu_cache_written_by_the_previous_kernel_is_read_fresh(monkeypatch, pf_
     def chain():
         _late_writer[(triton.cdiv(latent.numel(), 1024),)](new, latent, latent.numel(), 2000, PDL=pdl,
                                                              launch_pdl=pdl)
-        return K.mla_decode(q_lat, q_rope, latent, k_rope, bias, scale)
+        return K.mla_decode(q_lat, q_rope, latent, k_rope, bias, scale, w_uv=w_uv)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -426,7 +429,7 @@ def test_gpu_cache_written_by_the_previous_kernel_is_read_fresh(monkeypatch, pf_
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(latent, new)
-        assert torch.equal(captured, K.mla_decode(q_lat, q_rope, new, k_rope, bias, scale))
+        assert torch.equal(captured, K.mla_decode(q_lat, q_rope, new, k_rope, bias, scale, w_uv=w_uv))
 
 
 @cuda

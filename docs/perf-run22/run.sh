@@ -3,7 +3,7 @@
 #   bash docs/perf-run22/run.sh [LIMIT_S]          (writes under $OUT; LIMIT_S default 560)
 # (1) the router kernel's tests (route_logits: its CUDA-graph test among them) and the GPU tests of the MoE and MLA
 # decode kernels and of the fast path (the MoE weight prefetch's bit-identity test, not run before); (2) exp.py ab:
-# GLM-4.7-Flash's compiled batch-1 step with route_logits off / on / on + the MoE weight prefetch, off / on again.
+# GLM-4.7-Flash's compiled batch-1 step: baseline, route_logits, + MLA one-pass, + MoE weight prefetch, and again.
 set -u
 OUT=${OUT:-/tmp/perf-run22}; mkdir -p "$OUT"; S=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
