@@ -441,3 +441,61 @@ def test_gpu_cache_prefetch_changes_no_bit(monkeypatch):
     off = K.mla_decode(*x, bias, scale)
     monkeypatch.setattr(K, "PREFETCH_TILES", 2)
     assert torch.equal(K.mla_decode(*x, bias, scale), off)
+
+
+# ------------------------------------------------------------------------------------- the one-pass form
+class _Count:
+    """A stand-in for a Triton kernel that counts its launches and runs the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("t,S", [(1, 150), (2, 256), (1, 7)])
+def test_one_pass_equals_the_split_and_merge(monkeypatch, dtype, t, S):
+    """With W_uv and a cache of at most ONE_PASS_MAX_SLOTS slots, one launch of the one-pass kernel (counted) gives
+    what the split kernel and the merge give (ONE_PASS_MAX_SLOTS = 0), and the fp64 formula; holes, left padding
+    and (t = 2) an all-masked row as above."""
+    b, h, r, d, nope, v = 2, 3, 32, 16, 8, 40
+    x = inputs(b, h, t, r, d, S, dtype, seed=9)
+    w_uv = (torch.randn(h, nope + v, r, generator=torch.Generator().manual_seed(9)) * 0.2).to(DEV, dtype)[:, nope:]
+    bias = masked_bias(holes(b, t, S, seed=9).to(DEV), dtype)
+    one = _Count(K._mla_one_pass_uv_kernel)
+    monkeypatch.setattr(K, "_mla_one_pass_uv_kernel", one)
+    out = K.mla_decode(*x, bias, 0.2, w_uv=w_uv)
+    assert one.launches == 1 and out.shape == (b, h, t, v) and not out.isnan().any()
+    monkeypatch.setattr(K, "ONE_PASS_MAX_SLOTS", 0)
+    split = K.mla_decode(*x, bias, 0.2, w_uv=w_uv)
+    assert one.launches == 1  # the split path did not launch it
+    torch.testing.assert_close(out, split, **(TOL[dtype] if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)))
+    want = torch.einsum("bhtr,hvr->bhtv", exact(*x, bias, 0.2), w_uv.double())
+    torch.testing.assert_close(out.double(), want, **(TOL[dtype] if dtype == torch.float32 else
+                                                      dict(atol=3e-2, rtol=3e-2)))
+
+
+def test_one_pass_only_for_a_short_cache_with_w_uv_and_no_forced_split(monkeypatch):
+    """The rule is the cache's length (S <= ONE_PASS_MAX_SLOTS), W_uv given and no `splits` asked: past it, without
+    W_uv or with a forced split count, the split kernel runs."""
+    one = _Count(K._mla_one_pass_uv_kernel)
+    monkeypatch.setattr(K, "_mla_one_pass_uv_kernel", one)
+    monkeypatch.setattr(K, "ONE_PASS_MAX_SLOTS", 64)
+    w_uv = torch.randn(2, 8, 16, device=DEV)
+    for S, kw, want in [(64, dict(w_uv=w_uv), 1), (65, dict(w_uv=w_uv), 0), (64, {}, 0),
+                        (64, dict(w_uv=w_uv, splits=2), 0)]:
+        x = inputs(1, 2, 1, 16, 4, S, seed=S)
+        before = one.launches
+        K.mla_decode(*x, torch.zeros(1, 1, 1, S, device=DEV), 0.3, **kw)
+        assert one.launches - before == want, (S, kw)
+
+
+def test_one_pass_ptx_loads_only_w_uv_and_prefetches_before_the_wait():
+    """The one-pass kernel compiled for sm_90 with PDL (tests/ptx.py): before the wait, W_uv's loads and (PF) the
+    cache's prefetches, no store; without PF no prefetch at all."""
+    pre = "\n".join(before_wait(kernel_ptx("mla_one_pass", 1)))
+    assert "prefetch.global.L2" in pre and "ld.global" in pre and "st.global" not in pre
+    assert "prefetch.global.L2" not in kernel_ptx("mla_one_pass", 0)
