@@ -10,8 +10,17 @@ Not part of the package.
                 route_logits + one-pass again; and each row's logits for one
                 fixed context and token against the first row's
 
-usage: PYTHONPATH=. python docs/perf-run22/exp.py ab OUT.json
+  mla OUT.json  MLA's attention with W_uv alone at GLM-4.7-Flash's sizes (20 heads, r = 512, v = 256, batch 1, one
+                query; S = 128, 224, 256 slots), 50 calls captured in one CUDA graph: microseconds a call for the
+                split + merge and for the one-pass kernel at (BLOCK_S, warps) = (16, 4), (32, 4), (32, 8), (64, 8);
+                each output against the split + merge's. Prints the best one-pass tile as "best BLOCK_S WARPS".
+
+  (ab reads ONE_PASS="BLOCK_S,WARPS" from the environment for the one-pass rows, default the package's.)
+
+usage: PYTHONPATH=. python docs/perf-run22/exp.py mla OUT.json
+       PYTHONPATH=. ONE_PASS=32,8 python docs/perf-run22/exp.py ab OUT.json
 """
+import os
 import json
 import sys
 import time
@@ -38,9 +47,53 @@ def settings(route_logits: bool, one_pass: bool, moe_prefetch: bool):
                 moe_prefetch=moe_prefetch)
 
 
-if len(sys.argv) < 3 or sys.argv[1] != "ab":
+if len(sys.argv) < 3 or sys.argv[1] not in ("ab", "mla"):
     sys.exit(__doc__)
 device, dtype = "cuda", torch.bfloat16
+if os.environ.get("ONE_PASS"):
+    mla_decode.ONE_PASS_BLOCK_S, mla_decode.ONE_PASS_WARPS = (int(v) for v in os.environ["ONE_PASS"].split(","))
+if sys.argv[1] == "mla":
+    K = mla_decode
+    g = torch.Generator(device).manual_seed(0)
+    out, best = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
+                     device=torch.cuda.get_device_name(), rows=[]), {}
+    for S in (128, 224, 256):
+        q_lat, q_rope = (torch.randn(1, 20, 1, n, device=device, generator=g).to(dtype) for n in (512, 64))
+        latent = torch.randn(1, S, 512, device=device, generator=g).to(dtype)
+        k_rope = torch.randn(1, S, 64, device=device, generator=g).to(dtype)
+        bias = torch.zeros(1, 1, 1, S, device=device, dtype=dtype)
+        bias[..., S - S // 8:] = torch.finfo(dtype).min  # the static cache's unwritten tail
+        w_uv = (torch.randn(20, 448, 512, device=device, generator=g) * 0.05).to(dtype)[:, 192:]
+        ref = None
+        for name, cfg in [("split", None), ("one_pass 16/4", (16, 4)), ("one_pass 32/4", (32, 4)),
+                          ("one_pass 32/8", (32, 8)), ("one_pass 64/8", (64, 8))]:
+            K.ONE_PASS_MAX_SLOTS = 0 if cfg is None else 256
+            if cfg is not None:
+                K.ONE_PASS_BLOCK_S, K.ONE_PASS_WARPS = cfg
+            call = lambda: K.mla_decode(q_lat, q_rope, latent, k_rope, bias, 0.1, w_uv=w_uv)  # noqa: E731
+            o = call()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(50):
+                    call()
+            graph.replay()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                graph.replay()
+            torch.cuda.synchronize()
+            us = (time.perf_counter() - t0) / 20 / 50 * 1e6
+            ref = o if ref is None else ref
+            diff = float((o.float() - ref.float()).abs().max())
+            out["rows"].append(dict(S=S, variant=name, us=us, max_abs_diff_vs_split=diff))
+            print(f"perf-run22 mla: S={S} {name}: {us:.2f} us a call, max |diff| vs split {diff:.2e}", flush=True)
+            if cfg is not None and S == 256 and (not best or us < best["us"]):
+                best = dict(us=us, cfg=cfg)
+            del graph
+    json.dump(out, open(sys.argv[2], "w"), indent=1)
+    print(f"best {best['cfg'][0]} {best['cfg'][1]}")
+    sys.exit(0)
 ceil = bench.machine_ceilings(device)
 res = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__, machine=ceil, rows=[])
 with torch.device("meta"):
