@@ -18,7 +18,7 @@ timeout 200 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_ker
     tests/test_fast.py -k "gpu or cuda" > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -12 | cut -c1-300; t
 PYTHONPATH=. timeout 90 python docs/perf-run22/exp.py mla "$OUT/mla.json" > "$OUT/mla.log" 2>&1
-echo "mla rc=$?"; grep -E "perf-run22|best|Error" "$OUT/mla.log" | tail -16 | cut -c1-200; t
+echo "mla rc=$?"; grep -E "perf-run22|best|Error" "$OUT/mla.log" | tail -26 | cut -c1-200; t
 BEST=$(grep "^best " "$OUT/mla.log" | awk '{print $2","$3}')
 PYTHONPATH=. ONE_PASS=${BEST:-16,4} timeout $(( $(left) - 10 )) python docs/perf-run22/exp.py ab "$OUT/ab.json" > "$OUT/ab.log" 2>&1
 echo "ab rc=$?"; grep -E "perf-run22|b1 |critical|Error|error" "$OUT/ab.log" | tail -16 | cut -c1-300; t
