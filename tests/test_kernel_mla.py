@@ -403,6 +403,7 @@ def test_gpu_cache_written_by_the_previous_kernel_is_read_fresh(monkeypatch, pf_
     chunks of one tile, every tile prefetched; with W_uv, the one-pass kernel, whose programs prefetch the cache's
     tiles in turn)."""
     monkeypatch.setattr(K, "PREFETCH_TILES", pf_tiles)
+    monkeypatch.setattr(K, "ONE_PASS_MAX_SLOTS", 256)  # (opt-in: on here for the W_uv case)
     x, bias, scale = gpu_inputs(20, 1, 128, 1, seed=3)
     q_lat, q_rope, latent, k_rope = x
     w_uv = (torch.randn(20, 256, 512, device="cuda") * 0.05).bfloat16() if uv else None
@@ -467,6 +468,7 @@ def test_one_pass_equals_the_split_and_merge(monkeypatch, dtype, t, S):
     bias = masked_bias(holes(b, t, S, seed=9).to(DEV), dtype)
     one = _Count(K._mla_one_pass_uv_kernel)
     monkeypatch.setattr(K, "_mla_one_pass_uv_kernel", one)
+    monkeypatch.setattr(K, "ONE_PASS_MAX_SLOTS", 256)
     out = K.mla_decode(*x, bias, 0.2, w_uv=w_uv)
     assert one.launches == 1 and out.shape == (b, h, t, v) and not out.isnan().any()
     monkeypatch.setattr(K, "ONE_PASS_MAX_SLOTS", 0)
@@ -491,6 +493,28 @@ def test_one_pass_only_for_a_short_cache_with_w_uv_and_no_forced_split(monkeypat
         before = one.launches
         K.mla_decode(*x, torch.zeros(1, 1, 1, S, device=DEV), 0.3, **kw)
         assert one.launches - before == want, (S, kw)
+
+
+@cuda
+@pytest.mark.parametrize("h,v,S", [(20, 256, 128), (20, 256, 224), (20, 256, 256), (64, 128, 256)])
+def test_gpu_one_pass_real_sizes(monkeypatch, h, v, S):
+    """The one-pass kernel at GLM-4.7-Flash's and LongCat-Flash's sizes (bf16, batch 1): the split and merge's
+    output up to bf16 rounding, and the fp32 formula; its CUDA-graph replay bit for bit its eager call."""
+    x, bias, scale = gpu_inputs(h, 1, S, 1, seed=S)
+    w_uv = (torch.randn(h, 192 + v, 512, device="cuda") * 0.05).bfloat16()[:, 192:]
+    split = K.mla_decode(*x, bias, scale, w_uv=w_uv)
+    monkeypatch.setattr(K, "ONE_PASS_MAX_SLOTS", 256)
+    out = K.mla_decode(*x, bias, scale, w_uv=w_uv)
+    torch.testing.assert_close(out, split, atol=1e-2, rtol=1e-2)
+    want = torch.einsum("bhtr,hvr->bhtv", K.mla_decode_reference(*(v_.float() for v_ in x), bias.float(), scale),
+                        w_uv.float())
+    torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=2e-2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = K.mla_decode(*x, bias, scale, w_uv=w_uv)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, out)
 
 
 def test_one_pass_ptx_loads_only_w_uv_and_prefetches_before_the_wait():

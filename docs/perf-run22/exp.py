@@ -32,13 +32,13 @@ from longcat_ref.model import generate
 from longcat_ref.model import router as MR
 from longcat_ref.tools import bench
 
-REAL, ONE_PASS = MR.takes_prefetch, mla_decode.ONE_PASS_MAX_SLOTS
+ONE_PASS = 256  # the one-pass rows' ONE_PASS_MAX_SLOTS (the package's default is 0 until measured)
 
 
 def settings(route_logits: bool, one_pass: bool, moe_prefetch: bool):
-    """route_logits off: model/router.py never takes it (linear "auto" still takes the prefetch GEMV elsewhere);
-    one_pass off: mla_decode's split + merge for every cache (ONE_PASS_MAX_SLOTS = 0)."""
-    MR.takes_prefetch = REAL if route_logits else (lambda form, x, w: False)
+    """route_logits: model/router.py's LOGITS_IN_KERNEL_AUTO (linear "auto" takes the prefetch GEMV elsewhere
+    either way); one_pass off: mla_decode's split + merge for every cache (ONE_PASS_MAX_SLOTS = 0)."""
+    MR.LOGITS_IN_KERNEL_AUTO = route_logits
     mla_decode.ONE_PASS_MAX_SLOTS = ONE_PASS if one_pass else 0
     moe_decode.PREFETCH_WEIGHTS = moe_prefetch
     generate._COMPILED.clear()

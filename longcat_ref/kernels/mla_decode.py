@@ -142,8 +142,9 @@ COMBINE_BLOCK_C, COMBINE_BLOCK_SP = 64, 32  # kernel 2: channels per program, ch
 UV_BLOCK_V, UV_BLOCK_SP = 32, 8
 # The one-pass form (with W_uv, a short cache): for S <= ONE_PASS_MAX_SLOTS slots, one kernel in place of the split
 # and the merge (`_mla_one_pass_uv_kernel`); 0 turns it off (read at launch: the A/B of a benchmark). Its tiles:
-# ONE_PASS_BLOCK_S slots, ONE_PASS_BLOCK_V output channels of W_uv per program, ONE_PASS_WARPS warps.
-ONE_PASS_MAX_SLOTS = 256
+# ONE_PASS_BLOCK_S slots, ONE_PASS_BLOCK_V output channels of W_uv per program, ONE_PASS_WARPS warps. Off (opt-in)
+# until it is measured on a GPU: every program of a head recomputes the head's attention, from L2.
+ONE_PASS_MAX_SLOTS = 0
 ONE_PASS_BLOCK_S, ONE_PASS_BLOCK_V, ONE_PASS_WARPS = 16, 32, 4
 
 

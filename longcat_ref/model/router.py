@@ -37,7 +37,11 @@ FUSED_MAX_TOKENS = 64  # "auto" routes up to this many tokens in the kernel (one
 # batch-1 steps: GLM-4.7-Flash (64 experts) 6.706 -> 6.471 ms with the kernel; a LongCat-Flash layer (768 = 512 +
 # 256 zero experts: one program walks a 1,024-wide row 12 times) 0.789 -> 0.807 ms, so LongCat keeps torch.topk.
 FUSED_MAX_EXPERTS = 256
-HAVE_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=...): CUDA, torch >= 2.8
+HAVE_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+# The logits in the router's kernel (kernels/router.py `route_logits`) where linear is "auto" and takes the prefetch
+# kernel (the compiled decode step on sm_90+); linear "prefetch" takes it wherever it fits. Opt-in for "auto" until
+# it is measured on a GPU (read at trace time: reset torch.compile after changing it)
+LOGITS_IN_KERNEL_AUTO = False  # torch.mm(..., out_dtype=...): CUDA, torch >= 2.8
 
 
 class Router(nn.Module):
@@ -93,14 +97,15 @@ class Router(nn.Module):
         form: "plain" (below) | "fused": the selection after the matmul in one Triton kernel (kernels/router.py),
         where it can run and for ungrouped routing; the same experts and weights, listed best first | "auto": fused
         for up to FUSED_MAX_TOKENS tokens and FUSED_MAX_EXPERTS experts on CUDA (GLM's decode), else plain.
-        Fused, where `linear` takes the prefetch kernel for this weight (linear.takes_prefetch: "prefetch", or
-        "auto" in the compiled decode step on sm_90+), the logits are computed in the same kernel
-        (`route_logits`: the weight loaded before the dependent-launch wait, one launch instead of two)."""
+        Fused, where `linear` takes the prefetch kernel for this weight (linear.takes_prefetch: "prefetch"; "auto"
+        in the compiled decode step on sm_90+ when LOGITS_IN_KERNEL_AUTO), the logits are computed in the same
+        kernel (`route_logits`: the weight loaded before the dependent-launch wait, one launch instead of two)."""
         if form == "auto":
             few = x.shape[0] <= FUSED_MAX_TOKENS and self.n_experts <= FUSED_MAX_EXPERTS
             form = "fused" if x.is_cuda and few else "plain"
         if form == "fused" and self.n_group == 1 and support.can_run(x):
-            if takes_prefetch(linear, x, self.weight) and logits_fit(x, self.weight):  # the logits in the kernel
+            if ((linear == "prefetch" or LOGITS_IN_KERNEL_AUTO) and takes_prefetch(linear, x, self.weight)
+                    and logits_fit(x, self.weight)):  # the logits in the same kernel
                 return route_logits(x, self.weight, self.e_score_correction_bias, self.top_k, self.kind == "softmax",
                                     self.norm_topk_prob, self.scaling)
             logits = self.logits(x, linear)  # (n, E) fp32
