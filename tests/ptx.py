@@ -6,7 +6,6 @@ session runs Triton's CPU interpreter (TRITON_INTERPRET=1), whose kernels cannot
                                                          sizes, with PDL -> its PTX on stdout
     python tests/ptx.py moe_gate_up PF | moe_down PF    kernels/moe_decode.py's two kernels at GLM's sizes (4
                                                          routed slots + the shared one, bf16), with PDL
-    python tests/ptx.py mla_one_pass PF                 its one-pass kernel (W_uv, a short cache), GLM's sizes
     python tests/ptx.py route_logits                     kernels/router.py's logits-and-selection kernel at
                                                          GLM's sizes (64 experts, H = 2048, bf16, one token)
 """
@@ -66,17 +65,6 @@ def mla_split(pf_tiles: int, block_s: int = 32) -> str:
                     num_stages=K.NUM_STAGES)
 
 
-def mla_one_pass(pf: int) -> str:
-    from longcat_ref.kernels import mla_decode as K
-
-    ptrs = {n: "*bf16" for n in ("Q_LAT", "Q_ROPE", "LATENT", "K_ROPE", "BIAS", "W_UV", "OUT")}
-    plan = K.prefetch_plan(512, 64, 2, True)
-    consts = dict(RANK=512, ROPE=64, BLOCK_RANK=512, BLOCK_ROPE=64, BLOCK_S=K.ONE_PASS_BLOCK_S,
-                  BLOCK_V=K.ONE_PASS_BLOCK_V, PDL=True, PF=bool(pf), LAT_LINES=plan["LAT_LINES"],
-                  KR_LINES=plan["KR_LINES"], LINE=plan["LINE"])
-    return _compile(K._mla_one_pass_uv_kernel, ptrs, consts, floats=("scale",), num_warps=K.ONE_PASS_WARPS)
-
-
 def _compile(fn, ptrs: dict, consts: dict, floats=(), num_warps=4, num_stages=2) -> str:
     """PTX of jit function fn for sm_90: ptrs {name: "*bf16"...}, consts {name: value}, other arguments i32 (or
     fp32 for the names in floats)."""
@@ -114,7 +102,7 @@ def route_logits() -> str:
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("tests/ptx.py compiles kernels: run it without TRITON_INTERPRET=1")
-    kernels = {"mla_split": mla_split, "mla_one_pass": mla_one_pass, "moe_gate_up": lambda pf: moe("gate_up", pf),
+    kernels = {"mla_split": mla_split, "moe_gate_up": lambda pf: moe("gate_up", pf),
                "moe_down": lambda pf: moe("down", pf), "route_logits": route_logits}
     if len(sys.argv) < 2 or sys.argv[1] not in kernels:
         sys.exit(f"usage: python tests/ptx.py {{{','.join(kernels)}}} ARGS...")

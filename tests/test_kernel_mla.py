@@ -394,16 +394,14 @@ if torch.cuda.is_available():
 
 
 @cuda
-@pytest.mark.parametrize("uv", [False, True], ids=["split", "one_pass"])
+@pytest.mark.parametrize("uv", [False, True], ids=["o_lat", "w_uv"])
 @pytest.mark.parametrize("pf_tiles", [0, 2])
 def test_gpu_cache_written_by_the_previous_kernel_is_read_fresh(monkeypatch, pf_tiles, uv):
     """The hazard of the prefetch: in one CUDA graph a PDL kernel rewrites the whole latent cache late, after it
-    has let the attention kernel start; its programs prefetch the old lines before their wait. The replay must
-    equal the eager result on the new cache, bit for bit, for GLM's 20 heads over 128 slots (the split kernel: 4
-    chunks of one tile, every tile prefetched; with W_uv, the one-pass kernel, whose programs prefetch the cache's
-    tiles in turn)."""
+    has let the split kernel start; the split programs prefetch the old lines before their wait. The replay must
+    equal the eager result on the new cache, bit for bit, for GLM's 20 heads over 128 slots (4 chunks of one tile:
+    every tile prefetched), with the plain merge and with W_uv in the merge."""
     monkeypatch.setattr(K, "PREFETCH_TILES", pf_tiles)
-    monkeypatch.setattr(K, "ONE_PASS_MAX_SLOTS", 256)  # (opt-in: on here for the W_uv case)
     x, bias, scale = gpu_inputs(20, 1, 128, 1, seed=3)
     q_lat, q_rope, latent, k_rope = x
     w_uv = (torch.randn(20, 256, 512, device="cuda") * 0.05).bfloat16() if uv else None
@@ -443,83 +441,3 @@ def test_gpu_cache_prefetch_changes_no_bit(monkeypatch):
     monkeypatch.setattr(K, "PREFETCH_TILES", 2)
     assert torch.equal(K.mla_decode(*x, bias, scale), off)
 
-
-# ------------------------------------------------------------------------------------- the one-pass form
-class _Count:
-    """A stand-in for a Triton kernel that counts its launches and runs the real one."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("t,S", [(1, 150), (2, 256), (1, 7)])
-def test_one_pass_equals_the_split_and_merge(monkeypatch, dtype, t, S):
-    """With W_uv and a cache of at most ONE_PASS_MAX_SLOTS slots, one launch of the one-pass kernel (counted) gives
-    what the split kernel and the merge give (ONE_PASS_MAX_SLOTS = 0), and the fp64 formula; holes, left padding
-    and (t = 2) an all-masked row as above."""
-    b, h, r, d, nope, v = 2, 3, 32, 16, 8, 40
-    x = inputs(b, h, t, r, d, S, dtype, seed=9)
-    w_uv = (torch.randn(h, nope + v, r, generator=torch.Generator().manual_seed(9)) * 0.2).to(DEV, dtype)[:, nope:]
-    bias = masked_bias(holes(b, t, S, seed=9).to(DEV), dtype)
-    one = _Count(K._mla_one_pass_uv_kernel)
-    monkeypatch.setattr(K, "_mla_one_pass_uv_kernel", one)
-    monkeypatch.setattr(K, "ONE_PASS_MAX_SLOTS", 256)
-    out = K.mla_decode(*x, bias, 0.2, w_uv=w_uv)
-    assert one.launches == 1 and out.shape == (b, h, t, v) and not out.isnan().any()
-    monkeypatch.setattr(K, "ONE_PASS_MAX_SLOTS", 0)
-    split = K.mla_decode(*x, bias, 0.2, w_uv=w_uv)
-    assert one.launches == 1  # the split path did not launch it
-    torch.testing.assert_close(out, split, **(TOL[dtype] if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)))
-    want = torch.einsum("bhtr,hvr->bhtv", exact(*x, bias, 0.2), w_uv.double())
-    torch.testing.assert_close(out.double(), want, **(TOL[dtype] if dtype == torch.float32 else
-                                                      dict(atol=3e-2, rtol=3e-2)))
-
-
-def test_one_pass_only_for_a_short_cache_with_w_uv_and_no_forced_split(monkeypatch):
-    """The rule is the cache's length (S <= ONE_PASS_MAX_SLOTS), W_uv given and no `splits` asked: past it, without
-    W_uv or with a forced split count, the split kernel runs."""
-    one = _Count(K._mla_one_pass_uv_kernel)
-    monkeypatch.setattr(K, "_mla_one_pass_uv_kernel", one)
-    monkeypatch.setattr(K, "ONE_PASS_MAX_SLOTS", 64)
-    w_uv = torch.randn(2, 8, 16, device=DEV)
-    for S, kw, want in [(64, dict(w_uv=w_uv), 1), (65, dict(w_uv=w_uv), 0), (64, {}, 0),
-                        (64, dict(w_uv=w_uv, splits=2), 0)]:
-        x = inputs(1, 2, 1, 16, 4, S, seed=S)
-        before = one.launches
-        K.mla_decode(*x, torch.zeros(1, 1, 1, S, device=DEV), 0.3, **kw)
-        assert one.launches - before == want, (S, kw)
-
-
-@cuda
-@pytest.mark.parametrize("h,v,S", [(20, 256, 128), (20, 256, 224), (20, 256, 256), (64, 128, 256)])
-def test_gpu_one_pass_real_sizes(monkeypatch, h, v, S):
-    """The one-pass kernel at GLM-4.7-Flash's and LongCat-Flash's sizes (bf16, batch 1): the split and merge's
-    output up to bf16 rounding, and the fp32 formula; its CUDA-graph replay bit for bit its eager call."""
-    x, bias, scale = gpu_inputs(h, 1, S, 1, seed=S)
-    w_uv = (torch.randn(h, 192 + v, 512, device="cuda") * 0.05).bfloat16()[:, 192:]
-    split = K.mla_decode(*x, bias, scale, w_uv=w_uv)
-    monkeypatch.setattr(K, "ONE_PASS_MAX_SLOTS", 256)
-    out = K.mla_decode(*x, bias, scale, w_uv=w_uv)
-    torch.testing.assert_close(out, split, atol=1e-2, rtol=1e-2)
-    want = torch.einsum("bhtr,hvr->bhtv", K.mla_decode_reference(*(v_.float() for v_ in x), bias.float(), scale),
-                        w_uv.float())
-    torch.testing.assert_close(out.float(), want, atol=1e-2, rtol=2e-2)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = K.mla_decode(*x, bias, scale, w_uv=w_uv)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, out)
-
-
-def test_one_pass_ptx_loads_only_w_uv_and_prefetches_before_the_wait():
-    """The one-pass kernel compiled for sm_90 with PDL (tests/ptx.py): before the wait, W_uv's loads and (PF) the
-    cache's prefetches, no store; without PF no prefetch at all."""
-    pre = "\n".join(before_wait(kernel_ptx("mla_one_pass", 1)))
-    assert "prefetch.global.L2" in pre and "ld.global" in pre and "st.global" not in pre
-    assert "prefetch.global.L2" not in kernel_ptx("mla_one_pass", 0)

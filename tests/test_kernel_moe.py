@@ -335,18 +335,20 @@ def test_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ GPU only
 def test_weight_prefetch_plan(monkeypatch):
-    """PREFETCH_WEIGHTS (opt-in) with PDL only; kernel 1 only with a shared expert; kernel 2 not for fp8 banks;
-    lines per row of H (kernel 1) and of I (kernel 2), 64 bf16 values a line."""
+    """PREFETCH_DOWN (on) and PREFETCH_SHARED (off) with PDL only; kernel 1 only with a shared expert; kernel 2 not
+    for fp8 banks; lines per row of H (kernel 1) and of I (kernel 2), 64 bf16 values a line."""
     x, gu, d = torch.zeros(1, 2048).bfloat16(), torch.zeros(2, 3072, 2048).bfloat16(), torch.zeros(2, 2048, 1536)
     d = d.bfloat16()
     shared = (gu[0, :1536], gu[0, 1536:], d[0])
-    assert [p["PF"] for p in moe_decode.prefetch_plan(x, gu, d, shared, True)] == [False, False]  # off by default
-    monkeypatch.setattr(moe_decode, "PREFETCH_WEIGHTS", True)
+    assert [p["PF"] for p in moe_decode.prefetch_plan(x, gu, d, shared, True)] == [False, True]  # the defaults
+    monkeypatch.setattr(moe_decode, "PREFETCH_SHARED", True)
     one, two = moe_decode.prefetch_plan(x, gu, d, shared, True)
     assert one == dict(PF=True, PF_LINES=32, LINE=64) and two == dict(PF=True, PF_LINES=32, LINE=64)  # 2048, 1536
     assert [p["PF"] for p in moe_decode.prefetch_plan(x, gu, d, shared, False)] == [False, False]  # no PDL
     assert [p["PF"] for p in moe_decode.prefetch_plan(x, gu, d, None, True)] == [False, True]  # no shared expert
     assert not moe_decode.prefetch_plan(x, gu, d.to(FP8), shared, True)[1]["PF"]  # an fp8 down bank
+    monkeypatch.setattr(moe_decode, "PREFETCH_DOWN", False)
+    assert [p["PF"] for p in moe_decode.prefetch_plan(x, gu, d, shared, True)] == [True, False]
 
 
 @pytest.mark.parametrize("kernel", ["moe_gate_up", "moe_down"])
@@ -441,7 +443,7 @@ def test_glm_moe_block_folds_its_shared_expert_into_the_kernels():
 @cuda
 @pytest.mark.parametrize("n", [1, 4])
 def test_gpu_weight_prefetch_changes_no_bit(monkeypatch, n):
-    """PREFETCH_WEIGHTS is a hint: GLM's shapes with the shared expert as a slot, the kernels with and without it,
+    """The weight prefetch is a hint: GLM's shapes with the shared expert as a slot, the kernels with and without it,
     eagerly and replayed in a CUDA graph after a producer of x and idx, bit for bit."""
     E, h, i, k = GLM["E"], GLM["H"], GLM["I"], GLM["k"]
     x, w, idx, gu, d = make(E, h, i, n, k, torch.bfloat16, seed=21, scale=0.02)
@@ -450,7 +452,8 @@ def test_gpu_weight_prefetch_changes_no_bit(monkeypatch, n):
                    for shape in ((i, h), (i, h), (h, i)))
     outs = {}
     for on in (False, True):
-        monkeypatch.setattr(moe_decode, "PREFETCH_WEIGHTS", on)
+        monkeypatch.setattr(moe_decode, "PREFETCH_SHARED", on)
+        monkeypatch.setattr(moe_decode, "PREFETCH_DOWN", on)
         x_in, idx_in = x.clone(), idx.clone()
 
         def step():

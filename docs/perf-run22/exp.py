@@ -2,7 +2,8 @@
 product and the top-k in one launch, the weight loaded before the dependent-launch wait), MLA's one-pass attention
 with W_uv for a short cache (kernels/mla_decode.py ONE_PASS_MAX_SLOTS: one launch for the split and the merge) and
 the MoE kernels' weight prefetch (moe_decode.PREFETCH_WEIGHTS), in GLM-4.7-Flash's compiled batch-1 decode step.
-Not part of the package.
+Not part of the package. The record of device calls 1 and 2 (the tree of commit c8c4501 -- call 2 with the route_logits fix of the next commit -- where the one-pass kernel,
+moe_decode.PREFETCH_WEIGHTS and router.LOGITS_IN_KERNEL_AUTO existed as written here); exp3.py is call 3's.
 
   ab OUT.json   the compiled batch-1 step at ctx 128 (bench's b1 rows: time, kernels, each kernel's cost on the
                 critical path of one replay) in one process, the same weights, dynamo reset between rows:
@@ -114,8 +115,8 @@ def stats_and_logits(dec):  # b1_rows' profile of the step, then that step's log
 
 bench.kernel_stats = stats_and_logits
 rows = [("baseline", (False, False, False)), ("route_logits", (True, False, False)),
-        ("route_logits, one-pass", (True, True, False)), ("route_logits, one-pass, moe prefetch", (True, True, True)),
-        ("baseline, again", (False, False, False)), ("route_logits, one-pass, again", (True, True, False))]
+        ("route_logits, moe prefetch", (True, False, True)), ("baseline, again", (False, False, False)),
+        ("route_logits, again", (True, False, False))]
 for name, kw in rows:
     s = settings(*kw)
     print(f"perf-run22 ab: {name}: {s}", flush=True)

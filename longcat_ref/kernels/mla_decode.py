@@ -140,12 +140,6 @@ PREFETCH_TILES = 2
 COMBINE_BLOCK_C, COMBINE_BLOCK_SP = 64, 32  # kernel 2: channels per program, chunks read per step (one tile)
 # kernel 2 with W_uv (w_uv given): output channels v per program (one W_uv tile of 32 x 512), chunks read per step
 UV_BLOCK_V, UV_BLOCK_SP = 32, 8
-# The one-pass form (with W_uv, a short cache): for S <= ONE_PASS_MAX_SLOTS slots, one kernel in place of the split
-# and the merge (`_mla_one_pass_uv_kernel`); 0 turns it off (read at launch: the A/B of a benchmark). Its tiles:
-# ONE_PASS_BLOCK_S slots, ONE_PASS_BLOCK_V output channels of W_uv per program, ONE_PASS_WARPS warps. Off (opt-in)
-# until it is measured on a GPU: every program of a head recomputes the head's attention, from L2.
-ONE_PASS_MAX_SLOTS = 0
-ONE_PASS_BLOCK_S, ONE_PASS_BLOCK_V, ONE_PASS_WARPS = 16, 32, 4
 
 
 # ------------------------------------------------------------------------------------------------ the reference
@@ -389,75 +383,6 @@ if triton is not None:
             tl.store(OUT + (pid_b * R + row) * V + offs_v, o.to(OUT.dtype.element_ty), mask=v_ok)
 
 
-    @triton.jit
-    def _mla_one_pass_uv_kernel(
-        Q_LAT, Q_ROPE, LATENT, K_ROPE, BIAS, W_UV, OUT,  # (b, R, r), (b, R, d), (b, S, r), (b, S, d), (b, 1, t, S),
-        R, T, S, V,  # W_UV (h, V, r) rows contiguous, OUT (b, R, V); R = h * t rows ordered (head, query)
-        stride_lb, stride_ls, stride_kb, stride_ks, stride_bb, stride_bt, stride_bs, stride_wh, stride_wv, scale,
-        RANK: tl.constexpr, ROPE: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_ROPE: tl.constexpr,
-        BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr = False, PF: tl.constexpr = False,
-        LAT_LINES: tl.constexpr = 1, KR_LINES: tl.constexpr = 1, LINE: tl.constexpr = 64,
-    ):
-        """A short context in one launch: for one (sequence, head, BLOCK_V output channels), each of the head's T
-        query rows attends over ALL S slots (the online softmax of the split kernel, one row at a time, in fp32
-        on CUDA cores), then o = W_uv o_lat for those channels. Every program of a head recomputes the same
-        attention: the cache is small and read from L2, and what it saves is the split kernel's launch, its
-        partials and their merge."""
-        pid_b = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1)
-        offs_c = tl.arange(0, BLOCK_RANK)  # (BLOCK_RANK,) latent channels
-        offs_d = tl.arange(0, BLOCK_ROPE)  # (BLOCK_ROPE,) rope channels
-        c_ok = offs_c < RANK
-        d_ok = offs_d < ROPE
-        offs_v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)  # (BLOCK_V,) this program's output channels
-        v_ok = offs_v < V
-        lat_base = LATENT + pid_b * stride_lb  # this sequence's cache
-        kr_base = K_ROPE + pid_b * stride_kb
-        # before the wait: the W_uv tile (no kernel writes it), and the L2 prefetch of one tile of the cache -- the
-        # programs take the tiles in turn, so together they ask for the whole cache once (PF, with PDL only)
-        w_uv = tl.load(W_UV + head * stride_wh + offs_v[:, None] * stride_wv + offs_c[None, :],
-                       mask=v_ok[:, None] & c_ok[None, :], other=0.0)  # (BLOCK_V, BLOCK_RANK) whole rows of r
-        if PF:
-            me = head * tl.num_programs(2) + tl.program_id(2)  # this program's turn
-            s = tl.minimum((me % tl.cdiv(S, BLOCK_S)) * BLOCK_S + tl.arange(0, BLOCK_S), S - 1)  # (BLOCK_S,)
-            lines = tl.minimum(tl.arange(0, LAT_LINES), (RANK - 1) // LINE) * LINE  # (LAT_LINES,) line starts
-            prefetch_l2(lat_base + s[:, None] * stride_ls + lines[None, :])  # (BLOCK_S, LAT_LINES)
-            lines = tl.minimum(tl.arange(0, KR_LINES), (ROPE - 1) // LINE) * LINE  # (KR_LINES,)
-            prefetch_l2(kr_base + s[:, None] * stride_ks + lines[None, :])  # (BLOCK_S, KR_LINES)
-        if PDL:  # programmatic dependent launch (support.pdl): wait for the previous kernel, let the next one start
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        for qry in range(0, T):
-            row = head * T + qry
-            q_lat = tl.load(Q_LAT + (pid_b * R + row) * RANK + offs_c, mask=c_ok, other=0.0).to(tl.float32)
-            q_rope = tl.load(Q_ROPE + (pid_b * R + row) * ROPE + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-            bias_base = BIAS + pid_b * stride_bb + qry * stride_bt
-            m = tl.full([], float("-inf"), tl.float32)  # () running max
-            l = tl.zeros([], tl.float32)  # () running sum of exp
-            acc = tl.zeros([BLOCK_RANK], tl.float32)  # (BLOCK_RANK,) running sum of p * latent
-            for s0 in range(0, S, BLOCK_S):
-                offs_s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,) slots of this tile
-                s_ok = offs_s < S
-                lat = tl.load(lat_base + offs_s[:, None] * stride_ls + offs_c[None, :],
-                              mask=s_ok[:, None] & c_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_RANK)
-                kr = tl.load(kr_base + offs_s[:, None] * stride_ks + offs_d[None, :],
-                             mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_ROPE)
-                scores = (tl.sum(lat.to(tl.float32) * q_lat[None, :], 1)
-                          + tl.sum(kr.to(tl.float32) * q_rope[None, :], 1))  # (BLOCK_S,) exact products, fp32
-                bias = tl.load(bias_base + offs_s * stride_bs, mask=s_ok, other=0.0)  # (BLOCK_S,)
-                scores = tl.where(s_ok, scores * scale + bias.to(tl.float32), float("-inf"))  # (BLOCK_S,)
-                m_new = tl.maximum(m, tl.max(scores, 0))  # () finite after the first tile (slot 0 is real)
-                alpha = tl.exp(m - m_new)  # () 0 on the first tile
-                p = tl.exp(scores - m_new)  # (BLOCK_S,) in [0, 1]
-                l = l * alpha + tl.sum(p, 0)
-                p = p.to(lat.dtype).to(tl.float32)  # rounded to the cache's dtype, as the split kernel's dot takes it
-                acc = acc * alpha + tl.sum(p[:, None] * lat.to(tl.float32), 0)  # (BLOCK_RANK,)
-                m = m_new
-            o_lat = (acc / l).to(OUT.dtype.element_ty).to(tl.float32)  # (BLOCK_RANK,) rounded as stored
-            o = tl.sum(w_uv.to(tl.float32) * o_lat[None, :], axis=1)  # (BLOCK_V,) products and sum in fp32
-            tl.store(OUT + (pid_b * R + row) * V + offs_v, o.to(OUT.dtype.element_ty), mask=v_ok)
-
-
 # ------------------------------------------------------------------------------------------------ the launcher
 def _check(q_lat, q_rope, latent, k_rope, bias):
     """Shapes and dtypes (static facts only: nothing here reads device data)."""
@@ -523,18 +448,6 @@ def _launch(q_lat, q_rope, latent, k_rope, bias, softmax_scale, splits, w_uv=Non
     if b > 65535 or n_splits > 65535:
         raise ValueError(f"mla_decode: batch {b} or splits {n_splits} over the CUDA grid limit 65535")
 
-    if w_uv is not None and splits is None and S <= ONE_PASS_MAX_SLOTS:  # a short cache: one launch
-        if w_uv.stride(-1) != 1:
-            w_uv = w_uv.contiguous()
-        block_v = min(ONE_PASS_BLOCK_V, _next_pow2(V))
-        _mla_one_pass_uv_kernel[(b, h, triton.cdiv(V, block_v))](
-            q_lat, q_rope, latent, k_rope, bias, w_uv, out, R, t, S, V,
-            latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
-            stride_bb, bias.stride(2), bias.stride(3), w_uv.stride(0), w_uv.stride(1), float(softmax_scale),
-            RANK=r, ROPE=d, BLOCK_RANK=block_rank, BLOCK_ROPE=block_rope, BLOCK_S=ONE_PASS_BLOCK_S, BLOCK_V=block_v,
-            PDL=pdl, PF=pf["PF_TILES"] > 0, LAT_LINES=pf["LAT_LINES"], KR_LINES=pf["KR_LINES"], LINE=pf["LINE"],
-            num_warps=ONE_PASS_WARPS, launch_pdl=pdl)
-        return out
     direct = n_splits == 1 and w_uv is None  # with W_uv the merge kernel always runs: it applies W_uv
     if direct:
         m_part = l_part = acc_part = out  # unused (DIRECT)

@@ -106,12 +106,16 @@ TARGET_PROGRAMS = 512  # enough programs in flight to keep an H200's memory busy
 ROW_CAP_16BIT = 16
 DOWN_TARGET_PROGRAMS = 8192
 NUM_WARPS = 4
-# The weight prefetch (with PDL only; opt-in, not yet measured on a GPU): before its dependent-launch wait kernel 1's
-# shared-expert programs ask L2 for their gate / up rows (no kernel writes them; the routed slots' rows depend on
-# the router's output, still being written), and kernel 2's programs for their down rows, the expert read from the
-# router's ids of two kernels back (complete by then in practice; a stale id would only prefetch the wrong lines:
-# the ids are read again after the wait for the real loads). support.prefetch_l2: a hint, the same bits.
-PREFETCH_WEIGHTS = False
+# The weight prefetch (with PDL only): before its dependent-launch wait kernel 2's programs ask L2 for their down rows,
+# the expert read from the router's ids of two kernels back (complete by then in practice; a stale id would only
+# prefetch the wrong lines: the ids are read again after the wait for the real loads), PREFETCH_DOWN; kernel 1's
+# shared-expert programs likewise for their gate / up rows (no kernel writes them; the routed slots' rows depend on
+# the router's output, still being written), PREFETCH_SHARED. support.prefetch_l2: a hint, the same bits. Measured
+# on one H100 (2026-12-07, docs/perf-run22/, GLM-4.7-Flash's compiled batch-1 step, both on): down 566 -> 432 us a
+# step over 46 layers, gate_up 1028 -> 1105 us; so kernel 2's is on and kernel 1's off (read at launch: the A/B of
+# a benchmark)
+PREFETCH_DOWN = True
+PREFETCH_SHARED = False
 # One decode token, 16-bit banks: one warp per program and rows of 1 (kernel 1, 2048 columns a load) or 2 (kernel
 # 2), measured (one H200, 2026-12-03, `tune_moe --narrow` and docs/perf-run12/moe_pair.py): the pair for one
 # GLM-4.7-Flash token (5 slots with its shared expert) 30.5 -> 25.5 us, for one LongCat-Flash token (12 slots)
@@ -140,7 +144,7 @@ if support.have_triton():
         FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
         PDL: tl.constexpr = False, PF: tl.constexpr = False, PF_LINES: tl.constexpr = 1, LINE: tl.constexpr = 64,
     ):
-        if PF:  # the shared expert's rows of this program, asked of L2 before the wait (PREFETCH_WEIGHTS)
+        if PF:  # the shared expert's rows of this program, asked of L2 before the wait (PREFETCH_SHARED)
             if tl.program_id(0) % KS == K:  # (PF implies SHARED, 16-bit matrices with contiguous rows)
                 ri = tl.minimum(tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I), I - 1).to(tl.int64)  # (BLOCK_I,)
                 cols = tl.minimum(tl.arange(0, PF_LINES), (H - 1) // LINE) * LINE  # (PF_LINES,) line starts
@@ -213,7 +217,7 @@ if support.have_triton():
         FP8: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr,
         PDL: tl.constexpr = False, PF: tl.constexpr = False, PF_LINES: tl.constexpr = 1, LINE: tl.constexpr = 64,
     ):
-        if PF:  # this program's rows of down, asked of L2 before the wait (PREFETCH_WEIGHTS; 16-bit, contiguous rows)
+        if PF:  # this program's rows of down, asked of L2 before the wait (PREFETCH_DOWN; 16-bit, contiguous rows)
             p0 = tl.program_id(0)
             j0 = (p0 // KS) * K + tl.minimum(p0 % KS, K - 1)
             e0 = tl.load(idx_ptr + j0, cache_modifier=".cg").to(tl.int64) - first_expert  # the router's id (L2):
@@ -365,16 +369,15 @@ def _check(x, w, idx, gate_up, down, gate_up_scale, down_scale, bo, bi):
 
 
 def prefetch_plan(x, gate_up, down, shared, pdl: bool) -> tuple[dict, dict]:
-    """The weight prefetch's constexprs of kernel 1 and kernel 2 (PREFETCH_WEIGHTS, with PDL only): PF on where
-    the rows it would prefetch are 16-bit with contiguous columns (kernel 1: the shared expert's gate and up;
+    """The weight prefetch's constexprs of kernel 1 and kernel 2 (PREFETCH_SHARED, PREFETCH_DOWN; with PDL only): PF
+    on where the rows it would prefetch are 16-bit with contiguous columns (kernel 1: the shared expert's gate and up;
     kernel 2: the down bank, and the shared down where there is one); PF_LINES 128-byte lines per row (a power of
     two), LINE elements per line."""
     line = max(1, support.LINE_BYTES // x.element_size())
     E, I2, H = gate_up.shape
     I = I2 // 2
-    on = PREFETCH_WEIGHTS and pdl
-    k1 = on and shared is not None and all(t.stride(-1) == 1 for t in shared[:2])
-    k2 = (on and down.dtype != torch.float8_e4m3fn and down.stride(-1) == 1
+    k1 = PREFETCH_SHARED and pdl and shared is not None and all(t.stride(-1) == 1 for t in shared[:2])
+    k2 = (PREFETCH_DOWN and pdl and down.dtype != torch.float8_e4m3fn and down.stride(-1) == 1
           and (shared is None or shared[2].stride(-1) == 1))
     return (dict(PF=k1, PF_LINES=_next_pow2(_cdiv(H, line)), LINE=line),
             dict(PF=k2, PF_LINES=_next_pow2(_cdiv(I, line)), LINE=line))

@@ -126,8 +126,8 @@ if support.have_triton():
             e = tl.arange(0, BLOCK_E)
             for m in tl.static_range(BLOCK_M):
                 if m < M:  # .cg: from L2, where the other programs' stores are (not a stale L1 line)
-                    lg = tl.load(L + m * E + e, mask=e < E, other=-float("inf"), cache_modifier=".cg")
-                    _select(lg, bias_ptr, E, w_ptr, idx_ptr, m, scaling, SOFTMAX, NORM, K, KP, BLOCK_E)
+                    row_lg = tl.load(L + m * E + e, mask=e < E, other=-float("inf"), cache_modifier=".cg")
+                    _select(row_lg, bias_ptr, E, w_ptr, idx_ptr, m, scaling, SOFTMAX, NORM, K, KP, BLOCK_E)
             tl.atomic_xchg(T, 0, sem="relaxed", scope="gpu")
 
 
