@@ -335,12 +335,14 @@ def test_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ GPU only
 def test_weight_prefetch_plan(monkeypatch):
-    """PREFETCH_DOWN (on) and PREFETCH_SHARED (off) with PDL only; kernel 1 only with a shared expert; kernel 2 not
-    for fp8 banks; lines per row of H (kernel 1) and of I (kernel 2), 64 bf16 values a line."""
+    """PREFETCH_DOWN and PREFETCH_SHARED (both off by default) with PDL only; kernel 1 only with a shared expert;
+    kernel 2 not for fp8 banks; lines per row of H (kernel 1) and of I (kernel 2), 64 bf16 values a line."""
     x, gu, d = torch.zeros(1, 2048).bfloat16(), torch.zeros(2, 3072, 2048).bfloat16(), torch.zeros(2, 2048, 1536)
     d = d.bfloat16()
     shared = (gu[0, :1536], gu[0, 1536:], d[0])
-    assert [p["PF"] for p in moe_decode.prefetch_plan(x, gu, d, shared, True)] == [False, True]  # the defaults
+    assert [p["PF"] for p in moe_decode.prefetch_plan(x, gu, d, shared, True)] == [False, False]  # the defaults
+    monkeypatch.setattr(moe_decode, "PREFETCH_DOWN", True)
+    assert [p["PF"] for p in moe_decode.prefetch_plan(x, gu, d, shared, True)] == [False, True]
     monkeypatch.setattr(moe_decode, "PREFETCH_SHARED", True)
     one, two = moe_decode.prefetch_plan(x, gu, d, shared, True)
     assert one == dict(PF=True, PF_LINES=32, LINE=64) and two == dict(PF=True, PF_LINES=32, LINE=64)  # 2048, 1536

@@ -209,11 +209,11 @@ def test_route_logits_op_traces_and_passes_opcheck():
     torch.library.opcheck(R._route_logits_op, (x, W, b, 4, False, True, 1.8))
 
 
-@pytest.mark.parametrize("linear,taken", [("prefetch", True), ("plain", False)])
-def test_router_takes_the_logits_kernel_where_linear_takes_the_prefetch_kernel(linear, taken, monkeypatch):
-    """Router(x, "fused", linear): the logits in the router's kernel exactly where linear.takes_prefetch says
-    (here "prefetch"; "auto" only in a compiled step on sm_90+), else the logits' own product then `route`; the
-    same experts and weights as the plain router either way."""
+@pytest.mark.parametrize("form,n,taken", [("fused_logits", 3, True), ("fused_logits", 5, False),
+                                          ("fused", 3, False)])
+def test_router_fused_logits_takes_the_logits_kernel_where_it_fits(form, n, taken, monkeypatch):
+    """Router(x, "fused_logits"): the logits in the router's kernel for up to 4 tokens, else `route` after the
+    logits' own product (as "fused", which never takes it); the same experts and weights as the plain router."""
     from longcat_ref.model import router as MR
 
     calls = []
@@ -221,9 +221,9 @@ def test_router_takes_the_logits_kernel_where_linear_takes_the_prefetch_kernel(l
     monkeypatch.setattr(MR, "route_logits", lambda *a: calls.append(1) or real(*a))
     cfg = L.tiny_glm()
     moe = L.init_weights(MoE(cfg), seed=2, std=0.2, bias_std=0.05).to(DEV)
-    x = torch.randn(3, cfg.hidden_size, generator=torch.Generator().manual_seed(3)).to(DEV)
+    x = torch.randn(n, cfg.hidden_size, generator=torch.Generator().manual_seed(3)).to(DEV)
     with torch.no_grad():
-        w, idx = moe.router(x, "fused", linear)
+        w, idx = moe.router(x, form)
         wp, ip = moe.router(x)
     assert bool(calls) == taken
     order = ip.argsort(-1)
@@ -232,8 +232,8 @@ def test_router_takes_the_logits_kernel_where_linear_takes_the_prefetch_kernel(l
 
 
 def test_compiled_decode_step_with_the_logits_kernel_equals_eager_plain(monkeypatch):
-    """generate's fixed-shape decode step, torch.compiled with the router's logits in its kernel (router "fused",
-    linear "prefetch"; tiny GLM, fp32) == the eager plain step's logits, and every MoE layer took the kernel."""
+    """generate's fixed-shape decode step, torch.compiled with the router's logits in its kernel (router
+    "fused_logits"; tiny GLM, fp32) == the eager plain step's logits, and every MoE layer took the kernel."""
     from longcat_ref.model import router as MR
     from longcat_ref.model.generate import decode_step
     from test_kernel_prefetch_gemv import decode_logits
@@ -248,7 +248,7 @@ def test_compiled_decode_step_with_the_logits_kernel_equals_eager_plain(monkeypa
     torch._dynamo.reset()
     plain = decode_logits(decode_step, model, L.Forms(attention="absorbed"), ids)
     got = decode_logits(torch.compile(decode_step, fullgraph=True, dynamic=False), model,
-                        L.Forms(attention="absorbed", experts="gemv", router="fused", linear="prefetch",
+                        L.Forms(attention="absorbed", experts="gemv", router="fused_logits", linear="prefetch",
                                 rope="fused_uk"), ids)
     torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
     assert len(calls) >= sum(cfg.layer_is_moe), calls  # traced once per MoE layer (at least)

@@ -2,17 +2,20 @@
 product and the top-k in one launch, the weight loaded before the dependent-launch wait), MLA's one-pass attention
 with W_uv for a short cache (kernels/mla_decode.py ONE_PASS_MAX_SLOTS: one launch for the split and the merge) and
 the MoE kernels' weight prefetch (moe_decode.PREFETCH_WEIGHTS), in GLM-4.7-Flash's compiled batch-1 decode step.
-Not part of the package. The record of device calls 1 and 2 (the tree of commit c8c4501 -- call 2 with the route_logits fix of the next commit -- where the one-pass kernel,
-moe_decode.PREFETCH_WEIGHTS and router.LOGITS_IN_KERNEL_AUTO existed as written here); exp3.py is call 3's.
+Not part of the package. The record of device calls 1 and 2: the tree of commit c8c4501 (call 2 with the next
+commit's route_logits fix and the rows below), where the one-pass kernel, moe_decode.PREFETCH_WEIGHTS and
+router.LOGITS_IN_KERNEL_AUTO existed as used here (since removed or renamed); exp3.py is call 3's.
 
   ab OUT.json   the compiled batch-1 step at ctx 128 (bench's b1 rows: time, kernels, each kernel's cost on the
                 critical path of one replay) in one process, the same weights, dynamo reset between rows:
-                baseline (all three off), route_logits, + one-pass, + MoE weight prefetch, then the baseline and
-                route_logits + one-pass again; and each row's logits for one
-                fixed context and token against the first row's
+                call 1: baseline (all three off), route_logits, + one-pass, + MoE weight prefetch, then the
+                baseline and route_logits + one-pass again (it stopped at the second row: a compile error);
+                call 2: baseline, route_logits, + MoE weight prefetch, baseline, route_logits; and each row's
+                logits for one fixed context and token against the first row's
 
   mla OUT.json  MLA's attention with W_uv alone at GLM-4.7-Flash's sizes (20 heads, r = 512, v = 256, batch 1, one
-                query; S = 128, 224, 256 slots) and LongCat-Flash's (64 heads, v = 128; S = 128, 256), 50 calls captured in one CUDA graph: microseconds a call for the
+                query; S = 128, 224, 256 slots) and LongCat-Flash's (64 heads, v = 128; S = 128, 256), 50 calls
+                captured in one CUDA graph: microseconds a call for the
                 split + merge and for the one-pass kernel at (BLOCK_S, warps) = (16, 4), (32, 4), (32, 8), (64, 8);
                 each output against the split + merge's. Prints the best one-pass tile as "best BLOCK_S WARPS".
 

@@ -106,15 +106,16 @@ TARGET_PROGRAMS = 512  # enough programs in flight to keep an H200's memory busy
 ROW_CAP_16BIT = 16
 DOWN_TARGET_PROGRAMS = 8192
 NUM_WARPS = 4
-# The weight prefetch (with PDL only): before its dependent-launch wait kernel 2's programs ask L2 for their down rows,
-# the expert read from the router's ids of two kernels back (complete by then in practice; a stale id would only
-# prefetch the wrong lines: the ids are read again after the wait for the real loads), PREFETCH_DOWN; kernel 1's
-# shared-expert programs likewise for their gate / up rows (no kernel writes them; the routed slots' rows depend on
-# the router's output, still being written), PREFETCH_SHARED. support.prefetch_l2: a hint, the same bits. Measured
-# on one H100 (2026-12-07, docs/perf-run22/, GLM-4.7-Flash's compiled batch-1 step, both on): down 566 -> 432 us a
-# step over 46 layers, gate_up 1028 -> 1105 us; so kernel 2's is on and kernel 1's off (read at launch: the A/B of
-# a benchmark)
-PREFETCH_DOWN = True
+# The weight prefetch (with PDL only; off: measured no faster): before its dependent-launch wait kernel 2's programs
+# ask L2 for their down rows, the expert read from the router's ids of two kernels back (complete by then in
+# practice; a stale id would only prefetch the wrong lines: the ids are read again after the wait for the real
+# loads), PREFETCH_DOWN; kernel 1's shared-expert programs likewise for their gate / up rows (no kernel writes them;
+# the routed slots' rows depend on the router's output, still being written), PREFETCH_SHARED. support.prefetch_l2: a
+# hint, the same bits. Measured on one H100 (2026-12-07, docs/perf-run22/), GLM-4.7-Flash's compiled batch-1 step:
+# both on, down 566 -> 432 us a step over 46 layers and gate_up 1028 -> 1105 us; the down prefetch alone, down 564
+# -> 449 us and gate_up 1027 -> 1155 us (its early programs' requests slow the gate_up kernel still running), the
+# step 3.433 / 3.449 ms off against 3.446 / 3.456 on. Read at launch: the A/B of a benchmark
+PREFETCH_DOWN = False
 PREFETCH_SHARED = False
 # One decode token, 16-bit banks: one warp per program and rows of 1 (kernel 1, 2048 columns a load) or 2 (kernel
 # 2), measured (one H200, 2026-12-03, `tune_moe --narrow` and docs/perf-run12/moe_pair.py): the pair for one

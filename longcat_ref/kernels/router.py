@@ -42,7 +42,9 @@ other way to wait for all logits, at the price of a launch.
 Only the plain, ungrouped selection (n_group = 1, as both models use) has a kernel; `Router` keeps its own code for
 group-limited routing. `route_reference` is the same selection in plain PyTorch, the definition the kernels are tested
 equal to (tests/test_kernel_router.py; route_logits against the selection of the fp64 logits). model/router.py
-takes route_logits where the logits' Linear form takes the prefetch kernel (linear.takes_prefetch).
+runs route_logits for `Forms(router="fused_logits")`. Measured on one H100 (2026-12-07, docs/perf-run22/), in
+GLM-4.7-Flash's compiled batch-1 step: 46 launches fewer, but the step 3.44 -> 3.49 ms (the kernel takes 4.7 us a
+layer on the critical path, where the logits' reduction and `route` took ~3.4): opt-in.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ ATTENTION_FORMS = ("naive", "absorbed", "sdpa", "fused", "fused_uv", "auto")  # 
 #   kernels/mla_decode.py)
 EXPERT_FORMS = ("loop", "grouped", "grouped_triton", "gather", "gemv", "fused", "auto")  # experts.py ("fused":
 #   kernels/moe_decode.py; "grouped_triton": the grouped form's GEMMs in kernels/grouped_gemm.py)
-ROUTER_FORMS = ("plain", "fused", "auto")  # router.py ("fused": kernels/router.py)
+ROUTER_FORMS = ("plain", "fused", "fused_logits", "auto")  # router.py ("fused": kernels/router.py; "fused_logits":
+#   its logits too, in the same kernel)
 LINEAR_FORMS = ("plain", "gemv", "triton", "skinny", "prefetch", "auto")  # linear.py (the dense projections:
 #   "gemv" inside torch.compile; "triton": kernels/gemv.py on CUDA; "skinny": kernels/skinny_gemm.py on CUDA;
 #   "prefetch": "auto", with kernels/prefetch_gemv.py for the projections it fits on CUDA)
@@ -37,7 +38,9 @@ class Forms:
     experts: str = "loop"  # "loop" | "grouped" | "grouped_triton" | "gather" | "gemv" | "fused" (Triton: CUDA)
     #                        | "auto" (the fast one for each call)
     router: str = "plain"  # "plain" (softmax/sigmoid, torch.topk, gather) | "fused" (the selection in one Triton
-    #                        kernel) | "auto" (fused for a few tokens and up to 256 experts on CUDA, else plain)
+    #                        kernel) | "fused_logits" (fused, the logits in the same kernel, for up to 4 tokens;
+    #                        opt-in, measured slower) | "auto" (fused for a few tokens and up to 256 experts on
+    #                        CUDA, else plain)
     linear: str = "plain"  # "plain" (cuBLAS) | "gemv" (multiply-and-sum, for torch.compile to fuse) | "triton"
     #                        (the split-K GEMV kernel for up to 16 tokens: CUDA) | "skinny" (the split-K tensor-core
     #                        kernel for up to 64 tokens: CUDA) | "prefetch" ("auto", and the whole-row GEMV

@@ -30,18 +30,14 @@ from torch import nn
 from ..kernels import support
 from ..kernels.router import logits_fit, route, route_logits
 from ..kernels.skinny_gemm import skinny_gemm
-from .linear import gemv, resolve, takes_prefetch
+from .linear import gemv, resolve
 
 FUSED_MAX_TOKENS = 64  # "auto" routes up to this many tokens in the kernel (one program per token)
 # ... and only for up to this many router experts. Measured on one H200 (2026-12-02, docs/perf-run7/), compiled
 # batch-1 steps: GLM-4.7-Flash (64 experts) 6.706 -> 6.471 ms with the kernel; a LongCat-Flash layer (768 = 512 +
 # 256 zero experts: one program walks a 1,024-wide row 12 times) 0.789 -> 0.807 ms, so LongCat keeps torch.topk.
 FUSED_MAX_EXPERTS = 256
-HAVE_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
-# The logits in the router's kernel (kernels/router.py `route_logits`) where linear is "auto" and takes the prefetch
-# kernel (the compiled decode step on sm_90+); linear "prefetch" takes it wherever it fits. Opt-in for "auto" until
-# it is measured on a GPU (read at trace time: reset torch.compile after changing it)
-LOGITS_IN_KERNEL_AUTO = False  # torch.mm(..., out_dtype=...): CUDA, torch >= 2.8
+HAVE_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=...): CUDA, torch >= 2.8
 
 
 class Router(nn.Module):
@@ -95,19 +91,22 @@ class Router(nn.Module):
         """x (n, H) -> weights (n, k) fp32, expert ids (n, k) int64; linear: the logits' Linear form.
 
         form: "plain" (below) | "fused": the selection after the matmul in one Triton kernel (kernels/router.py),
-        where it can run and for ungrouped routing; the same experts and weights, listed best first | "auto": fused
-        for up to FUSED_MAX_TOKENS tokens and FUSED_MAX_EXPERTS experts on CUDA (GLM's decode), else plain.
-        Fused, where `linear` takes the prefetch kernel for this weight (linear.takes_prefetch: "prefetch"; "auto"
-        in the compiled decode step on sm_90+ when LOGITS_IN_KERNEL_AUTO), the logits are computed in the same
-        kernel (`route_logits`: the weight loaded before the dependent-launch wait, one launch instead of two)."""
+        where it can run and for ungrouped routing; the same experts and weights, listed best first |
+        "fused_logits": "fused" with the logits in the same kernel (`route_logits`: the weight loaded before the
+        dependent-launch wait, the last program selects) where it fits (up to 4 tokens, the weight in x's dtype),
+        else "fused"; opt-in: measured slower in GLM-4.7-Flash's compiled batch-1 step (one H100, 2026-12-07,
+        docs/perf-run22/: 3.44 -> 3.49 ms, 46 launches fewer; the kernel 4.7 us a layer on the critical path) |
+        "auto": fused for up to FUSED_MAX_TOKENS tokens and FUSED_MAX_EXPERTS experts on CUDA (GLM's decode), else
+        plain."""
         if form == "auto":
             few = x.shape[0] <= FUSED_MAX_TOKENS and self.n_experts <= FUSED_MAX_EXPERTS
             form = "fused" if x.is_cuda and few else "plain"
-        if form == "fused" and self.n_group == 1 and support.can_run(x):
-            if ((linear == "prefetch" or LOGITS_IN_KERNEL_AUTO) and takes_prefetch(linear, x, self.weight)
-                    and logits_fit(x, self.weight)):  # the logits in the same kernel
+        if form == "fused_logits":
+            if self.n_group == 1 and logits_fit(x, self.weight):  # the logits and the selection in one kernel
                 return route_logits(x, self.weight, self.e_score_correction_bias, self.top_k, self.kind == "softmax",
                                     self.norm_topk_prob, self.scaling)
+            form = "fused"
+        if form == "fused" and self.n_group == 1 and support.can_run(x):
             logits = self.logits(x, linear)  # (n, E) fp32
             return route(logits, self.e_score_correction_bias, self.top_k, self.kind == "softmax",
                          self.norm_topk_prob, self.scaling)
