@@ -782,3 +782,19 @@ def test_shortcut_moe_on_a_side_stream_is_bit_equal(monkeypatch):
             steps.append(torch.stack([dec.step(torch.full((3,), 9 + i, device="cuda")) for i in range(4)]))
     assert len(calls) > before
     torch.testing.assert_close(steps[1].float(), steps[0].float(), atol=3e-2, rtol=3e-2)
+
+
+def test_bench_decode_variants_name_valid_forms():
+    """Every decode variant of the bench (tools/bench.py VARIANTS) names forms that exist: each builds a Forms the
+    way `ours_decode` does, and only Decoder options besides them (a misspelt form would fail only on a GPU)."""
+    import inspect
+
+    from longcat_ref.tools import bench
+
+    params = inspect.signature(bench.ours_decode).parameters
+    for name, kw in bench.VARIANTS.items():
+        assert set(kw) <= set(params), (name, set(kw) - set(params))
+        opts = {k: kw.get(k, params[k].default) for k in ("attention", "experts", "router", "linear", "rope",
+                                                          "shortcut")}
+        L.Forms(**opts)  # raises a one-line ValueError for a form that is not one of its field's
+    assert bench.VARIANTS["compiled_decode_fused_logits"]["router"] == "fused_logits"

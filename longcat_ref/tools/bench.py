@@ -451,6 +451,10 @@ VARIANTS = {  # name -> Decoder options (all: static cache, absorbed MLA, one CU
     # ... with every projection that fits (q_a with kv_a, q_b with q_a's norm) in kernels/prefetch_gemv.py, each
     # program's weight rows loaded before its PDL wait; "auto" takes it on sm_90+ for the weights under linear's
     # gemv cap (docs/perf-run21/)
+    "compiled_decode_fused_logits": dict(experts="auto", attention="auto", router="fused_logits", linear="auto",
+                                         rope="auto", compile=True),
+    # ... with the router's logits in its selection kernel (kernels/router.py route_logits; opt-in: measured slower
+    # on one H100, docs/perf-run22/)
     "compiled_decode_skinny": dict(experts="auto", attention="auto", router="auto", linear="skinny", rope="auto",
                                    compile=True),  # ... with the projections, MLA's per-head products and the
     # router's logits in kernels/skinny_gemm.py's split-K tensor-core kernel (opt-in: a decode batch of 5-64)
