@@ -3,5 +3,5 @@
 set -u
 OUT=${OUT:-/tmp/perf-run23}; mkdir -p "$OUT"; S=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
-PYTHONPATH=. timeout 200 python docs/perf-run23/exp.py "$OUT/screen.json" > "$OUT/screen.log" 2>&1
-echo "screen rc=$?"; grep -vE "^\s*$" "$OUT/screen.log" | tail -45 | cut -c1-300; echo "t=$(( $(date +%s) - S )) s"
+PYTHONPATH=. timeout 200 python docs/perf-run23/${EXP:-exp.py} "$OUT/${NAME:-screen}.json" > "$OUT/${NAME:-screen}.log" 2>&1
+echo "screen rc=$?"; grep -vE "^\s*$" "$OUT/${NAME:-screen}.log" | tail -45 | cut -c1-300; echo "t=$(( $(date +%s) - S )) s"
