@@ -77,6 +77,7 @@ def time_chain(name, run, **kw):
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
+        side.wait_stream(torch.cuda.current_stream())  # the side stream joins the capture (joined back below)
         outs = [run(l) for l in range(L)]
         torch.cuda.current_stream().wait_stream(side)
     graph.replay()
