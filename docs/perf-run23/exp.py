@@ -1,4 +1,4 @@
-"""perf-run23 screen: do weights asked of L2 during latency-bound kernels (kernels/l2_prefetch.py, one bulk
+"""perf-run23 screen: do weights asked of L2 during latency-bound kernels (l2.py, one bulk
 prefetch instruction a chunk) make the projection after them faster? GLM-4.7-Flash's sizes, batch 1, on one GPU,
 each chain captured in one CUDA graph over L = 16 layers of distinct weights (so no layer finds the one before it
 in L2), 20 replays: microseconds a layer for
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from longcat_ref.kernels import l2_prefetch as L2
+import l2 as L2  # this folder's l2.py (the kernel as the calls ran it)
 from longcat_ref.kernels import mla_decode as MD
 from longcat_ref.kernels import prefetch_gemv as PG
 

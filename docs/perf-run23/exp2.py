@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longcat_ref.kernels import l2_prefetch as L2
+import l2 as L2  # this folder's l2.py (the kernel as the calls ran it)
 from longcat_ref.kernels import mla_decode as MD
 from longcat_ref.kernels import prefetch_gemv as PG
 from longcat_ref.kernels.support import prefetch_l2

@@ -1,4 +1,7 @@
-"""Weights asked of L2 ahead of the kernel that reads them: one bulk prefetch instruction per chunk (sm_90+).
+"""perf-run23's L2 prefetch kernel (the record of what exp.py and exp2.py ran; it was in the package as
+`longcat_ref/kernels/l2_prefetch.py` for those calls and left it after them: measured no faster, see README.md).
+
+Weights asked of L2 ahead of the kernel that reads them: one bulk prefetch instruction per chunk (sm_90+).
 
 Why. At batch 1 a decode layer alternates kernels that stream weights at the memory's bandwidth (the projections,
 the MoE) with kernels bound by latency (the attention's split and merge, the norms, the router), during which the
@@ -13,14 +16,14 @@ ceil(nbytes / (P * BLOCK)) rounded up to 128 bytes; a thread whose chunk starts 
 predicate in the instruction). A hint: it changes when bytes arrive, never which (L2 is where every SM's loads
 look), so no result depends on it.
 
-PTX only (`tests/ptx.py l2_prefetch` compiles it for sm_90 without a GPU): no CPU interpreter form.
+PTX only: no CPU interpreter form.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import support
+from longcat_ref.kernels import support
 
 WHAT = "l2_prefetch (the bulk L2 prefetch kernel)"
 BLOCK = 128  # chunks a program: one a thread at 4 warps
