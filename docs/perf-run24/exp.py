@@ -9,7 +9,9 @@ many programs are resident and so how much weight is in flight before the depend
   ab OUT.json      bench's compiled batch-1 step (ctx 128), SPLIT off / on, two rounds, one process, the same
                    weights; each row's logits for a fixed context against the first row's
 
-Not part of the package.   usage: PYTHONPATH=. python docs/perf-run24/exp.py screen|ab OUT.json
+Not part of the package. `split_tiles` and SPLIT were in kernels/prefetch_gemv.py for the call (commit 83532ee)
+and left it after: no faster (README.md). To run this again: git apply docs/perf-run24/split_tiles.diff
+usage: PYTHONPATH=. python docs/perf-run24/exp.py screen|ab OUT.json
 """
 import json
 import sys

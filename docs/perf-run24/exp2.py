@@ -5,9 +5,8 @@ forms, no compile, no graph) on the synthetic weights and bench's context, once 
 output and each MoE block keeps its experts (last_idx). Printed per pair of forms: the first layer whose choice
 differs, how many layers differ, the hidden state's relative difference before and after it, and the logits'.
 
-usage: PYTHONPATH=. python docs/perf-run24/exp2.py OUT.json [prefetch]
+usage: PYTHONPATH=. python docs/perf-run24/exp2.py OUT.json
 """
-import dataclasses
 import json
 import sys
 import time
@@ -36,9 +35,9 @@ res = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.
            device=torch.cuda.get_device_name(), pairs=[])
 
 
-def run(batch, split, rows, linear="auto"):
+def run(batch, split, rows):
     P.SPLIT, exp6.ROWS[0] = split, rows
-    dec = Decoder(glm, batch, 256, compile=False, graphs=False, forms=dataclasses.replace(DECODE, linear=linear))
+    dec = Decoder(glm, batch, 256, compile=False, graphs=False, forms=DECODE)
     bench.fill_context(dec, 128)
     ids = torch.randint(4, glm.config.vocab_size, (batch,), device=device,
                         generator=torch.Generator(device).manual_seed(1))
@@ -48,15 +47,10 @@ def run(batch, split, rows, linear="auto"):
 
 
 first_moe = len(glm.model.layers) - len(moes)  # GLM: layer 0 is dense
-PAIRS = [(1, (False, False), (False, False), "padded vs padded (determinism)"),
-         (1, (False, False), (True, False), "prefetch_gemv padded vs split"),
-         (32, (False, False), (False, False), "cuBLAS vs cuBLAS (determinism)"),
-         (32, (False, False), (False, True), "cuBLAS vs rows_gemm")]
-if len(sys.argv) > 2 and sys.argv[2] == "prefetch":  # call 4: linear="prefetch" (eager "auto" is cuBLAS's)
-    PAIRS = [(1, (False, False, "prefetch"), (False, False, "prefetch"), "padded vs padded, linear=prefetch"),
-             (1, (False, False, "prefetch"), (True, False, "prefetch"), "padded vs split, linear=prefetch"),
-             (1, (False, False, "auto"), (False, False, "prefetch"), "cuBLAS vs prefetch_gemv (padded)")]
-for batch, a, b, what in PAIRS:
+for batch, a, b, what in [(1, (False, False), (False, False), "padded vs padded (determinism)"),
+                          (1, (False, False), (True, False), "prefetch_gemv padded vs split"),
+                          (32, (False, False), (False, False), "cuBLAS vs cuBLAS (determinism)"),
+                          (32, (False, False), (False, True), "cuBLAS vs rows_gemm")]:
     la, ha, ia = run(batch, *a)
     lb, hb, ib = run(batch, *b)
     flips = [i for i, (x, y) in enumerate(zip(ia, ib)) if not torch.equal(x, y)]

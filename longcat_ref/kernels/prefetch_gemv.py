@@ -66,7 +66,7 @@ if support.have_triton():
         X, W, W2, B, NW, Y,  # x (M, K) rows strided, W (N1, K) and W2 (N - N1, K) rows strided, bias (N,), norm
         M, N, N1, P1, K, stride_xm, stride_wn, stride_wn2, stride_ym, eps,  # weight (K,), y (M, N)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-        NORM: tl.constexpr, TWO: tl.constexpr = False, PDL: tl.constexpr = False, TAIL_K: tl.constexpr = 0,
+        NORM: tl.constexpr, TWO: tl.constexpr = False, PDL: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         w_ptr, stride_w, first, limit, col0 = W, stride_wn, pid * BLOCK_N, N1, 0  # one weight: N1 = N
@@ -79,18 +79,12 @@ if support.have_triton():
         k = tl.arange(0, BLOCK_K)  # (BLOCK_K,) a whole row
         k_ok = k < K
         # the weight (and the bias, the norm weight) does not depend on the previous kernel: loaded before the wait
-        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w  # (BLOCK_N, 1)
-        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
-        if TAIL_K > 0:  # the row's tail past BLOCK_K (split tiles: K = 5120 as 4096 + 1024, not padded to 8192)
-            kt = BLOCK_K + tl.arange(0, TAIL_K)  # (TAIL_K,)
-            kt_ok = kt < K
-            wt = tl.load(w_rows + kt[None, :], mask=n_ok[:, None] & kt_ok[None, :], other=0.0)  # (BLOCK_N, TAIL_K)
+        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # (BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             b = tl.load(B + cols, mask=n_ok, other=0.0).to(tl.float32)  # (BLOCK_N,)
         if NORM:
             nw = tl.load(NW + k, mask=k_ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
-            if TAIL_K > 0:
-                nwt = tl.load(NW + kt, mask=kt_ok, other=0.0).to(tl.float32)  # (TAIL_K,)
         if PDL:  # programmatic dependent launch (support.pdl): now wait for the previous kernel's writes
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -98,21 +92,11 @@ if support.have_triton():
         for m in tl.static_range(BLOCK_M):  # the tokens, one pass over the tile each
             if m < M:
                 x = tl.load(X + m * stride_xm + k, mask=k_ok, other=0.0).to(tl.float32)  # (BLOCK_K,)
-                if TAIL_K > 0:
-                    xt = tl.load(X + m * stride_xm + kt, mask=kt_ok, other=0.0).to(tl.float32)  # (TAIL_K,)
                 if NORM:  # norm.py's RMSNorm: fp32 statistic, cast, the weight's product rounded once
-                    ss = tl.sum(x * x, 0)  # ()
-                    if TAIL_K > 0:
-                        ss += tl.sum(xt * xt, 0)
-                    inv = tl.math.rsqrt(ss / K + eps)  # ()
+                    inv = tl.math.rsqrt(tl.sum(x * x, 0) / K + eps)  # ()
                     x = (x * inv).to(dtype).to(tl.float32)
                     x = (nw * x).to(dtype).to(tl.float32)  # (BLOCK_K,)
-                    if TAIL_K > 0:
-                        xt = (xt * inv).to(dtype).to(tl.float32)
-                        xt = (nwt * xt).to(dtype).to(tl.float32)  # (TAIL_K,)
                 y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)  # (BLOCK_N,) fp32 products and sum
-                if TAIL_K > 0:
-                    y += tl.sum(wt.to(tl.float32) * xt[None, :], axis=1)
                 if HAS_BIAS:
                     y += b
                 tl.store(Y + m * stride_ym + cols, y.to(dtype), mask=n_ok)
@@ -127,19 +111,6 @@ def tiles(N: int, K: int) -> tuple[int, int]:
     rows as make TILE values (at least 1, at most N padded). A pure function of the shape."""
     block_k = max(16, _next_pow2(K))
     return max(1, min(TILE // block_k, _next_pow2(N))), block_k
-
-
-SPLIT = True  # perf-run24's A/B: rows as a power-of-two head + a tail (split_tiles) instead of padded (tiles)
-
-
-def split_tiles(N: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, TAIL_K) for W (N, K) with a row as two power-of-two blocks, BLOCK_K the largest at most K
-    and TAIL_K the rest padded (0 where K is a power of two): K = 5120 -> 4096 + 1024, 768 -> 512 + 256, where
-    `tiles` pads to 8192 and 1024. Rows: as many as make at most TILE values. A pure function of the shape."""
-    block_k = max(16, 1 << (max(K, 1).bit_length() - 1))
-    tail = max(16, _next_pow2(K - block_k)) if K > block_k else 0
-    per_row = block_k + tail
-    return max(1, min(1 << max(0, (TILE // per_row).bit_length() - 1), _next_pow2(N))), block_k, tail
 
 
 def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -161,10 +132,7 @@ def _prefetch_gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)  # (M, N) = [x W^T | x W2^T]
     if M == 0 or N == 0:
         return y
-    if SPLIT:
-        block_n, block_k, tail_k = split_tiles(max(N1, N - N1), K)  # one tile shape for both weights (the same K)
-    else:
-        (block_n, block_k), tail_k = tiles(max(N1, N - N1), K), 0
+    block_n, block_k = tiles(max(N1, N - N1), K)  # one tile shape for both weights (the same K)
     p1 = triton.cdiv(N1, block_n)  # programs of W; those of W2 follow
     pdl = support.pdl(x)  # programmatic dependent launch (sm_90+ CUDA)
     w2 = weight if weight2 is None else weight2
@@ -172,8 +140,7 @@ def _prefetch_gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         x, weight, w2, bias if bias is not None else y, norm_weight if norm_weight is not None else y, y,
         M, N, N1, p1, K, x.stride(0), weight.stride(0), w2.stride(0), y.stride(0), float(eps),
         BLOCK_M=_next_pow2(M), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        NORM=norm_weight is not None, TWO=weight2 is not None, PDL=pdl, TAIL_K=tail_k, num_warps=NUM_WARPS,
-        launch_pdl=pdl)
+        NORM=norm_weight is not None, TWO=weight2 is not None, PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl)
     return y
 
 
