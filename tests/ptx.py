@@ -4,8 +4,9 @@ session runs Triton's CPU interpreter (TRITON_INTERPRET=1), whose kernels cannot
 
     python tests/ptx.py mla_split PF_TILES [BLOCK_S]     the split kernel of kernels/mla_decode.py at GLM's bf16
                                                          sizes, with PDL -> its PTX on stdout
-    python tests/ptx.py moe_gate_up PF | moe_down PF    kernels/moe_decode.py's two kernels at GLM's sizes (4
-                                                         routed slots + the shared one, bf16), with PDL
+    python tests/ptx.py moe_gate_up PF [EARLY] | moe_down PF    kernels/moe_decode.py's two kernels at GLM's
+                                                         sizes (4 routed slots + the shared one, bf16), with PDL
+                                                         (EARLY: kernel 1's PRELOAD_SHARED, the one-token tile)
     python tests/ptx.py route_logits                     kernels/router.py's logits-and-selection kernel at
                                                          GLM's sizes (64 experts, H = 2048, bf16, one token)
 """
@@ -75,7 +76,7 @@ def _compile(fn, ptrs: dict, consts: dict, floats=(), num_warps=4, num_stages=2)
                           options=dict(num_warps=num_warps, num_stages=num_stages)).asm["ptx"]
 
 
-def moe(which: str, pf: int) -> str:
+def moe(which: str, pf: int, early: int = 0) -> str:
     from longcat_ref.kernels import moe_decode as K
 
     line = 64  # bf16: 64 values a 128-byte line
@@ -83,7 +84,9 @@ def moe(which: str, pf: int) -> str:
     if which == "gate_up":  # GLM-4.7-Flash: H = 2048, I = 1536
         ptrs = {n: "*bf16" for n in ("x_ptr", "gu_ptr", "act_ptr", "sg_ptr", "su_ptr")}
         ptrs.update(idx_ptr="*i64", gus_ptr="*fp32")
-        return _compile(K._gate_up_act_kernel, ptrs, dict(common, BLOCK_I=4, BLOCK_H=1024, PF_LINES=2048 // line))
+        tile = dict(BLOCK_I=1, BLOCK_H=2048) if early else dict(BLOCK_I=4, BLOCK_H=1024)  # EARLY: the 1-token tile
+        return _compile(K._gate_up_act_kernel, ptrs, dict(common, **tile, PF_LINES=2048 // line, EARLY=bool(early)),
+                        num_warps=1 if early else 4)
     ptrs = {n: "*bf16" for n in ("act_ptr", "d_ptr", "sd_ptr")}
     ptrs.update(w_ptr="*fp32", idx_ptr="*i64", ds_ptr="*fp32", part_ptr="*fp32")
     return _compile(K._down_kernel, ptrs, dict(common, BLOCK_O=2, BLOCK_K=512, PF_LINES=2048 // line))
@@ -102,7 +105,7 @@ def route_logits() -> str:
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("tests/ptx.py compiles kernels: run it without TRITON_INTERPRET=1")
-    kernels = {"mla_split": mla_split, "moe_gate_up": lambda pf: moe("gate_up", pf),
+    kernels = {"mla_split": mla_split, "moe_gate_up": lambda pf, early=0: moe("gate_up", pf, early),
                "moe_down": lambda pf: moe("down", pf), "route_logits": route_logits}
     if len(sys.argv) < 2 or sys.argv[1] not in kernels:
         sys.exit(f"usage: python tests/ptx.py {{{','.join(kernels)}}} ARGS...")

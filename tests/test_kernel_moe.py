@@ -333,6 +333,25 @@ def test_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
         fused_moe(x, w, idx, gu, d)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_rows_loaded_before_the_wait_give_the_same_bits(monkeypatch, dtype):
+    """PRELOAD_SHARED (off by default): one token (one chunk a row), the shared slot's gate / up rows loaded at
+    the top of kernel 1, the routed slots' after: the same bits as off, equal to the reference; the routed slots
+    still count (a routed expert changed changes the result), and the shared slot too (all routed slots not ours)."""
+    x, w, idx, gu, d = make(6, H, I, 1, 3, dtype, seed=21)
+    g = torch.Generator(device=DEV).manual_seed(22)
+    sh = tuple((torch.randn(*shape, generator=g, device=DEV) * 0.2).to(dtype) for shape in ((I, H), (I, H), (H, I)))
+    nobody = torch.full_like(idx, 99)
+    off = [fused_moe(x, w, i, gu, d, shared=sh) for i in (idx, nobody)]
+    monkeypatch.setattr(moe_decode, "PRELOAD_SHARED", True)
+    on = [fused_moe(x, w, i, gu, d, shared=sh) for i in (idx, nobody)]
+    for a, b in zip(on, off):
+        assert torch.equal(a, b)
+    close(on[0], fused_moe_reference(x, w, idx, gu, d, shared=sh), 1e-5 if dtype == torch.float32 else 2e-2)
+    close(on[1], fused_moe_reference(x, w, nobody, gu, d, shared=sh), 1e-5 if dtype == torch.float32 else 2e-2)
+    assert not torch.equal(on[0], on[1])
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 def test_weight_prefetch_plan(monkeypatch):
     """PREFETCH_DOWN and PREFETCH_SHARED (both off by default) with PDL only; kernel 1 only with a shared expert;
@@ -363,6 +382,13 @@ def test_weight_prefetch_is_issued_before_the_dependent_launch_wait(kernel):
     loads = [line.strip() for line in pre if "ld.global" in line]
     assert loads == [] if kernel == "moe_gate_up" else (len(loads) == 1 and "ld.global.cg" in loads[0]), loads
     assert "prefetch" not in kernel_ptx(kernel, 0)
+
+
+def test_shared_rows_are_loaded_before_the_dependent_launch_wait():
+    """Kernel 1 compiled for sm_90 (tests/ptx.py) with PRELOAD_SHARED's EARLY at the one-token tile: global loads
+    (the shared expert's gate / up rows) before `griddepcontrol.wait`; without it none."""
+    assert any("ld.global" in line for line in before_wait(kernel_ptx("moe_gate_up", 0, 1)))
+    assert not any("ld.global" in line for line in before_wait(kernel_ptx("moe_gate_up", 0, 0)))
 
 
 GLM = dict(E=64, H=2048, I=1536, k=4)

@@ -117,6 +117,10 @@ NUM_WARPS = 4
 # step 3.433 / 3.449 ms off against 3.446 / 3.456 on. Read at launch: the A/B of a benchmark
 PREFETCH_DOWN = False
 PREFETCH_SHARED = False
+# The shared expert's gate / up rows LOADED (into registers, not an L2 hint) before kernel 1's dependent-launch wait,
+# where a program's rows are one chunk (BLOCK_H >= H: the one-token tiles): the shared expert depends on no kernel
+# before it, so its programs resident while the router's selection runs read their weights then. Off: perf-run25's A/B
+PRELOAD_SHARED = False
 # One decode token, 16-bit banks: one warp per program and rows of 1 (kernel 1, 2048 columns a load) or 2 (kernel
 # 2), measured (one H200, 2026-12-03, `tune_moe --narrow` and docs/perf-run12/moe_pair.py): the pair for one
 # GLM-4.7-Flash token (5 slots with its shared expert) 30.5 -> 25.5 us, for one LongCat-Flash token (12 slots)
@@ -144,7 +148,15 @@ if support.have_triton():
         K: tl.constexpr, KS: tl.constexpr, SHARED: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
         FP8: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
         PDL: tl.constexpr = False, PF: tl.constexpr = False, PF_LINES: tl.constexpr = 1, LINE: tl.constexpr = 64,
+        EARLY: tl.constexpr = False,
     ):
+        if EARLY:  # the shared expert's rows of this program, loaded before the wait (PRELOAD_SHARED; one chunk)
+            sh0 = tl.program_id(0) % KS == K  # (EARLY implies SHARED and BLOCK_H >= H)
+            i0 = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # (BLOCK_I,)
+            h0 = tl.arange(0, BLOCK_H)  # (BLOCK_H,) the whole row
+            m0 = (i0 < tl.where(sh0, I, 0))[:, None] & (h0 < H)[None, :]  # (BLOCK_I, BLOCK_H): routed -> nothing
+            pre_g = tl.load(sg_ptr + i0.to(tl.int64)[:, None] * s_sh_r + h0[None, :] * s_sh_c, mask=m0, other=0.0)
+            pre_u = tl.load(su_ptr + i0.to(tl.int64)[:, None] * s_sh_r + h0[None, :] * s_sh_c, mask=m0, other=0.0)
         if PF:  # the shared expert's rows of this program, asked of L2 before the wait (PREFETCH_SHARED)
             if tl.program_id(0) % KS == K:  # (PF implies SHARED, 16-bit matrices with contiguous rows)
                 ri = tl.minimum(tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I), I - 1).to(tl.int64)  # (BLOCK_I,)
@@ -175,6 +187,8 @@ if support.have_triton():
         i = ib * BLOCK_I + tl.arange(0, BLOCK_I)  # (BLOCK_I,) rows of gate_e, i.e. rows I + i of up_e
         # (a limit of 0 rather than `(i < I) & mine`: Triton 3.9's interpreter turns block & scalar bool into int32)
         imask = i < tl.where(mine, I, 0)  # (BLOCK_I,): not ours -> no row, nothing is loaded
+        if EARLY:  # the shared slot's rows are in registers already: loaded here for the routed slots only
+            imask = i < tl.where(mine & (slot != K), I, 0)
         g_rows = g_base + i.to(tl.int64)[:, None] * s_r  # (BLOCK_I, 1) row pointers, int64 offsets
         u_rows = u_base + i.to(tl.int64)[:, None] * s_r  # (BLOCK_I, 1) the same rows of up_e
         if FP8:  # the tile's rows lie in one block row (BLOCK_I | bo): gate's and up's scale rows, as pointers
@@ -190,6 +204,9 @@ if support.have_triton():
             m = imask[:, None] & hmask[None, :]  # (BLOCK_I, BLOCK_H)
             wg = tl.load(g_rows + h[None, :] * s_c, mask=m, other=0.0).to(tl.float32)  # (BLOCK_I, BLOCK_H)
             wu = tl.load(u_rows + h[None, :] * s_c, mask=m, other=0.0).to(tl.float32)  # (BLOCK_I, BLOCK_H)
+            if EARLY:  # one chunk: the shared slot takes the tiles it loaded before the wait
+                wg = tl.where(sh, pre_g.to(tl.float32), wg)
+                wu = tl.where(sh, pre_u.to(tl.float32), wu)
             xg, xu = xv, xv
             if FP8:  # W[r, c] x[c] = W8[r, c] (S[r // bo, c // bi] x[c]): the column's scale folded into x
                 xg = xv * tl.load(sg_row + (h // BI) * s_gus_c, mask=h < h_end, other=0.0)  # (BLOCK_H,)
@@ -433,7 +450,8 @@ def _launch(x, w, idx, gate_up, down, first_expert, gate_up_scale, down_scale, b
         first_expert, E, H, I, _cdiv(I, bo_),
         *gate_up.stride(), *gus_st, *sh_st,
         K=k, KS=ks, SHARED=shared is not None, BO=bo_, BI=bi_, FP8=fp8[0], BLOCK_I=block_i, BLOCK_H=block_h,
-        PDL=pdl, **pf1, num_warps=warps_1, launch_pdl=pdl)
+        PDL=pdl, **pf1, EARLY=PRELOAD_SHARED and shared is not None and block_h >= H and not fp8[0],
+        num_warps=warps_1, launch_pdl=pdl)
     part = torch.empty(n * ks, H, dtype=torch.float32, device=x.device)  # (n*ks, H) weighted, fp32
     _down_kernel[(n * ks, triton.cdiv(H, block_o))](
         act, w, idx, down, ds, part, sd,
