@@ -3,10 +3,13 @@
     TRITON_INTERPRET=1 python docs/perf-run25/exp.py cpu          the kernels against their references, and the
                                                                  tiny GLM's decode step folded against unfolded
     python docs/perf-run25/exp.py gpu                            the same on CUDA (PDL on)
-    python docs/perf-run25/exp.py ab OUT.json                    GLM-4.7-Flash's compiled batch-1 step (bench's
+    python docs/perf-run25/exp.py ab OUT.json [ROUNDS]           GLM-4.7-Flash's compiled batch-1 step (bench's
                                                                  row, synthetic weights, ctx 128): shipped, folded,
-                                                                 folded + moe_decode.PRELOAD_SHARED; two rounds,
-                                                                 one process
+                                                                 folded + moe_decode.PRELOAD_SHARED; ROUNDS rounds
+                                                                 (2), one process
+    python docs/perf-run25/exp.py e2e OUT.json                   bench's end-to-end batch-1 rows (ours fast_compile
+                                                                 and transformers' best setting, one process) with
+                                                                 ours folded (+ PRELOAD_SHARED with `e2e_preload`)
 """
 
 import json
@@ -73,7 +76,7 @@ def check(device="cpu"):
         assert out[True].abs().max() > 0
 
 
-def ab(path):
+def ab(path, rounds=2):
     from longcat_ref.tools import bench
 
     device, dtype = "cuda", torch.bfloat16
@@ -95,7 +98,7 @@ def ab(path):
     bench.kernel_stats = stats_and_logits
     from longcat_ref.kernels import moe_decode
 
-    for r in range(2):
+    for r in range(rounds):
         for folded, preload in ((False, False), (True, False), (True, True)):
             (fold.install if folded else fold.uninstall)(glm)
             moe_decode.PRELOAD_SHARED = preload
@@ -116,10 +119,30 @@ def ab(path):
     moe_decode.PRELOAD_SHARED = False
 
 
+def e2e(path, preload=False, extra=()):
+    from longcat_ref.kernels import moe_decode
+    from longcat_ref.tools import bench
+
+    made = bench.glm_models
+
+    def folded_models(*a, **kw):
+        hf, ours, rest = made(*a, **kw)
+        fold.install(ours)
+        return hf, ours, rest
+
+    bench.glm_models = folded_models
+    moe_decode.PRELOAD_SHARED = preload
+    print(f"perf-run25 e2e: ours folded, PRELOAD_SHARED={preload}", flush=True)
+    return bench.main(["--only", "e2e", "--batches", "1", "--e2e-variants", "fast_compile,hf", "--json", path,
+                       *extra])
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] in ("cpu", "gpu"):
         check("cpu" if sys.argv[1] == "cpu" else "cuda")
     elif len(sys.argv) >= 3 and sys.argv[1] == "ab":
-        ab(sys.argv[2])
+        ab(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+    elif len(sys.argv) >= 3 and sys.argv[1] in ("e2e", "e2e_preload"):
+        sys.exit(e2e(sys.argv[2], sys.argv[1] == "e2e_preload", sys.argv[3:]))
     else:
         sys.exit(__doc__)

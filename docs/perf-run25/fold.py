@@ -171,7 +171,8 @@ def fold_ok(attn, x) -> bool:
 def folded_forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, forms=model_mod.REFERENCE):
     if not fold_ok(self.self_attn, x) or self.mlp.router.weight.dtype != x.dtype:
         return _ORIG["layer"](self, x, cos, sin, mask, cache, cache_position, forms)
-    FOLDED[0] += 1
+    if not torch.compiler.is_compiling():  # (a global mutated while tracing would be a guard: a recompile a step)
+        FOLDED[0] += 1
     b, t, H = x.shape
     n = b * t
     o = self.self_attn(x, cos, sin, mask, cache, cache_position, forms.attention, forms.linear, forms.rope,
