@@ -21,8 +21,10 @@ best = min(rows, key=lambda r: r["ours_s"])["settings"]
 print("none" if not best["fold"] else ("e2e_preload" if best["preload_shared"] else "e2e"))
 PY
 )
-echo "e2e mode: $MODE"
-if [ "$MODE" = "none" ]; then
+echo "e2e mode: $MODE, $(left) s left"
+if [ "$(left)" -lt 250 ]; then
+  echo "e2e skipped: too little time left"; exit 0
+elif [ "$MODE" = "none" ]; then
   timeout $(( $(left) - 5 )) python -m longcat_ref.tools.bench --only e2e --batches 1 --e2e-variants fast_compile,hf \
       --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
 else
