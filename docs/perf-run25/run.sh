@@ -8,11 +8,11 @@ LIMIT=${1:-560}
 left() { echo $(( LIMIT - ($(date +%s) - S) )); }
 t() { echo "t=$(( $(date +%s) - S )) s"; }
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u
-timeout 90 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_kernel_moe.py > "$OUT/tests.log" 2>&1
+timeout 70 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_kernel_moe.py > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"; grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -6 | cut -c1-300; t
 PYTHONPATH=. timeout 60 python docs/perf-run25/exp.py gpu > "$OUT/check.log" 2>&1
 echo "check rc=$?"; tail -8 "$OUT/check.log" | cut -c1-300; t
-PYTHONPATH=. timeout 260 python docs/perf-run25/exp.py ab "$OUT/ab.json" 1 > "$OUT/ab.log" 2>&1
+PYTHONPATH=. timeout $(( $(left) - 5 )) python docs/perf-run25/exp.py ab "$OUT/ab.json" 1 > "$OUT/ab.log" 2>&1
 echo "ab rc=$?"; grep -E "b1 |critical|perf-run25 ab: logits|Error|error" "$OUT/ab.log" | tail -14 | cut -c1-500; t
 MODE=$(python - "$OUT/ab.json" <<'PY'
 import json, sys
