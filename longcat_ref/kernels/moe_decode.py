@@ -119,7 +119,8 @@ PREFETCH_DOWN = False
 PREFETCH_SHARED = False
 # The shared expert's gate / up rows LOADED (into registers, not an L2 hint) before kernel 1's dependent-launch wait,
 # where a program's rows are one chunk (BLOCK_H >= H: the one-token tiles): the shared expert depends on no kernel
-# before it, so its programs resident while the router's selection runs read their weights then. Off: perf-run25's A/B
+# before it, so its programs resident while the router's selection runs read their weights then. Off and unmeasured:
+# written for docs/perf-run25/'s A/B, which got no GPU (2026-12-07); tested bit-equal on the CPU, its PTX checked
 PRELOAD_SHARED = False
 # One decode token, 16-bit banks: one warp per program and rows of 1 (kernel 1, 2048 columns a load) or 2 (kernel
 # 2), measured (one H200, 2026-12-03, `tune_moe --narrow` and docs/perf-run12/moe_pair.py): the pair for one
