@@ -22,8 +22,10 @@ so the layer is 11 kernels, every one PDL-chained. The math is the package's, ro
 x + o and x1 + moe in the model dtype, the norm as norm.py (fp32 statistic, cast, the weight's product rounded
 once), the router's logits in fp32 from the 16-bit h and W, the slots summed in fp32 and rounded once.
 
-`install()` patches DecoderLayer.forward (MoE layers, one decode token per sequence, a static cache, the kernels'
-forms) and MLA.down (the input norm folded where the patched forward asks for it); `uninstall()` undoes both. An
+`install()` patches DecoderLayer.forward and MLA.down, which decide by one predicate, `fold_ok` (an installed MoE
+layer, one decode token per sequence, where the kernels run): the layer then hands the attention x un-normed and
+MLA.down norms it inside q_a + kv_a's kernel. The folded layer always runs the fused router and experts, whatever
+`forms` asks of them (the decode step's DECODE forms pick them anyway); `uninstall()` undoes both. An
 experiment's monkeypatch, not the package: it goes there only if the compiled step is faster.
 """
 
@@ -155,7 +157,7 @@ def _static_ok(layer) -> bool:
     if not isinstance(mlp, MoE):
         return False
     return (mlp.router.n_group == 1 and mlp.experts.can_fold(mlp.shared_experts) and not mlp.experts.fp8
-            and not mlp.add_zero_experts)
+            and not mlp.add_zero_experts and mlp.router.weight.dtype == layer.input_layernorm.weight.dtype)
 
 
 def fold_ok(attn, x) -> bool:
@@ -169,7 +171,7 @@ def fold_ok(attn, x) -> bool:
 
 
 def folded_forward(self, x, cos, sin, mask=None, cache=None, cache_position=None, forms=model_mod.REFERENCE):
-    if not fold_ok(self.self_attn, x) or self.mlp.router.weight.dtype != x.dtype:
+    if not fold_ok(self.self_attn, x):  # (the layer's own facts, router dtype included, were checked at install)
         return _ORIG["layer"](self, x, cos, sin, mask, cache, cache_position, forms)
     if not torch.compiler.is_compiling():  # (a global mutated while tracing would be a guard: a recompile a step)
         FOLDED[0] += 1
