@@ -42,6 +42,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -182,8 +183,15 @@ class ParallelContext:
         return cls(dist.get_rank(), dist.get_world_size(), dist.group.WORLD, moe_group, device, local_rank)
 
     def close(self):
+        """Leave the process groups (call it on every rank, last thing before exit)."""
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
+            if self.device.type == "cpu":
+                # gloo's worker threads drop their last collective (and its tensors) just after it completes, and
+                # a tensor's Python object needs the GIL to go. A thread that asks for the GIL while the interpreter
+                # finalizes aborts the process (std::terminate, SIGABRT after all work is done: seen ~1 run in 15).
+                # Release the GIL for a moment so they finish while Python is still alive.
+                time.sleep(0.2)
 
     @property
     def is_main(self) -> bool:
