@@ -39,6 +39,7 @@ before allocation means no process ever holds more than its own slices.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import math
 import os
@@ -134,6 +135,17 @@ class ParallelMoE(MoE):
 
 
 # ---------------------------------------------------------------------------------------------- the context
+def _let_gloo_threads_finish():
+    """At exit, before the interpreter finalizes: release the GIL for a moment.
+
+    gloo's worker threads drop their last collective (and its tensors) just after it completes, and a tensor's
+    Python object needs the GIL to go. A thread that asks for the GIL once the interpreter is finalizing aborts the
+    process (std::terminate: SIGABRT after all work is done, ~1 run in 10 of the 2-rank CPU test before this hook).
+    atexit hooks run before that point, so the threads finish here.
+    """
+    time.sleep(0.2)
+
+
 class ParallelContext:
     """Who am I (rank of world), which groups to talk over, which device to use. World size 1 = plain model.
 
@@ -177,6 +189,9 @@ class ParallelContext:
         timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get("LONGCAT_DIST_TIMEOUT", "300")))
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=timeout)
+        if backend == "gloo":
+            atexit.unregister(_let_gloo_threads_finish)  # once, however many contexts
+            atexit.register(_let_gloo_threads_finish)
         # A second communicator for the MoE reduction: on NCCL it gets its own stream, so the async MoE all_reduce
         # runs concurrently with the o_proj / FFN all_reduces of the default group instead of queueing before them.
         moe_group = dist.new_group(backend=backend, timeout=timeout)
@@ -186,12 +201,6 @@ class ParallelContext:
         """Leave the process groups (call it on every rank, last thing before exit)."""
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
-            if self.device.type == "cpu":
-                # gloo's worker threads drop their last collective (and its tensors) just after it completes, and
-                # a tensor's Python object needs the GIL to go. A thread that asks for the GIL while the interpreter
-                # finalizes aborts the process (std::terminate, SIGABRT after all work is done: seen ~1 run in 15).
-                # Release the GIL for a moment so they finish while Python is still alive.
-                time.sleep(0.2)
 
     @property
     def is_main(self) -> bool:
