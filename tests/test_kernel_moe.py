@@ -339,6 +339,7 @@ def test_shared_rows_loaded_before_the_wait_give_the_same_bits(monkeypatch, dtyp
     the top of kernel 1, the routed slots' after: the same bits as off, equal to the reference; the routed slots
     still count (a routed expert changed changes the result), and the shared slot too (all routed slots not ours)."""
     x, w, idx, gu, d = make(6, H, I, 1, 3, dtype, seed=21)
+    assert moe_decode.choose_launch(1, 3, H, I)[0][1] >= H  # one chunk a row: the tile on which EARLY is taken
     g = torch.Generator(device=DEV).manual_seed(22)
     sh = tuple((torch.randn(*shape, generator=g, device=DEV) * 0.2).to(dtype) for shape in ((I, H), (I, H), (H, I)))
     nobody = torch.full_like(idx, 99)
